@@ -1,0 +1,7 @@
+"""`python -m jattn` is the `jattn` command."""
+
+import sys
+
+from jattn.cli import main
+
+sys.exit(main())

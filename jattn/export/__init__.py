@@ -1,0 +1,1 @@
+"""Inference, export formats and checkpoint importers."""

@@ -1,0 +1,19 @@
+"""Pure functions on arrays (jit / vmap / grad friendly)."""
+
+from jattn.ops.attention import additive_attention, attention_weights, dot_product_attention, multi_head_attention
+from jattn.ops.contextual_attention import ContextualAttentionOutput, contextual_attention
+from jattn.ops.flow import color_wheel, flow_to_color
+from jattn.ops.resize import resize_bilinear_align_corners, resize_nearest_align_corners
+
+__all__ = [
+    "ContextualAttentionOutput",
+    "additive_attention",
+    "attention_weights",
+    "color_wheel",
+    "contextual_attention",
+    "dot_product_attention",
+    "flow_to_color",
+    "multi_head_attention",
+    "resize_bilinear_align_corners",
+    "resize_nearest_align_corners",
+]

@@ -1,0 +1,1 @@
+"""Training: state, sharded steps, loop, checkpoints, logging."""

@@ -1,0 +1,37 @@
+"""Test set-up: every test sees 8 simulated CPU devices.
+
+The device count must be fixed before JAX initialises its backends, so it is set
+here, at import time of the conftest, before any test module imports jax.
+"""
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# TensorFlow (input pipelines only) must stay quiet and off any GPU.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+import pathlib
+
+import jax
+import pytest
+
+GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def pytest_configure(config):
+    del config
+    n = jax.device_count()
+    if n != 8:
+        raise RuntimeError(f"tests expect 8 simulated CPU devices, JAX sees {n}")
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+    """Path of ../shared/golden; skips (with the reason) when it is absent."""
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden outputs of the official DeepFill code not found at {GOLDEN}")
+    return GOLDEN
