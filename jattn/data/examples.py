@@ -1,0 +1,259 @@
+"""The pipeline core shared by tf.data and grain: example order, example making, bad data.
+
+For a random-access source both pipelines call the same :class:`ExampleLoader` with the
+process-local position ``k`` of an example in the stream, so they yield bit-identical
+batches for the same arguments.
+
+* Order (:class:`ExampleOrder`).  Each process gets ``m = len(source) // process_count``
+  examples per epoch (the remainder is dropped so processes stay in step).  Eval: local
+  position ``k`` reads source index ``k * process_count + process_index`` (a strided,
+  disjoint split), and its mask index is that source index, so eval masks do not depend
+  on the number of processes.  Train: epoch ``e = k // m`` uses the permutation
+  ``default_rng([seed, e, 2]).permutation(len(source))`` shared by all processes; local
+  position ``k`` reads ``perm[(k % m) * process_count + process_index]`` (disjoint
+  within an epoch) and its mask index is the global stream position
+  ``e * m * process_count + (k % m) * process_count + process_index``.
+* Example (:class:`ExampleMaker`).  Mask = ``masks.mask_for_index(spec, image_size,
+  mask_seed, mask_index)``; crop / flip use ``default_rng([seed, mask_index, 1])``.
+* Bad data.  A record that cannot be decoded or is too small is skipped: its slot takes
+  the next readable record in source order, one warning is logged per file (per process)
+  and the per-example ``_bad_data`` vector ``[skipped, converted, upscaled]`` describing
+  the slot's own file is summed by the pipeline iterators into :class:`BadDataStats`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jattn.data import images as images_lib
+from jattn.data import masks as masks_lib
+
+__all__ = [
+    "BAD_DATA_KEY",
+    "BadDataStats",
+    "ExampleMaker",
+    "ExampleOrder",
+    "ExampleLoader",
+    "BadDataLog",
+    "check_readable",
+    "process_info",
+    "image_size_pair",
+]
+
+logger = logging.getLogger("jattn.data")
+
+#: Per-example / per-batch key of the ``[skipped, converted, upscaled]`` counts.
+BAD_DATA_KEY = "_bad_data"
+
+
+def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``256 -> (256, 256)``; ``(H, W)`` unchanged; must be positive."""
+    if isinstance(image_size, (int, np.integer)):
+        h = w = int(image_size)
+    else:
+        h, w = (int(v) for v in image_size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return h, w
+
+
+def process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Defaults to ``jax.process_index()`` / ``jax.process_count()``."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got "
+                         f"{process_index}, {process_count}")
+    return int(process_index), int(process_count)
+
+
+@dataclasses.dataclass
+class BadDataStats:
+    """Counts of examples skipped (bad file), converted to RGB, and upscaled."""
+
+    skipped: int = 0
+    converted: int = 0
+    upscaled: int = 0
+
+    def add(self, counts: Any) -> None:
+        """Adds ``[skipped, converted, upscaled]`` (an array ``[..., 3]`` is summed)."""
+        c = np.asarray(counts, np.int64).reshape(-1, 3).sum(0)
+        self.skipped += int(c[0])
+        self.converted += int(c[1])
+        self.upscaled += int(c[2])
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        return (f"bad data: {self.skipped} skipped, {self.converted} converted to RGB, "
+                f"{self.upscaled} upscaled")
+
+
+class BadDataLog:
+    """Logs one warning per bad file (per process); thread-safe, picklable."""
+
+    def __init__(self):
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        del state
+        self.__init__()
+
+    def warn(self, name: str, reason: str) -> None:
+        with self._lock:
+            if name in self._seen:
+                return
+            self._seen.add(name)
+        logger.warning("skipping bad image %s: %s", name, reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleMaker:
+    """Record data -> ``{"image": [H, W, 3] float32 in [-1, 1], "mask": [H, W, 1]}``."""
+
+    image_size: tuple[int, int]
+    mask_spec: Any
+    seed: int
+    mask_seed: int
+    train: bool
+    resize_shorter: int | None = None
+    random_flip: bool = True
+    max_upscale: float | None = 2.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", image_size_pair(self.image_size))
+        object.__setattr__(self, "mask_spec", masks_lib.parse_mask_spec(self.mask_spec))
+        if self.seed < 0 or self.mask_seed < 0:
+            raise ValueError(f"seeds must be >= 0, got seed={self.seed}, mask_seed={self.mask_seed}")
+        self.mask(0)  # a spec that does not fit the image size fails here, before training
+
+    def image(self, data: bytes | np.ndarray, name: str, mask_index: int
+              ) -> tuple[np.ndarray, str | None, bool]:
+        """Decoded, resized, cropped, flipped image; raises ``BadImageError``."""
+        rgb, conversion = images_lib.decode_rgb(data, name)
+        rng = np.random.default_rng([self.seed, int(mask_index), 1]) if self.train else None
+        image, upscaled = images_lib.preprocess(
+            rgb, name, self.image_size, resize_shorter=self.resize_shorter, rng=rng,
+            random_flip=self.random_flip, max_upscale=self.max_upscale)
+        return image, conversion, upscaled
+
+    def mask(self, mask_index: int) -> np.ndarray:
+        return masks_lib.mask_for_index(self.mask_spec, self.image_size, self.mask_seed,
+                                        int(mask_index))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleOrder:
+    """Maps a process-local stream position to ``(source index, mask index)``."""
+
+    num_records: int
+    seed: int
+    train: bool
+    process_index: int
+    process_count: int
+
+    def __post_init__(self):
+        if self.per_process < 1:
+            raise ValueError(f"source has {self.num_records} examples, fewer than the "
+                             f"{self.process_count} processes")
+
+    @property
+    def per_process(self) -> int:
+        """Examples per process and epoch."""
+        return self.num_records // self.process_count
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        dtype = np.int32 if self.num_records < 2**31 else np.int64
+        return np.random.default_rng([self.seed, int(epoch), 2]).permutation(
+            self.num_records).astype(dtype)
+
+    def __call__(self, k: int, perm_cache: list | None = None) -> tuple[int, int]:
+        m, P, p = self.per_process, self.process_count, self.process_index
+        epoch, j = divmod(int(k), m)
+        slot = j * P + p
+        if not self.train:  # repeated eval passes revisit the same examples and masks
+            return slot, slot
+        perm = None
+        if perm_cache is not None:
+            cached = perm_cache[0]  # (epoch, permutation); replaced atomically
+            if cached is not None and cached[0] == epoch:
+                perm = cached[1]
+        if perm is None:
+            perm = self.permutation(epoch)
+            if perm_cache is not None:
+                perm_cache[0] = (epoch, perm)
+        return int(perm[slot]), epoch * m * P + slot
+
+
+class ExampleLoader:
+    """``k -> {"image", "mask", "_bad_data"}`` for a random-access source (picklable)."""
+
+    def __init__(self, source, maker: ExampleMaker, order: ExampleOrder):
+        self.source, self.maker, self.order = source, maker, order
+        self.log = BadDataLog()
+        self._perm_cache: list = [None]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_perm_cache"] = [None]
+        return state
+
+    def _try(self, i: int, mask_index: int):
+        try:
+            record = self.source[i]
+            return self.maker.image(record.data, record.name, mask_index), None
+        except images_lib.BadImageError as e:
+            return None, (e.name, e.reason)
+        except Exception as e:  # noqa: BLE001 - unreadable record: never kill a long run
+            name = getattr(e, "filename", None) or f"record {i} of {self.source!r}"
+            return None, (name, f"cannot read ({type(e).__name__}: {e})")
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        src_index, mask_index = self.order(int(k), self._perm_cache)
+        n = self.order.num_records
+        counts = np.zeros(3, np.int32)
+        result, error = self._try(src_index, mask_index)
+        if result is None:
+            self.log.warn(*error)
+            counts[0] = 1
+            for step in range(1, n):
+                result, error = self._try((src_index + step) % n, mask_index)
+                if result is None:
+                    self.log.warn(*error)
+                else:
+                    break
+            if result is None:
+                raise ValueError(f"no readable image in {self.source!r}")
+        else:
+            counts[1] = result[1] is not None
+            counts[2] = result[2]
+        return {"image": result[0], "mask": self.maker.mask(mask_index),
+                BAD_DATA_KEY: counts}
+
+
+def check_readable(source, maker: ExampleMaker, max_records: int | None = None) -> int:
+    """Index of the first usable record of a random-access source (a clear error if none)."""
+    n = len(source) if max_records is None else min(len(source), max_records)
+    first_error = None
+    for i in range(n):
+        try:
+            record = source[i]
+            maker.image(record.data, record.name, 0)
+            return i
+        except Exception as e:  # noqa: BLE001 - reported below if nothing is readable
+            first_error = first_error or e
+    raise ValueError(f"no readable image in {source!r} (tried {n} records; first error: "
+                     f"{first_error})")

@@ -1,0 +1,409 @@
+"""Image sources: TFDS datasets, image folders and an offline sample-photo source.
+
+A *random-access source* has ``__len__`` and ``__getitem__(i) -> Record``; a record holds
+encoded image bytes (or a uint8 array) and a name used in warnings.  Folders, the sample
+photos and TFDS datasets prepared as ``array_record`` are random access (usable by both
+pipelines); TFDS ``tfrecord`` datasets are read by the tf.data pipeline only.
+
+tensorflow-datasets is imported lazily, only by :class:`TfdsSource`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Record",
+    "IMAGE_EXTENSIONS",
+    "FolderSource",
+    "SamplePhotosSource",
+    "TfdsSource",
+    "folder_source",
+    "sample_photos_source",
+    "tfds_source",
+    "source_from_config",
+    "hash_split",
+    "SAMPLE_PHOTOS",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+_TRAIN, _VAL = "train", "val"
+_SPLIT_ALIASES = {None: None, "all": None, "train": _TRAIN, "val": _VAL, "validation": _VAL}
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One raw example: encoded bytes or a uint8 array ``[H, W, C]``, and a name."""
+
+    data: bytes | np.ndarray
+    name: str
+
+
+def _split_name(split: str | None, where: str) -> str | None:
+    if split not in _SPLIT_ALIASES:
+        raise ValueError(f"{where}: unknown split {split!r}; use None, 'train' or 'val'")
+    return _SPLIT_ALIASES[split]
+
+
+def hash_split(key: str, val_fraction: float) -> str:
+    """``"val"`` or ``"train"`` from a stable SHA-256 of ``key`` (a relative path)."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return _VAL if h < val_fraction else _TRAIN
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _walk(root: str):
+    """Yields ``(dirpath, filenames)`` below ``root`` (local or ``gs://`` via etils.epath)."""
+    if _is_remote(root):
+        from etils import epath
+
+        for dirpath, _, filenames in epath.Path(root).walk():
+            yield os.fspath(dirpath), filenames
+    else:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            yield dirpath, filenames
+
+
+class FolderSource:
+    """All images below ``root`` (recursive; extensions in ``extensions``, any case).
+
+    Files are sorted by relative path.  With ``split='train'`` / ``'val'`` a file belongs
+    to ``val`` when a SHA-256 of its relative path falls below ``val_fraction``, so the
+    split is stable when files are added or the folder moves.  Raises
+    ``FileNotFoundError`` for a missing folder and ``ValueError`` when no image file is
+    found.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str | None = None, *,
+                 val_fraction: float = 0.05, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        root = os.fspath(root)
+        self.root = root.rstrip("/") if _is_remote(root) else os.path.abspath(root)
+        self.split = _split_name(split, f"image folder {root}")
+        if not 0.0 <= val_fraction <= 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+        self.val_fraction = float(val_fraction)
+        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        if _is_remote(self.root):
+            from etils import epath
+
+            exists = epath.Path(self.root).is_dir()
+        else:
+            exists = os.path.isdir(self.root)
+        if not exists:
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        rel = []
+        for dirpath, filenames in _walk(self.root):
+            for fn in filenames:
+                if os.path.splitext(fn)[1].lower() in exts:
+                    path = os.path.join(dirpath, fn)
+                    rel.append(os.path.relpath(path, self.root).replace(os.sep, "/")
+                               if not _is_remote(self.root) else path[len(self.root) + 1:])
+        rel.sort()
+        if not rel:
+            raise ValueError(f"no image files ({', '.join(exts)}) under {self.root}")
+        if self.split is not None:
+            rel = [r for r in rel if hash_split(r, self.val_fraction) == self.split]
+            if not rel:
+                raise ValueError(f"image folder {self.root}: split {self.split!r} is empty "
+                                 f"(val_fraction={self.val_fraction})")
+        # Fixed-width bytes pickle compactly for multiprocess workers.
+        self._rel = np.array([r.encode("utf-8") for r in rel], dtype=bytes)
+
+    def __len__(self) -> int:
+        return len(self._rel)
+
+    def path(self, i: int) -> str:
+        """Full path of file ``i``."""
+        return self.root + "/" + self._rel[i].decode("utf-8")
+
+    def __getitem__(self, i: int) -> Record:
+        path = self.path(int(i))
+        if _is_remote(path):
+            from etils import epath
+
+            data = epath.Path(path).read_bytes()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        return Record(data, path)
+
+    def __repr__(self) -> str:
+        return f"FolderSource({self.root!r}, split={self.split!r}, {len(self)} files)"
+
+
+def folder_source(root: str | os.PathLike, split: str | None = None, *,
+                  val_fraction: float = 0.05,
+                  extensions: Sequence[str] = IMAGE_EXTENSIONS) -> FolderSource:
+    """An image folder source; see :class:`FolderSource`."""
+    return FolderSource(root, split, val_fraction=val_fraction, extensions=extensions)
+
+
+# --------------------------------------------------------------------------- sample photos
+
+#: Colour photos shipped inside the scikit-image package (no download needed).
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field",
+                 "immunohistochemistry", "retina", "rocket", "motorcycle")
+
+
+def _load_skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name == "motorcycle":
+        img = skimage.data.stereo_motorcycle()[0]
+    else:
+        fn = getattr(skimage.data, name, None)
+        if fn is None:
+            raise ValueError(f"unknown scikit-image photo {name!r}")
+        img = fn()
+    img = np.asarray(img)
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3].astype(np.uint8))
+
+
+class SamplePhotosSource:
+    """Deterministic random square crops of scikit-image's bundled photos (offline).
+
+    Crop ``i`` picks a photo uniformly, a side of ``crop_size * u`` pixels with ``u``
+    uniform in ``scale_range`` (narrowed to the scales that fit the photo) at a uniform
+    position, and resizes it to ``crop_size``; all from ``(seed, split, i)``, redrawn in
+    the rare case of a duplicate, so all crops differ.  Records
+    are uint8 arrays ``[crop_size, crop_size, 3]``.  ``'train'`` and ``'val'`` use
+    different crops.
+    """
+
+    def __init__(self, num_examples: int = 4096, crop_size: int = 256, *, split: str | None = None,
+                 seed: int = 0, photos: Sequence[str] = SAMPLE_PHOTOS,
+                 scale_range: tuple[float, float] = (1.0, 2.0)):
+        if num_examples <= 0 or crop_size <= 0:
+            raise ValueError(f"sample photos need num_examples > 0 and crop_size > 0, "
+                             f"got {num_examples}, {crop_size}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be 0 < lo <= hi, got {scale_range}")
+        self.num_examples, self.crop_size, self.seed = int(num_examples), int(crop_size), int(seed)
+        self.split = _split_name(split, "sample photos")
+        self.photos = tuple(photos)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self._tag = 1 if self.split == _VAL else 0
+        self._images: dict[str, np.ndarray] | None = None
+        self._shapes = [self._image(n).shape[:2] for n in self.photos]  # validates names
+        self._boxes = self._draw_boxes()
+
+    def _image(self, name: str) -> np.ndarray:
+        if self._images is None:
+            self._images = {}
+        if name not in self._images:
+            self._images[name] = _load_skimage_photo(name)
+        return self._images[name]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_images"] = None  # reloaded lazily in each worker process
+        return state
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def _draw_boxes(self) -> list[tuple[int, int, int, int]]:
+        boxes, seen = [], set()
+        for i in range(self.num_examples):
+            rng = np.random.default_rng([self.seed, i, 3, self._tag])
+            while True:  # redraw the rare duplicates so that all crops differ
+                p = int(rng.integers(len(self.photos)))
+                h, w = self._shapes[p]
+                lo, hi = self.scale_range
+                hi = max(lo, min(hi, min(h, w) / self.crop_size))  # scales that fit
+                side = min(h, w, max(1, round(self.crop_size * rng.uniform(lo, hi))))
+                box = (p, int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)),
+                       side)
+                if box not in seen:
+                    break
+            seen.add(box)
+            boxes.append(box)
+        return boxes
+
+    def crop_box(self, i: int) -> tuple[str, int, int, int]:
+        """``(photo, top, left, side)`` of crop ``i``."""
+        if not 0 <= i < self.num_examples:
+            raise IndexError(f"sample photo index {i} out of range [0, {self.num_examples})")
+        p, top, left, side = self._boxes[i]
+        return self.photos[p], top, left, side
+
+    def __getitem__(self, i: int) -> Record:
+        from PIL import Image
+
+        name, top, left, side = self.crop_box(int(i))
+        patch = self._image(name)[top:top + side, left:left + side]
+        if side != self.crop_size:
+            patch = np.asarray(Image.fromarray(patch).resize(
+                (self.crop_size, self.crop_size), Image.BICUBIC))
+        return Record(np.ascontiguousarray(patch), f"skimage:{name}[{top}:{top + side},{left}:{left + side}]")
+
+    def __repr__(self) -> str:
+        return (f"SamplePhotosSource({self.num_examples} crops of {self.crop_size}px, "
+                f"split={self.split!r}, seed={self.seed})")
+
+
+def sample_photos_source(num_examples: int = 4096, crop_size: int = 256, *,
+                         split: str | None = None, seed: int = 0,
+                         photos: Sequence[str] = SAMPLE_PHOTOS,
+                         scale_range: tuple[float, float] = (1.0, 2.0)) -> SamplePhotosSource:
+    """The offline demo / test source; see :class:`SamplePhotosSource`."""
+    return SamplePhotosSource(num_examples, crop_size, split=split, seed=seed, photos=photos,
+                              scale_range=scale_range)
+
+
+# --------------------------------------------------------------------------- TFDS
+
+
+def _tfds():
+    os.environ.setdefault("NO_GCE_CHECK", "true")
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _keep_tf_off_gpus() -> None:
+    """If tensorflow-datasets pulled in TensorFlow, hide the GPUs from it (they are JAX's)."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, AttributeError):  # already initialised, or a partial import
+        pass
+
+
+class TfdsSource:
+    """A tensorflow-datasets dataset by ``name`` (``"places365_small"``, ``"celeb_a_hq/256"``,
+    ``"div2k"`` with ``image_key="hr"``, ``"cifar10"``, ...) and ``split``.
+
+    ``data_dir`` / ``manual_dir`` may be local paths or ``gs://`` URLs.  Nothing is
+    downloaded unless ``download=True`` (then the dataset is prepared, with
+    ``manual_dir`` for datasets that need manual downloads, in ``file_format``).
+    Construction validates the name, that the dataset is prepared, the split and the
+    image feature, raising ``ValueError`` / ``FileNotFoundError`` with the dataset name.
+    """
+
+    def __init__(self, name: str, split: str, *, data_dir: str | None = None,
+                 manual_dir: str | None = None, image_key: str = "image",
+                 download: bool = False, file_format: str | None = None):
+        self.name, self.split, self.image_key = name, split, image_key
+        self.data_dir = os.fspath(data_dir) if data_dir is not None else None
+        self.manual_dir = os.fspath(manual_dir) if manual_dir is not None else None
+        self.download, self.file_format_request = download, file_format
+        self._builder = None
+        self._data_source = None
+        builder = self.builder()
+        if image_key not in builder.info.features:
+            raise ValueError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: "
+                             f"{sorted(builder.info.features.keys())}")
+        try:
+            self.num_examples = int(builder.info.splits[split].num_examples)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"TFDS dataset {name!r}: invalid split {split!r} ({e}); "
+                             f"splits: {sorted(builder.info.splits.keys())}") from None
+        if self.num_examples == 0:
+            raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
+
+    def builder(self):
+        """The (prepared) ``tfds.core.DatasetBuilder``."""
+        if self._builder is not None:
+            return self._builder
+        tfds = _tfds()
+        kwargs = {"data_dir": self.data_dir}
+        if self.download and self.file_format_request:
+            kwargs["file_format"] = self.file_format_request
+        try:
+            builder = tfds.builder(self.name, **kwargs)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise ValueError(f"unknown TFDS dataset {self.name!r} (data_dir={self.data_dir}); "
+                             "check the name, e.g. 'places365_small', 'celeb_a_hq/256', "
+                             "'div2k', 'cifar10'") from None
+        if not builder.is_prepared():
+            if not self.download:
+                raise FileNotFoundError(
+                    f"TFDS dataset {self.name!r} is not prepared in data_dir="
+                    f"{builder.data_dir!r}; prepare it (e.g. `tfds build {self.name} "
+                    f"--data_dir=... --manual_dir=...`) or pass download=True")
+            config = tfds.download.DownloadConfig(manual_dir=self.manual_dir)
+            builder.download_and_prepare(download_config=config)
+        _keep_tf_off_gpus()
+        self._builder = builder
+        return builder
+
+    @property
+    def file_format(self) -> str:
+        """``"tfrecord"`` or ``"array_record"``."""
+        fmt = self.builder().info.file_format
+        return getattr(fmt, "value", str(fmt))
+
+    @property
+    def random_access(self) -> bool:
+        return self.file_format == "array_record"
+
+    def _source(self):
+        if self._data_source is None:
+            if not self.random_access:
+                raise ValueError(
+                    f"TFDS dataset {self.name!r} is stored as {self.file_format!r}; random access "
+                    "(grain) needs array_record: prepare it with file_format='array_record' "
+                    "or use the tf.data pipeline")
+            tfds = _tfds()
+            self._data_source = self.builder().as_data_source(
+                split=self.split, decoders={self.image_key: tfds.decode.SkipDecoding()})
+            _keep_tf_off_gpus()
+        return self._data_source
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, i: int) -> Record:
+        example = self._source()[int(i)]
+        return Record(example[self.image_key], f"{self.name}/{self.split}[{int(i)}]")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_builder"] = None  # rebuilt lazily in each worker process
+        state["_data_source"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, {self.split!r}, data_dir={self.data_dir!r})"
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None,
+                manual_dir: str | None = None, *, image_key: str = "image",
+                download: bool = False, file_format: str | None = None) -> TfdsSource:
+    """A TFDS source; see :class:`TfdsSource`."""
+    return TfdsSource(name, split, data_dir=data_dir, manual_dir=manual_dir,
+                      image_key=image_key, download=download, file_format=file_format)
+
+
+def source_from_config(config: Mapping[str, Any]):
+    """Builds a source from ``{"kind": "tfds" | "folder" | "sample_photos", ...kwargs}``."""
+    params = dict(config)
+    kind = params.pop("kind", None)
+    makers = {"tfds": tfds_source, "folder": folder_source, "sample_photos": sample_photos_source}
+    if kind not in makers:
+        raise ValueError(f"source config needs 'kind' in {sorted(makers)}, got {kind!r}")
+    try:
+        return makers[kind](**params)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for a {kind!r} source: {e}") from None

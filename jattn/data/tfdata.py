@@ -1,0 +1,295 @@
+"""tf.data input pipeline for masked-image batches.
+
+decode -> optional resize of the shorter side -> random (train) / centre (eval) crop to
+``image_size`` -> random flip (train) -> float32 in [-1, 1] -> mask -> batch of the
+per-process batch size -> prefetch.  Batches are dicts of numpy arrays
+``{"image": [B, H, W, 3] float32, "mask": [B, H, W, 1] float32}`` (1 = hole).
+
+Random-access sources (folders, sample photos, TFDS ``array_record``) go through
+:class:`jattn.data.examples.ExampleLoader` exactly as in the grain pipeline, so both
+yield identical batches.  TFDS ``tfrecord`` datasets are read natively, sharded with
+``tfds.split_for_jax_process`` and shuffled with seeded file / buffer shuffles; their
+train mask index is ``k * process_count + process_index`` for the ``k``-th example of
+the process's stream, their eval mask index the example's position in the split.  Bad
+records there are dropped (not replaced) and counted as they are read.
+
+Importing this module imports TensorFlow and hides all GPUs from it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from jattn.data import examples as ex  # noqa: E402
+from jattn.data import images as images_lib  # noqa: E402
+
+__all__ = ["hide_gpus_from_tf", "build_dataset", "make_dataset", "TfDataIterator"]
+
+logger = logging.getLogger("jattn.data")
+
+
+def hide_gpus_from_tf() -> None:
+    """Keeps TensorFlow off all GPUs (the accelerators belong to JAX)."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices
+        if tf.config.get_visible_devices("GPU"):
+            logger.warning("TensorFlow was initialised before jattn could hide the GPUs from it")
+
+
+hide_gpus_from_tf()
+
+
+class TfDataIterator(Iterator):
+    """Iterates numpy batch dicts; ``bad_data`` counts skipped / converted / upscaled files."""
+
+    def __init__(self, dataset: tf.data.Dataset, bad_data: ex.BadDataStats | None = None):
+        self.dataset = dataset
+        self.bad_data = ex.BadDataStats() if bad_data is None else bad_data
+        self._holder = [dataset.as_numpy_iterator()]
+        # Background tf.data threads that call back into Python (numpy_function) can hang
+        # interpreter shutdown; drop the iterator at exit (or when this object dies).
+        self._finalizer = weakref.finalize(self, self._holder.clear)
+
+    def close(self) -> None:
+        """Stops the pipeline and frees its buffers (idempotent)."""
+        self._finalizer()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if not self._holder:
+            raise ValueError("iterating a closed TfDataIterator")
+        try:
+            batch = next(self._holder[0])
+        except StopIteration:
+            logger.info("input pipeline exhausted; %s", self.bad_data.summary())
+            raise
+        counts = batch.pop(ex.BAD_DATA_KEY)
+        if counts.any():  # TFDS tfrecord pipelines count in their threads instead
+            self.bad_data.add(counts)
+        return batch
+
+
+def _options() -> tf.data.Options:
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.experimental_optimization.map_parallelization = True
+    return opts
+
+
+def _element_spec(image_size):
+    h, w = image_size
+    return (tf.TensorSpec([h, w, 3], tf.float32), tf.TensorSpec([h, w, 1], tf.float32),
+            tf.TensorSpec([3], tf.int32))
+
+
+def _random_access_dataset(source, maker, order, train, num_epochs, num_parallel_calls):
+    loader = ex.ExampleLoader(source, maker, order)
+    m = order.per_process
+    if train:
+        ds = tf.data.Dataset.range(m * num_epochs) if num_epochs else tf.data.Dataset.counter()
+    else:
+        ds = tf.data.Dataset.range(m)
+        if num_epochs:
+            ds = ds.repeat(num_epochs)
+    specs = _element_spec(maker.image_size)
+
+    def load(k):
+        out = loader(int(k))
+        return out["image"], out["mask"], out[ex.BAD_DATA_KEY]
+
+    def tf_load(k):
+        image, mask, bad = tf.numpy_function(load, [k], [s.dtype for s in specs], stateful=False)
+        for t, s in zip((image, mask, bad), specs):
+            t.set_shape(s.shape)
+        return {"image": image, "mask": mask, ex.BAD_DATA_KEY: bad}
+
+    return ds.map(tf_load, num_parallel_calls=num_parallel_calls, deterministic=True)
+
+
+def _tfds_eval_mask_index(builder, split: str, process_index: int, process_count: int):
+    """``local position -> index in the whole split`` for the process's even subsplit."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import splits as splits_lib
+
+    infos = builder.info.splits
+    full = splits_lib.AbstractSplit.from_spec(split).to_absolute(infos)
+    mine = tfds.split_for_jax_process(split, process_index=process_index,
+                                      process_count=process_count,
+                                      drop_remainder=True).to_absolute(infos)
+
+    def bounds(inst):
+        lo = inst.from_ or 0
+        hi = infos[inst.splitname].num_examples if inst.to is None else inst.to
+        return lo, hi
+
+    starts, offsets, local, cum, f = [], [], 0, 0, 0
+    for inst in mine:
+        lo, hi = bounds(inst)
+        while True:  # pieces of `mine` are sub-ranges of `full`'s pieces, in order
+            flo, fhi = bounds(full[f])
+            if full[f].splitname == inst.splitname and flo <= lo and hi <= fhi:
+                break
+            cum += fhi - flo
+            f += 1
+        starts.append(local)
+        offsets.append(cum + lo - flo)
+        local += hi - lo
+    starts, offsets, total = np.array(starts), np.array(offsets), local
+
+    def index(k: int) -> int:
+        k %= total
+        piece = int(np.searchsorted(starts, k, side="right")) - 1
+        return int(offsets[piece] + k - starts[piece])
+
+    return index
+
+
+def _tfds_record_dataset(source, maker, train, seed, shuffle_buffer, num_epochs,
+                         process_index, process_count, num_parallel_calls, bad_data):
+    """Native TFDS tfrecord reading; bad records are dropped and counted in ``bad_data``."""
+    import tensorflow_datasets as tfds
+
+    builder = source.builder()
+    split = tfds.split_for_jax_process(source.split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=True)
+    read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options(), add_tfds_id=True,
+                                  **({} if train else {"interleave_cycle_length": 1}))
+    ds = builder.as_dataset(split=split, shuffle_files=train, read_config=read_config,
+                            decoders={source.image_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda e: (e[source.image_key], e["tfds_id"]))
+    # Fail before training when nothing in the split decodes (stops at the first good one).
+    first_error, probe = None, ds.as_numpy_iterator()
+    for data, name in probe:
+        try:
+            maker.image(data, name.decode(), 0)
+            break
+        except Exception as e:  # noqa: BLE001 - reported below if nothing is readable
+            first_error = first_error or e
+    else:
+        raise ValueError(f"no readable image in {source!r} (first error: {first_error})")
+    del probe
+
+    if train:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.repeat(num_epochs)
+        P, p = process_count, process_index
+
+        def mask_index(k):
+            return int(k) * P + p
+    else:
+        if num_epochs:
+            ds = ds.repeat(num_epochs)
+        mask_index = _tfds_eval_mask_index(builder, source.split, process_index, process_count)
+
+    log = ex.BadDataLog()
+    lock = threading.Lock()
+    h, w = maker.image_size
+    no_counts = np.zeros(3, np.int32)
+
+    def make(k, data, name):
+        idx = mask_index(k)
+        try:
+            image, conversion, upscaled = maker.image(data, name.decode(), idx)
+        except images_lib.BadImageError as e:
+            log.warn(e.name, e.reason)
+            with lock:
+                bad_data.add([1, 0, 0])
+            return (np.zeros((h, w, 3), np.float32), np.zeros((h, w, 1), np.float32),
+                    no_counts, False)
+        if conversion is not None or upscaled:
+            with lock:
+                bad_data.add([0, conversion is not None, upscaled])
+        return image, maker.mask(idx), no_counts, True
+
+    specs = _element_spec(maker.image_size)
+
+    def tf_make(k, element):
+        data, name = element
+        *out, ok = tf.numpy_function(make, [k, data, name],
+                                     [s.dtype for s in specs] + [tf.bool], stateful=False)
+        for t, s in zip(out, specs):
+            t.set_shape(s.shape)
+        ok.set_shape([])
+        return {"image": out[0], "mask": out[1], ex.BAD_DATA_KEY: out[2], "ok": ok}
+
+    ds = ds.enumerate().map(tf_make, num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.filter(lambda e: e["ok"])
+    return ds.map(lambda e: {k: v for k, v in e.items() if k != "ok"})
+
+
+def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any,
+                  seed: int, train: bool, shuffle_buffer: int = 10_000,
+                  process_index: int | None = None, process_count: int | None = None,
+                  resize_shorter: int | None = None, random_flip: bool = True,
+                  max_upscale: float | None = 2.0, mask_seed: int | None = None,
+                  num_epochs: int | None = None, drop_remainder: bool = True,
+                  num_parallel_calls: int = tf.data.AUTOTUNE, prefetch: int = 2,
+                  bad_data: ex.BadDataStats | None = None) -> tf.data.Dataset:
+    """The ``tf.data.Dataset`` of batch dicts (with the internal ``_bad_data`` counts).
+
+    Args:
+      source: a source from :mod:`jattn.data.sources`.
+      image_size: crop size ``H`` or ``(H, W)``.
+      batch_size: the per-process batch (global batch / process count).
+      mask_spec: a mask spec (:func:`jattn.data.masks.parse_mask_spec`).
+      seed: shuffling / crop / flip seed (>= 0); ``mask_seed`` defaults to it.
+      train: random crop + flip + shuffling + endless repetition, else centre crops in
+        order, one pass.
+      shuffle_buffer: shuffle buffer for TFDS ``tfrecord`` data (random-access sources
+        are shuffled exactly).
+      process_index, process_count: default to JAX's.
+      resize_shorter: resize the shorter side to this before cropping.
+      random_flip: random left-right flips in training.
+      max_upscale: images needing more upscaling to fit the crop are skipped.
+      num_epochs: number of passes (``None``: endless in training, one for eval).
+      drop_remainder: drop the last partial batch.
+      bad_data: where TFDS ``tfrecord`` pipelines count bad records as they are read
+        (random-access pipelines carry the counts in the batches instead).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    process_index, process_count = ex.process_info(process_index, process_count)
+    maker = ex.ExampleMaker(
+        image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
+        mask_seed=seed if mask_seed is None else mask_seed, train=train,
+        resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale)
+    if getattr(source, "random_access", True):
+        order = ex.ExampleOrder(len(source), seed, train, process_index, process_count)
+        ex.check_readable(source, maker)
+        ds = _random_access_dataset(source, maker, order, train, num_epochs, num_parallel_calls)
+    else:
+        ds = _tfds_record_dataset(source, maker, train, seed, shuffle_buffer, num_epochs,
+                                  process_index, process_count, num_parallel_calls,
+                                  ex.BadDataStats() if bad_data is None else bad_data)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(prefetch).with_options(_options())
+
+
+def make_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any,
+                 seed: int, train: bool, shuffle_buffer: int = 10_000,
+                 process_index: int | None = None, process_count: int | None = None,
+                 **kwargs) -> TfDataIterator:
+    """An iterator of numpy batch dicts ``{"image": [B, H, W, 3], "mask": [B, H, W, 1]}``.
+
+    Same arguments as :func:`build_dataset`; ``iterator.bad_data`` holds the counts of
+    skipped / converted / upscaled files and ``iterator.dataset`` the ``tf.data`` object.
+    """
+    bad_data = ex.BadDataStats()
+    dataset = build_dataset(
+        source, image_size=image_size, batch_size=batch_size, mask_spec=mask_spec, seed=seed,
+        train=train, shuffle_buffer=shuffle_buffer, process_index=process_index,
+        process_count=process_count, bad_data=bad_data, **kwargs)
+    return TfDataIterator(dataset, bad_data)
