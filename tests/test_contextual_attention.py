@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jattn.ops.contextual_attention import contextual_attention
+from jattn.ops.contextual import contextual_attention
 from jattn.ops.flow import flow_to_color
 
 GOLDEN_CASES = [
@@ -89,6 +89,7 @@ BLOCK_CASES = [
     (64, 2, 3, True, 64),
     (48, 2, 3, True, 96),
     (32, 1, 5, True, 64),
+    (32, 1, 4, True, 64),  # even fuse_k: asymmetric offsets
     (32, 2, 3, False, 16),
 ]
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jattn.ops.contextual_attention import contextual_attention
+from jattn.ops.contextual import contextual_attention
 from jattn.ops.flow import flow_to_color
 
 __all__ = ["ContextualAttention"]

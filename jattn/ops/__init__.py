@@ -1,7 +1,7 @@
 """Pure functions on arrays (jit / vmap / grad friendly)."""
 
 from jattn.ops.attention import additive_attention, attention_weights, dot_product_attention, multi_head_attention
-from jattn.ops.contextual_attention import ContextualAttentionOutput, contextual_attention
+from jattn.ops.contextual import ContextualAttentionOutput, contextual_attention
 from jattn.ops.flow import color_wheel, flow_to_color
 from jattn.ops.resize import resize_bilinear_align_corners, resize_nearest_align_corners
 

@@ -82,6 +82,49 @@ def _fuse_offsets(fuse_k: int) -> range:
     return range(-before, fuse_k - before)
 
 
+def _row_major_fuse(s: jax.Array, offsets, valid=None) -> jax.Array:
+    """sum_d s[:, u + d, q + d] (zero outside), each term times valid(d) [U] if given."""
+    out = 0.0
+    for d in offsets:
+        t = _diag_shift(s, d)
+        out = out + (t if valid is None else t * valid(d)[None, :, None])
+    return out
+
+
+def _col_major_fuse(s: jax.Array, offsets, h: int, w: int, queries=None) -> jax.Array:
+    """sum_e of the column-major shift by e on the key axis and on the query axis.
+
+    `queries(s, e)` overrides the query-side shift (blocked path); by default both axes
+    of s [B, h * w, h * w] are shifted by `_cm_shift`.
+    """
+    out = 0.0
+    for e in offsets:
+        q = _cm_shift(s, e, h, w, axis=1) if queries is None else queries(s, e)
+        out = out + _cm_shift(q, e, h, w, axis=2)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _fuse_dense(s: jax.Array, h: int, w: int, fuse_k: int) -> jax.Array:
+    """The fuse step on all scores s [B, N, L] (N = L = h * w)."""
+    offsets = _fuse_offsets(fuse_k)
+    return _col_major_fuse(_row_major_fuse(s, offsets), offsets, h, w)
+
+
+def _fuse_dense_fwd(s, h, w, fuse_k):
+    return _fuse_dense(s, h, w, fuse_k), None
+
+
+def _fuse_dense_bwd(h, w, fuse_k, _, g):
+    # The fuse is linear and each shift's adjoint is the opposite shift, so the VJP is the
+    # two stages in reverse order with negated offsets: about half the cost of autodiff.
+    negated = tuple(-d for d in _fuse_offsets(fuse_k))
+    return (_row_major_fuse(_col_major_fuse(g, negated, h, w), negated),)
+
+
+_fuse_dense.defvjp(_fuse_dense_fwd, _fuse_dense_bwd)
+
+
 def _fuse_block(s: jax.Array, *, y0, rows: int, halo: int, h: int, w: int, fuse_k: int) -> jax.Array:
     """The official 'fuse' step for a block of query rows.
 
@@ -94,28 +137,24 @@ def _fuse_block(s: jax.Array, *, y0, rows: int, halo: int, h: int, w: int, fuse_
     axes flattened column-major (p' = x * h + y). Everything here is slicing and padding
     (no gathers), so the backward pass has no scatters either.
     """
+    if halo == 0:
+        return _fuse_dense(s, h, w, fuse_k)
     n_total = h * w
     offsets = _fuse_offsets(fuse_k)
-    # Stage 1: row-major diagonal sum. Zero padding at the ends of the extended block is
-    # exact for the dense case and only reaches unused halo rows in the blocked case, where
-    # the mask removes the (modular) wrap from the last global position to the first.
-    s1 = 0.0
-    for d in offsets:
-        t = _diag_shift(s, d)
-        if halo:
-            ext = jnp.arange(s.shape[1])
-            p_ext = ((y0 - halo + ext // w) % h) * w + ext % w
-            t = t * ((p_ext + d >= 0) & (p_ext + d < n_total)).astype(s.dtype)[None, :, None]
-        s1 = s1 + t
-    # Stage 2: column-major diagonal sum, the same shift on the query and the key axis.
-    s2 = 0.0
-    for e in offsets:
-        if halo:
-            q = _cm_shift_block_queries(s1, e, y0, rows, halo, h)
-        else:
-            q = _cm_shift(s1, e, h, w, axis=1)
-        s2 = s2 + _cm_shift(q, e, h, w, axis=2)
-    return s2
+    # Row-major stage on the extended block. Zero padding at its ends only reaches unused
+    # halo rows; the mask removes the (modular) wrap from the last global position to the first.
+    ext = jnp.arange(s.shape[1])
+    p_ext = ((y0 - halo + ext // w) % h) * w + ext % w
+
+    def valid(d):
+        return ((p_ext + d >= 0) & (p_ext + d < n_total)).astype(s.dtype)
+
+    s1 = _row_major_fuse(s, offsets, valid)
+
+    def queries(x, e):
+        return _cm_shift_block_queries(x, e, y0, rows, halo, h)
+
+    return _col_major_fuse(s1, offsets, h, w, queries)
 
 
 def _shift_axis(x: jax.Array, k: int, axis: int) -> jax.Array:
