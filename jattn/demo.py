@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.ops.contextual_attention import contextual_attention
+from jattn.ops.contextual import contextual_attention
 from jattn.ops.flow import flow_to_color
 
 __all__ = ["diffuse_fill", "attention_fill", "run_demo"]
