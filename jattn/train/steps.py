@@ -1,0 +1,115 @@
+"""Network updates as pure functions, jitted over a device mesh.
+
+A model describes its training as a list of *updates*; each updates one network from one
+batch: `(state, batch, update_index) -> (state, metrics)`. A GAN step of DeepFill v1 is
+`n_critic` critic updates (each on a fresh batch) then one generator update; a
+supervised model has a single update. The engine is the same for every model.
+
+A loss function has the signature
+
+    loss_fn(params: dict, variables: dict, batch: dict, key) -> (loss, (metrics, new_variables))
+
+where `params` / `variables` hold every network (the one being updated is differentiated,
+the others are constants) and `new_variables` is the dict of updated non-parameter
+variables by network (e.g. spectral-norm vectors), `{}` when none change.
+
+Non-finite losses or gradients never reach the state: the update is dropped inside the
+step (state unchanged) and reported in the metrics as `<name>_finite = 0`; the loop stops
+with a message naming the step and loss, or goes on when told to skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jattn.train.sharding import data_sharding, replicated
+from jattn.train.state import TrainState, update_key
+
+__all__ = ["Update", "apply_update", "jit_update", "LossFn"]
+
+LossFn = Callable[[dict, dict, dict, jax.Array], tuple[jax.Array, tuple[dict, dict]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One optimizer update: `net` is differentiated through `loss_fn` and stepped by `tx`.
+
+    name: prefix of its metrics (`<name>_loss`, `<name>_grad_norm`, `<name>_finite`).
+    advances_step: whether this update completes a step (the generator update of a GAN).
+    """
+
+    name: str
+    net: str
+    loss_fn: LossFn
+    tx: optax.GradientTransformation
+    advances_step: bool = True
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def apply_update(update: Update, state: TrainState, batch: dict, update_index: jax.Array | int) -> tuple[TrainState, dict]:
+    """One update of `update.net` on `batch`; returns the new state and scalar metrics."""
+    key = update_key(state, update_index)
+
+    def loss_of(p):
+        return update.loss_fn({**state.params, update.net: p}, state.variables, batch, key)
+
+    (loss, (metrics, new_vars)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params[update.net])
+    updates, new_opt = update.tx.update(grads, state.opt_state[update.net], state.params[update.net])
+    new_params = optax.apply_updates(state.params[update.net], updates)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    variables = dict(state.variables)
+    for net, v in new_vars.items():
+        variables[net] = _select(ok, v, state.variables[net])
+    new_state = state.replace(
+        step=state.step + jnp.where(ok & update.advances_step, 1, 0).astype(state.step.dtype),
+        params={**state.params, update.net: _select(ok, new_params, state.params[update.net])},
+        opt_state={**state.opt_state, update.net: _select(ok, new_opt, state.opt_state[update.net])},
+        variables=variables,
+    )
+    out = {
+        f"{update.name}_loss": loss,
+        f"{update.name}_grad_norm": grad_norm,
+        f"{update.name}_finite": ok.astype(jnp.float32),
+    }
+    out.update({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+    return new_state, out
+
+
+def jit_update(update: Update, mesh: Mesh, *, donate: bool = True):
+    """`apply_update` jitted over `mesh`: state replicated, batch split along `data`.
+
+    Returns `fn(state, batch, update_index) -> (state, metrics)`; the state argument is
+    donated (its buffers are reused for the new state).
+    """
+    rep = replicated(mesh)
+    return jax.jit(
+        lambda state, batch, index: apply_update(update, state, batch, index),
+        in_shardings=(rep, data_sharding(mesh), rep),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def run_updates(fns: Sequence[Callable], state: TrainState, batches: Sequence[dict]) -> tuple[TrainState, dict]:
+    """Run jitted updates in order, one batch each (e.g. 5 critic updates then the generator)."""
+    if len(fns) != len(batches):
+        raise ValueError(f"run_updates: {len(fns)} updates but {len(batches)} batches")
+    metrics: dict = {}
+    for i, (fn, batch) in enumerate(zip(fns, batches)):
+        state, m = fn(state, batch, jnp.asarray(i, jnp.int32))
+        for k, v in m.items():
+            metrics.setdefault(k, []).append(v)
+    # several updates of one network: report the mean of its metrics over the step
+    return state, {k: jnp.mean(jnp.stack(v)) for k, v in metrics.items()}
