@@ -157,10 +157,11 @@ class GenDeconv(nn.Module):
     The upsampling is TF1 ``resize_nearest_neighbor(align_corners=True)`` to
     ``(2H, 2W)`` (:func:`jattn.ops.resize.resize_nearest_align_corners`); the conv
     is a :class:`GenConv` (v1) or, with ``gated=True``, a :class:`GatedConv` (v2),
-    named ``conv``.
+    named ``f"{name}_conv"`` as in the official code (``conv13_upsample`` holds
+    ``conv13_upsample_conv``), or ``conv`` when the module has no name.
 
     Call: ``x [B, H, W, Cin] -> [B, 2H, 2W, features]``.
-    Params: ``{"conv": {"kernel", "bias"}}``.
+    Params: ``{f"{name}_conv": {"kernel", "bias"}}`` (``{"conv": ...}`` when unnamed).
     """
 
     features: int
@@ -177,7 +178,8 @@ class GenDeconv(nn.Module):
         layer = GatedConv if self.gated else GenConv
         return layer(
             self.features, 3, 1, activation=self.activation, padding=self.padding,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            name=f"{self.name}_conv" if self.name else "conv",
         )(x)
 
 

@@ -1,0 +1,331 @@
+"""Losses of the inpainting / GAN models (pure functions, NHWC ``[B, H, W, C]``).
+
+DeepFill v1 (official ``build_graph_with_losses`` of JiahuiYu/generative_inpainting v1.0.0
+with neuralgym's GAN helpers, defaults of the official ``inpaint.yml``):
+
+* :func:`spatial_discount` -- ``spatial_discounting_mask``;
+* :func:`l1_loss`, :func:`deepfill_v1_l1_loss`, :func:`deepfill_v1_ae_loss`;
+* :func:`wgan_d_loss`, :func:`wgan_g_loss` -- ``gan_wgan_loss``;
+* :func:`interpolates`, :func:`gradient_penalty` -- ``random_interpolates``,
+  ``gradients_penalty``;
+* :func:`local_crop` -- ``local_patch``, with one box per image;
+* :func:`deepfill_v1_losses` -- the official loss dict.
+
+Also hinge and non-saturating GAN losses for later models.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "deepfill_v1_ae_loss",
+    "deepfill_v1_l1_loss",
+    "deepfill_v1_losses",
+    "gradient_penalty",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "interpolates",
+    "l1_loss",
+    "local_crop",
+    "nonsaturating_d_loss",
+    "nonsaturating_g_loss",
+    "spatial_discount",
+    "wgan_d_loss",
+    "wgan_g_loss",
+]
+
+Critic = Callable[[jax.Array], jax.Array]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def spatial_discount(height: int, width: int, gamma: float = 0.9) -> jax.Array:
+    """DeepFill's spatial discounting weights (neuralgym ``spatial_discounting_mask``).
+
+    ``w[i, j] = max(gamma ** min(i, height - i), gamma ** min(j, width - j))``, computed in
+    float64 and rounded to float32 as the official ``tf.constant`` does (1 on the top and
+    left edges, smallest at the centre; note ``i = height - 1`` gives ``gamma``).
+
+    Returns:
+      float32 ``[height, width, 1]``.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"spatial_discount: height and width must be >= 1, got {height}, {width}")
+    i = np.arange(height, dtype=np.float64)[:, None]
+    j = np.arange(width, dtype=np.float64)[None, :]
+    w = np.maximum(gamma ** np.minimum(i, height - i), gamma ** np.minimum(j, width - j))
+    return jnp.asarray(w[..., None], jnp.float32)
+
+
+def l1_loss(a: jax.Array, b: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """``mean(|a - b| * weight)`` over all elements of the broadcast product (scalar)."""
+    diff = jnp.abs(a - b)
+    return jnp.mean(diff if weight is None else diff * weight)
+
+
+def wgan_d_loss(pos: jax.Array, neg: jax.Array) -> jax.Array:
+    """WGAN critic loss ``mean(neg - pos)``. pos, neg: critic outputs [B, ...] of real / fake."""
+    return jnp.mean(neg - pos)
+
+
+def wgan_g_loss(neg: jax.Array) -> jax.Array:
+    """WGAN generator loss ``-mean(neg)``."""
+    return -jnp.mean(neg)
+
+
+def hinge_d_loss(pos: jax.Array, neg: jax.Array) -> jax.Array:
+    """Hinge critic loss ``mean(relu(1 - pos)) + mean(relu(1 + neg))`` (SN-PatchGAN, SAGAN)."""
+    return jnp.mean(jax.nn.relu(1.0 - pos)) + jnp.mean(jax.nn.relu(1.0 + neg))
+
+
+def hinge_g_loss(neg: jax.Array) -> jax.Array:
+    """Hinge generator loss ``-mean(neg)``."""
+    return -jnp.mean(neg)
+
+
+def nonsaturating_d_loss(pos_logits: jax.Array, neg_logits: jax.Array) -> jax.Array:
+    """Standard GAN critic loss ``mean(softplus(-pos)) + mean(softplus(neg))`` on logits
+    (= -mean(log sigmoid(pos)) - mean(log(1 - sigmoid(neg))))."""
+    return jnp.mean(jax.nn.softplus(-pos_logits)) + jnp.mean(jax.nn.softplus(neg_logits))
+
+
+def nonsaturating_g_loss(neg_logits: jax.Array) -> jax.Array:
+    """Non-saturating generator loss ``mean(softplus(-neg)) = -mean(log sigmoid(neg))``."""
+    return jnp.mean(jax.nn.softplus(-neg_logits))
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def local_crop(images: jax.Array, boxes, size: tuple[int, int] | None = None) -> jax.Array:
+    """Crops one box per image (DeepFill's ``local_patch``, per image).
+
+    Args:
+      images: ``[B, H, W, C]``; a batch of 1 is broadcast to the boxes' batch.
+      boxes: int ``[B, 4]`` or ``[4]`` (shared) rows of (top, left, height, width).
+        top / left may be traced; they are clamped so the crop stays inside the image
+        (``lax.dynamic_slice``).
+      size: static (height, width) of the crops. None: taken from ``boxes``, which must
+        then be concrete with the same height / width in every row.
+
+    Returns:
+      ``[B, height, width, C]``.
+    """
+    images = jnp.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"local_crop: images must be [B, H, W, C], got shape {tuple(images.shape)}")
+    if size is None:
+        try:
+            concrete = np.asarray(boxes).reshape(-1, 4)
+        except (TypeError, jax.errors.ConcretizationTypeError) as err:
+            raise ValueError("local_crop: boxes are traced; pass the static crop size=(height, width)") from err
+        sizes = {tuple(int(v) for v in row[2:]) for row in concrete}
+        if len(sizes) != 1:
+            raise ValueError(f"local_crop: all boxes must have the same (height, width), got {sorted(sizes)}")
+        size = sizes.pop()
+    ch, cw = int(size[0]), int(size[1])
+    if not (0 < ch <= images.shape[1] and 0 < cw <= images.shape[2]):
+        raise ValueError(f"local_crop: crop size {(ch, cw)} does not fit images of size {images.shape[1:3]}")
+    boxes = jnp.asarray(boxes, jnp.int32)
+    if boxes.ndim == 1:
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"local_crop: boxes must be [B, 4] or [4], got shape {tuple(boxes.shape)}")
+    batch = max(images.shape[0], boxes.shape[0])
+    if images.shape[0] not in (1, batch) or boxes.shape[0] not in (1, batch):
+        raise ValueError(f"local_crop: batch of images {images.shape[0]} and boxes {boxes.shape[0]} do not match")
+    images = jnp.broadcast_to(images, (batch, *images.shape[1:]))
+    boxes = jnp.broadcast_to(boxes, (batch, 4))
+
+    def crop(image, box):
+        return jax.lax.dynamic_slice(image, (box[0], box[1], 0), (ch, cw, image.shape[-1]))
+
+    return jax.vmap(crop)(images, boxes)
+
+
+# --------------------------------------------------------------------------- gradient penalty
+
+
+def interpolates(real: jax.Array, fake: jax.Array, alpha: jax.Array) -> jax.Array:
+    """``real + alpha * (fake - real)``; real, fake ``[B, ...]``, alpha ``[B, 1]`` or ``[B]``."""
+    alpha = jnp.asarray(alpha, real.dtype).reshape((real.shape[0],) + (1,) * (real.ndim - 1))
+    return real + alpha * (fake - real)
+
+
+def _penalty_from_grad(grad: jax.Array, mask: jax.Array | None, norm: float, eps: float) -> jax.Array:
+    sq = jnp.square(grad)
+    if mask is not None:
+        sq = sq * mask
+    slopes = jnp.sqrt(jnp.sum(sq, axis=tuple(range(1, grad.ndim))) + eps)
+    return jnp.mean(jnp.square(slopes - norm))
+
+
+def gradient_penalty(
+    critic_fn: Critic,
+    real: jax.Array,
+    fake: jax.Array,
+    mask: jax.Array | None = None,
+    alpha: jax.Array | None = None,
+    *,
+    key: jax.Array | None = None,
+    norm: float = 1.0,
+    eps: float = 0.0,
+    return_output: bool = False,
+):
+    """WGAN-GP penalty on random interpolates (neuralgym ``gradients_penalty``).
+
+    ``x = real + alpha (fake - real)``; ``g = d sum(critic_fn(x)) / dx``;
+    ``penalty = mean_b((sqrt(sum_{H,W,C}(g^2 * mask) + eps) - norm)^2)``.
+    The official code has eps = 0 and the mask inside the square root.
+
+    Args:
+      critic_fn: ``[B, H, W, C] -> [B, ...]`` (e.g. a closure over critic params).
+      real, fake: ``[B, H, W, C]``.
+      mask: None or broadcastable to ``[B, H, W, C]`` (DeepFill: the hole mask).
+      alpha: ``[B, 1]`` interpolation weights; None: drawn ``U(0, 1)`` from ``key``.
+      key: PRNG key, required when alpha is None.
+      return_output: also return ``critic_fn(x)``.
+
+    Returns:
+      scalar penalty, or ``(penalty, critic_fn(x))`` with ``return_output``.
+    """
+    if alpha is None:
+        if key is None:
+            raise ValueError("gradient_penalty: pass alpha [B, 1] or a PRNG key to draw it")
+        alpha = jax.random.uniform(key, (real.shape[0], 1), jnp.float32)
+    x = interpolates(real, fake, alpha)
+    out, vjp = jax.vjp(critic_fn, x)
+    (grad,) = vjp(jnp.ones_like(out))
+    penalty = _penalty_from_grad(grad, mask, norm, eps)
+    return (penalty, out) if return_output else penalty
+
+
+# --------------------------------------------------------------------------- DeepFill v1
+
+
+def deepfill_v1_l1_loss(
+    gt_crop: jax.Array, x1_crop: jax.Array, x2_crop: jax.Array, *, coarse_alpha: float = 1.2, gamma: float = 0.9
+) -> jax.Array:
+    """Official ``l1_loss``: ``coarse_alpha * mean(|gt - x1| w) + mean(|gt - x2| w)`` on the
+    local crops ``[B, h, w, 3]``, w = :func:`spatial_discount` (h, w, gamma)."""
+    w = spatial_discount(gt_crop.shape[1], gt_crop.shape[2], gamma)
+    return coarse_alpha * l1_loss(gt_crop, x1_crop, w) + l1_loss(gt_crop, x2_crop, w)
+
+
+def deepfill_v1_ae_loss(
+    gt: jax.Array, x1: jax.Array, x2: jax.Array, mask: jax.Array, *, coarse_alpha: float = 1.2
+) -> jax.Array:
+    """Official ``ae_loss`` (reconstruction outside the hole):
+    ``(coarse_alpha * mean(|gt - x1| (1 - m)) + mean(|gt - x2| (1 - m))) / mean(1 - m)``.
+    gt, x1, x2 ``[B, H, W, 3]``; mask ``[1 or B, H, W, 1]``."""
+    keep = 1.0 - mask
+    return (coarse_alpha * l1_loss(gt, x1, keep) + l1_loss(gt, x2, keep)) / jnp.mean(keep)
+
+
+def deepfill_v1_losses(
+    critic_local: Critic,
+    critic_global: Critic,
+    batch_pos: jax.Array,
+    x1: jax.Array,
+    x2: jax.Array,
+    mask: jax.Array,
+    boxes,
+    crop_size: tuple[int, int] | None = None,
+    *,
+    alpha_local: jax.Array | None = None,
+    alpha_global: jax.Array | None = None,
+    key: jax.Array | None = None,
+    l1_alpha: float = 1.2,
+    l1_loss_alpha: float = 1.2,
+    ae_loss_alpha: float = 1.2,
+    gan_loss_alpha: float = 0.001,
+    wgan_gp_lambda: float = 10.0,
+    global_wgan_loss_alpha: float = 1.0,
+    gamma: float = 0.9,
+) -> dict[str, jax.Array]:
+    """The official DeepFill v1 losses (``build_graph_with_losses``, WGAN-GP, stage 2 on).
+
+    Args:
+      critic_local: crops ``[N, h, w, 3] -> [N, 1]``; critic_global: ``[N, H, W, 3] -> [N, 1]``
+        (e.g. ``partial(critics.apply, {"params": p}, method="score_local")``).
+      batch_pos: ground truth ``[B, H, W, 3]`` in [-1, 1].
+      x1, x2: the generator's coarse / refined outputs ``[B, H, W, 3]``.
+      mask: ``[1 or B, H, W, 1]``, 1 = hole.
+      boxes: ``[B, 4]`` or ``[4]`` local boxes (top, left, height, width) containing the hole.
+      crop_size: static (h, w); None: from concrete ``boxes`` (see :func:`local_crop`).
+      alpha_local, alpha_global: GP interpolation weights ``[B, 1]``; None: drawn from
+        ``key`` (split in two).
+      l1_alpha: COARSE_L1_ALPHA; l1_loss_alpha, ae_loss_alpha, gan_loss_alpha,
+        wgan_gp_lambda, global_wgan_loss_alpha: the official config weights; gamma:
+        SPATIAL_DISCOUNTING_GAMMA.
+
+    Returns:
+      dict with the official entries ``l1_loss``, ``ae_loss``, ``g_loss`` (total generator
+      loss), ``d_loss`` (total critic loss, gp included), ``gp_loss`` (weighted), and the
+      parts: ``g_loss_local``, ``g_loss_global``, ``d_loss_local``, ``d_loss_global``,
+      ``gp_penalty_local``, ``gp_penalty_global`` (unweighted), ``d_pos_neg_local`` /
+      ``d_pos_neg_global`` ``[2B, 1]`` (real rows first), ``d_interp_local`` /
+      ``d_interp_global`` ``[B, 1]``, ``batch_complete`` ``[B, H, W, 3]``.
+
+    Gradients flow to everything; a training step takes the grad of ``g_loss`` w.r.t. the
+    generator and of ``d_loss`` w.r.t. the critics (stop-gradient x1 / x2 for the latter).
+    """
+    if alpha_local is None or alpha_global is None:
+        if key is None:
+            raise ValueError("deepfill_v1_losses: pass alpha_local and alpha_global, or a PRNG key")
+        k_local, k_global = jax.random.split(key)
+        b = batch_pos.shape[0]
+        if alpha_local is None:
+            alpha_local = jax.random.uniform(k_local, (b, 1), jnp.float32)
+        if alpha_global is None:
+            alpha_global = jax.random.uniform(k_global, (b, 1), jnp.float32)
+    batch_incomplete = batch_pos * (1.0 - mask)
+    batch_complete = x2 * mask + batch_incomplete * (1.0 - mask)
+
+    crop = lambda t: local_crop(t, boxes, crop_size)  # noqa: E731
+    pos_crop, x1_crop, x2_crop, complete_crop = crop(batch_pos), crop(x1), crop(x2), crop(batch_complete)
+    mask_crop = crop(jnp.broadcast_to(mask, (batch_pos.shape[0], *mask.shape[1:])))
+
+    l1 = deepfill_v1_l1_loss(pos_crop, x1_crop, x2_crop, coarse_alpha=l1_alpha, gamma=gamma)
+    ae = deepfill_v1_ae_loss(batch_pos, x1, x2, mask, coarse_alpha=l1_alpha)
+
+    d_local = critic_local(jnp.concatenate([pos_crop, complete_crop], axis=0))
+    d_global = critic_global(jnp.concatenate([batch_pos, batch_complete], axis=0))
+    pos_local, neg_local = jnp.split(d_local, 2)
+    pos_global, neg_global = jnp.split(d_global, 2)
+    g_local, g_global = wgan_g_loss(neg_local), wgan_g_loss(neg_global)
+    dl_local, dl_global = wgan_d_loss(pos_local, neg_local), wgan_d_loss(pos_global, neg_global)
+
+    gp_local, d_interp_local = gradient_penalty(
+        critic_local, pos_crop, complete_crop, mask_crop, alpha_local, return_output=True
+    )
+    gp_global, d_interp_global = gradient_penalty(
+        critic_global, batch_pos, batch_complete, mask, alpha_global, return_output=True
+    )
+    gp = wgan_gp_lambda * (gp_local + gp_global)
+
+    g_loss = gan_loss_alpha * (global_wgan_loss_alpha * g_global + g_local)
+    g_loss = g_loss + l1_loss_alpha * l1 + ae_loss_alpha * ae
+    return {
+        "l1_loss": l1,
+        "ae_loss": ae,
+        "g_loss": g_loss,
+        "d_loss": dl_global + dl_local + gp,
+        "gp_loss": gp,
+        "g_loss_local": g_local,
+        "g_loss_global": g_global,
+        "d_loss_local": dl_local,
+        "d_loss_global": dl_global,
+        "gp_penalty_local": gp_local,
+        "gp_penalty_global": gp_global,
+        "d_pos_neg_local": d_local,
+        "d_pos_neg_global": d_global,
+        "d_interp_local": d_interp_local,
+        "d_interp_global": d_interp_global,
+        "batch_complete": batch_complete,
+    }
