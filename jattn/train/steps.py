@@ -73,7 +73,7 @@ def apply_update(update: Update, state: TrainState, batch: dict, update_index: j
     for net, v in new_vars.items():
         variables[net] = _select(ok, v, state.variables[net])
     new_state = state.replace(
-        step=state.step + jnp.where(ok & update.advances_step, 1, 0).astype(state.step.dtype),
+        step=state.step + (1 if update.advances_step else 0),  # a dropped update still uses its step
         params={**state.params, update.net: _select(ok, new_params, state.params[update.net])},
         opt_state={**state.opt_state, update.net: _select(ok, new_opt, state.opt_state[update.net])},
         variables=variables,
