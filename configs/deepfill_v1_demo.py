@@ -39,7 +39,11 @@ def get_config():
     c.log_every = 5
     c.image_every = 10
     c.checkpoint_every = 10
+    c.eval_every = 10
+    c.eval_images = 16
+    c.eval_batch_size = 8
     c.keep_checkpoints = 3
-    c.best_metric = None
+    c.best_metric = "eval_psnr"  # the best checkpoint is kept beside the latest ones
+    c.best_mode = "max"
     c.skip_nonfinite = False
     return c

@@ -1,5 +1,7 @@
 """The `jattn` command line.
 
+    jattn train     train (or resume) a model from a config file into a workdir
+    jattn eval      metrics of a workdir's checkpoint on the fixed eval set
     jattn demo      contextual attention fills a hole in a bundled photo (offline)
     jattn devices   the JAX devices this process sees
 
@@ -17,6 +19,53 @@ __all__ = ["main", "build_parser"]
 
 class UserError(Exception):
     """An error in the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def _load_config(args: argparse.Namespace):
+    from jattn.config import ConfigError, load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "total_steps", None) is not None:
+        overrides.append(f"total_steps={args.total_steps}")
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    from jattn.train.loop import ConfigMismatchError, NonFiniteLossError, train
+
+    try:
+        result = train(config, args.workdir, progress=not args.no_progress)
+    except ConfigMismatchError as err:
+        raise UserError(str(err)) from None
+    except NonFiniteLossError as err:
+        print(f"jattn train: stopped: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"workdir": str(args.workdir), **result}))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import pathlib
+
+    config = _load_config(args)
+    from jattn.train.evaluate import evaluate
+    from jattn.train.loop import restore_for_eval
+
+    try:
+        task, state, mesh, step = restore_for_eval(config, args.workdir, args.step)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    result = {"step": step, **evaluate(task, state, config, mesh, args.workdir)}
+    out = pathlib.Path(args.workdir) / f"eval_{step}.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(json.dumps(result))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -45,6 +94,21 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jattn", description="Attention-based image models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or resume) a model from a config file into a workdir")
+    train.add_argument("--config", required=True, help="a Python config file with get_config() (see configs/)")
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs go here")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    train.add_argument("--total-steps", type=int, dest="total_steps", help="shortcut for --set total_steps=N")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="metrics of a workdir's checkpoint on the fixed eval set")
+    ev.add_argument("--config", required=True, help="the run's config file")
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser("demo", help="fill a hole in a bundled photo with contextual attention (offline)")
     demo.add_argument("--output", default="demo_out", help="folder for the PNGs (default: demo_out)")

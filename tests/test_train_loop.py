@@ -147,3 +147,30 @@ def test_config_mismatch_is_refused(tmp_path):
     other = _config(total=4, width=3)
     with pytest.raises(ConfigMismatchError, match="model"):
         train(other, tmp_path, progress=False)
+
+
+def test_eval_during_training_keeps_the_best_and_is_reproducible(tmp_path):
+    from jattn.train.evaluate import evaluate
+    from jattn.train.loop import restore_for_eval
+
+    cfg = _config(total=6)
+    cfg.eval_every = 2
+    cfg.eval_images = 16
+    cfg.eval_batch_size = 8
+    cfg.keep_checkpoints = 1
+    cfg.best_metric = "eval_psnr"
+    cfg.best_mode = "max"
+    result = train(cfg, tmp_path, progress=False)
+    evals = [r for r in read_metrics(tmp_path) if "eval_psnr" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(np.isfinite(r["eval_psnr"]) and 0 < r["eval_ssim"] <= 1 for r in evals)
+    best_step = max(evals, key=lambda r: r["eval_psnr"])["step"]
+    ckpt = Checkpointer(tmp_path / "checkpoints", best_metric="eval_psnr", best_mode="max")
+    assert ckpt.best_step() == best_step and 6 in ckpt.all_steps() and best_step in ckpt.all_steps()
+    # the standalone evaluation of the final checkpoint reproduces the loop's numbers
+    task, state, mesh, step = restore_for_eval(cfg, tmp_path)
+    again = evaluate(task, state, cfg, mesh, tmp_path)
+    assert step == 6
+    for k in ("eval_psnr", "eval_ssim", "eval_l1", "eval_masks_sha256"):
+        assert again[k] == result["eval"][k]
+    assert len(result["eval"]["eval_masks_sha256"]) == 64

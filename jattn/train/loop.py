@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.train.checkpoint import Checkpointer, abstract_state
+from jattn.train.evaluate import evaluate
 from jattn.train.logging import MetricWriter
 from jattn.train.sharding import make_mesh, replicated, to_global_array
 from jattn.train.state import TrainState, create_state
 from jattn.train.steps import jit_update, run_updates
 from jattn.train.task import Task, build_task
 
-__all__ = ["NonFiniteLossError", "ConfigMismatchError", "train", "make_train_data", "learning_rates"]
+__all__ = ["NonFiniteLossError", "ConfigMismatchError", "train", "make_train_data", "learning_rates", "restore_for_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     log_every = int(config.get("log_every", 10))
     ckpt_every = int(config.get("checkpoint_every", 0))
     image_every = int(config.get("image_every", 0))
+    eval_every = int(config.get("eval_every", 0))
+    eval_metrics: dict[str, float] | None = None
     skip_nonfinite = bool(config.get("skip_nonfinite", False))
     skipped = 0
     metrics: dict[str, float] = {}
@@ -190,17 +193,42 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
             if image_every and (done % image_every == 0 or done == total):
                 sample = to_global_array(sample_batch, mesh)
                 writer.images(done, _image_grid(predict(state.params, state.variables, sample), count=4))
+            if eval_every and (done % eval_every == 0 or done == total):
+                eval_metrics = evaluate(task, state, config, mesh, workdir)
+                writer.scalars(done, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))})
             if ckpt_every and done % ckpt_every == 0 and done != total:
-                ckpt.save(done, state, config=config_dict, data_iter=data)
+                ckpt.save(done, state, config=config_dict, data_iter=data, metrics=_numeric(eval_metrics))
         # ------------------------------------------------------------------- end
         if total > start or ckpt.latest_step() != total:
-            ckpt.save(total, state, config=config_dict, data_iter=data)
+            ckpt.save(total, state, config=config_dict, data_iter=data, metrics=_numeric(eval_metrics))
     finally:
         ckpt.close()
         writer.close()
         if bar is not None:
             bar.close()
-    return {"step": int(state.step), "metrics": metrics, "skipped_updates": skipped}
+    return {"step": int(state.step), "metrics": metrics, "eval": eval_metrics, "skipped_updates": skipped}
+
+
+def _numeric(metrics: dict | None) -> dict | None:
+    if metrics is None:
+        return None
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def restore_for_eval(config, workdir: str | pathlib.Path, step: int | None = None):
+    """(task, state, mesh, step) of a workdir's checkpoint, for evaluation and inference."""
+    workdir = pathlib.Path(workdir)
+    mesh = make_mesh()
+    task = build_task(config)
+    shapes = jax.eval_shape(_state_init_fn(task, config), jax.random.key(config.seed))
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        restored = ckpt.restore(abstract_state(shapes, replicated(mesh)), step=step)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    return task, restored.state, mesh, restored.step
 
 
 def _progress(start: int, total: int):

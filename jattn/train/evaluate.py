@@ -1,0 +1,104 @@
+"""Evaluation on a fixed set: the same images and the same hashed masks every time.
+
+The eval images are the first `config.eval_images` examples of the eval source (centre
+crops, in order); example i gets mask i of the eval mask set, built from
+`config.data.eval_mask` (default: the training masks) with a fixed seed and written to
+`WORKDIR/eval_masks/` with its SHA-256, so every evaluation of every run with that
+config sees bit-identical masks. Metrics (PSNR, SSIM, L1, L2, TV, and L1 inside the hole)
+compare the task's "output" (for inpainting, the composite) with the ground truth.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import metrics as M
+from jattn.train.sharding import to_global_array
+
+__all__ = ["EVAL_MASK_SEED", "eval_mask_set", "evaluate"]
+
+EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
+
+
+def _plain(x):
+    return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def eval_mask_set(config, workdir: str | pathlib.Path):
+    """The hashed eval mask set of this config (built once, then reloaded and verified)."""
+    from jattn.data.masks import eval_set
+
+    d = config.data
+    spec = _plain(d.get("eval_mask") or d.mask)
+    return eval_set(
+        "eval", int(config.get("eval_images", 64)), d.image_size, EVAL_MASK_SEED,
+        directory=pathlib.Path(workdir) / "eval_masks", spec=spec,
+    )
+
+
+def _eval_batches(config, mask_set):
+    """Host batches of this process: images in order, masks from the eval mask set."""
+    from jattn.data import make_dataset
+    from jattn.data.sharding import per_process_batch_size
+
+    d = config.data
+    n = int(config.get("eval_images", 64))
+    batch = per_process_batch_size(int(config.get("eval_batch_size", config.batch_size)), jax.process_count())
+    it = make_dataset(
+        _plain(d.get("eval_source") or d.source),
+        loader="grain",
+        image_size=d.image_size,
+        batch_size=batch,
+        mask_spec=_plain(d.get("eval_mask") or d.mask),
+        seed=config.seed,
+        mask_seed=EVAL_MASK_SEED,
+        train=False,
+        num_epochs=1,
+        drop_remainder=True,
+    )
+    per_process = n // jax.process_count()
+    seen = 0
+    index = jax.process_index()
+    for b in it:
+        if seen >= per_process:
+            break
+        take = min(len(b["image"]), per_process - seen)
+        if take < len(b["image"]):  # keep global batches whole
+            break
+        # example k of this process is global example index + k * process_count
+        rows = index + (seen + np.arange(take)) * jax.process_count()
+        yield {"image": b["image"], "mask": mask_set.masks[rows].astype(np.float32)}
+        seen += take
+
+
+@jax.jit
+def _batch_metrics(output, image, mask):
+    out = M.summarize(output, image)
+    out["l1_hole"] = jnp.mean(M.l1(output, image, mask=mask))
+    return out
+
+
+def evaluate(task, state, config, mesh, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Mean metrics over the eval set (`eval_` prefixed), plus the mask set's SHA-256."""
+    mask_set = eval_mask_set(config, workdir)
+    predict = jax.jit(task.predict)
+    totals: dict[str, float] = {}
+    count = 0
+    for host in _eval_batches(config, mask_set):
+        batch = to_global_array(host, mesh)
+        output = predict(state.params, state.variables, batch)["output"]
+        size = batch["image"].shape[0]
+        for k, v in jax.device_get(_batch_metrics(output.astype(jnp.float32), batch["image"], batch["mask"])).items():
+            totals[k] = totals.get(k, 0.0) + float(v) * size
+        count += size
+    if count == 0:
+        raise ValueError("evaluation saw no images: eval_images must be at least the eval batch size")
+    result = {f"eval_{k}": v / count for k, v in totals.items()}
+    result["eval_images"] = count
+    result["eval_masks_sha256"] = mask_set.sha256
+    return result
