@@ -6,3 +6,10 @@ TensorFlow / grain), `jattn.train`, `jattn.export`, and the `jattn` command line
 """
 
 __version__ = "0.1.0"
+
+
+def inpaint(params_or_path, image, mask):
+    """`jattn.inpaint(workdir | Inpainter, uint8 [H, W, 3], mask [H, W]) -> uint8 [H, W, 3]`."""
+    from jattn.export.inference import inpaint as _inpaint
+
+    return _inpaint(params_or_path, image, mask)

@@ -2,6 +2,7 @@
 
     jattn train     train (or resume) a model from a config file into a workdir
     jattn eval      metrics of a workdir's checkpoint on the fixed eval set
+    jattn inpaint   fill the holes of images with a trained checkpoint
     jattn demo      contextual attention fills a hole in a bundled photo (offline)
     jattn devices   the JAX devices this process sees
 
@@ -68,6 +69,51 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inpaint_pairs(image: str, mask: str, output: str):
+    """[(image, mask, output)] for a file or a folder of images (paired with masks by name)."""
+    import pathlib
+
+    from jattn.data.sources import IMAGE_EXTENSIONS
+
+    img, msk, out = pathlib.Path(image), pathlib.Path(mask), pathlib.Path(output)
+    if not img.is_dir():
+        return [(img, msk, out)]
+    if not msk.is_dir():
+        raise UserError(f"{msk}: with a folder of images, --mask must be a folder of masks")
+    masks = {p.stem: p for p in msk.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    if not masks:
+        raise UserError(f"{msk}: no mask images in this folder")
+    images = sorted(p for p in img.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise UserError(f"{img}: no images in this folder")
+    missing = [p.name for p in images if p.stem not in masks]
+    if missing:
+        raise UserError(f"{msk}: no mask for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    return [(p, masks[p.stem], out / (p.stem + ".png")) for p in images]
+
+
+def _cmd_inpaint(args: argparse.Namespace) -> int:
+    from jattn.export.inference import InpaintError, Inpainter, inpaint_file
+
+    try:
+        pairs = _inpaint_pairs(args.image, args.mask, args.output)
+        inpainter = Inpainter.from_checkpoint(args.checkpoint)
+        for image, mask, output in _progress_iter(pairs, len(pairs) > 1):
+            inpaint_file(inpainter, image, mask, output, save_flow=args.save_flow)
+    except InpaintError as err:
+        raise UserError(str(err)) from None
+    print(json.dumps({"written": [str(o) for _, _, o in pairs]}))
+    return 0
+
+
+def _progress_iter(items, show: bool):
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="inpaint", unit="image")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from jattn.demo import run_demo
 
@@ -109,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     ev.set_defaults(func=_cmd_eval)
+
+    inp = sub.add_parser("inpaint", help="fill the holes of images with a trained checkpoint")
+    inp.add_argument("--checkpoint", required=True, help="a training workdir (latest checkpoint) or WORKDIR/checkpoints/STEP")
+    inp.add_argument("--image", required=True, help="an image file, or a folder of images")
+    inp.add_argument("--mask", required=True, help="a mask image (white = hole, same size), or a folder paired by name")
+    inp.add_argument("--output", required=True, help="output image file, or folder in folder mode")
+    inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
+    inp.set_defaults(func=_cmd_inpaint)
 
     demo = sub.add_parser("demo", help="fill a hole in a bundled photo with contextual attention (offline)")
     demo.add_argument("--output", default="demo_out", help="folder for the PNGs (default: demo_out)")

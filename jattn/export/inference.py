@@ -1,0 +1,176 @@
+"""Inpainting with a trained checkpoint: images in, completed images out.
+
+`Inpainter.from_checkpoint(path)` takes a training workdir (its latest checkpoint) or one
+checkpoint folder (`WORKDIR/checkpoints/<step>`); the model config is the one saved with
+the checkpoint. Images of any size are padded by reflection to the model's multiple (8)
+and cropped back; the result keeps every known pixel of the input exactly (prediction in
+the hole, the input's own values elsewhere). Files are read as RGB (RGBA drops alpha,
+grayscale and palette images are converted, 16-bit images scaled to 8 bits) and written
+under a temporary name, then renamed, so a failed run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+__all__ = ["InpaintError", "Inpainter", "read_image", "read_mask", "write_image", "inpaint_file"]
+
+MULTIPLE = 8  # DeepFill downsamples 3 times
+
+
+class InpaintError(ValueError):
+    """Bad input for inference: the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_image(path: str | pathlib.Path) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from an image file of any common mode."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InpaintError(f"{path}: image not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr[..., :3]
+            return np.asarray(img.convert("RGB"), np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise InpaintError(f"{path}: not a readable image ({err})") from None
+
+
+def read_mask(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
+    """bool [H, W] hole mask from a mask image: white (> 127) = hole; must match `size`."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InpaintError(f"{path}: mask not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = np.asarray(img.convert("L"), np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise InpaintError(f"{path}: not a readable mask image ({err})") from None
+    if arr.shape != tuple(size):
+        raise InpaintError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but the image is {size[1]}x{size[0]}")
+    return arr > 127
+
+
+def write_image(path: str | pathlib.Path, image: np.ndarray) -> None:
+    """Write uint8 [H, W, 3] atomically (temporary name, then rename)."""
+    from PIL import Image
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InpaintError(f"{path}: unknown image extension {path.suffix!r}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(image).save(tmp, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """(workdir, step or None for latest) from a workdir or a checkpoint step folder."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise InpaintError(f"{path}: checkpoint not found")
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path, None
+    if path.name == "checkpoints":
+        return path.parent, None
+    raise InpaintError(f"{path}: not a jattn workdir or checkpoint folder (no checkpoints/ inside)")
+
+
+class Inpainter:
+    """A restored generator: `inpainter(image uint8 [H, W, 3], hole bool [H, W]) -> uint8 [H, W, 3]`."""
+
+    def __init__(self, task, params: dict, variables: dict, config):
+        self.config = config
+        self._params, self._variables = params, variables
+        self._predict = jax.jit(task.predict)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | pathlib.Path) -> Inpainter:
+        from jattn.train.checkpoint import Checkpointer
+        from jattn.train.loop import restore_for_eval
+
+        workdir, step = _resolve_checkpoint(path)
+        ckpt = Checkpointer(workdir / "checkpoints")
+        try:
+            saved = ckpt.restore_config(step)
+        except Exception as err:  # noqa: BLE001
+            raise InpaintError(f"{path}: cannot read the checkpoint's config ({err})") from None
+        finally:
+            ckpt.close()
+        if not saved:
+            raise InpaintError(f"{path}: no checkpoint with a saved config")
+        config = ml_collections.ConfigDict(saved)
+        try:
+            task, state, _, _ = restore_for_eval(config, workdir, step)
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            raise InpaintError(f"{path}: checkpoint does not restore ({err})") from None
+        return cls(task, state.params, state.variables, config)
+
+    def predict(self, image: np.ndarray, hole: np.ndarray) -> dict[str, np.ndarray]:
+        """All outputs of the model for one image ([H, W, C] float in [-1, 1]), unpadded."""
+        h, w = hole.shape
+        ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
+        mode = "reflect" if min(h, w) > max(ph, pw) else "symmetric"
+        x = np.pad(image.astype(np.float32) / 127.5 - 1.0, ((0, ph), (0, pw), (0, 0)), mode=mode)
+        m = np.pad(hole.astype(np.float32), ((0, ph), (0, pw)))[..., None]
+        batch = {"image": jnp.asarray(x[None]), "mask": jnp.asarray(m[None])}
+        out = self._predict(self._params, self._variables, batch)
+        return {k: np.asarray(v[0])[: h * v.shape[1] // (h + ph), : w * v.shape[2] // (w + pw)] for k, v in out.items()}
+
+    def __call__(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise InpaintError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        if hole.shape != image.shape[:2]:
+            raise InpaintError(f"mask shape {hole.shape} does not match the image's {image.shape[:2]}")
+        pred = self.predict(image, hole)["output"]
+        pred = np.clip(np.round((pred + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        return np.where(hole[..., None], pred, image)
+
+
+def inpaint_file(inpainter: Inpainter, image_path, mask_path, output_path, *, save_flow: bool = False) -> pathlib.Path:
+    """Inpaint one file; returns the output path. Nothing is written on error."""
+    image = read_image(image_path)
+    hole = read_mask(mask_path, image.shape[:2])
+    result = inpainter(image, hole)
+    write_image(output_path, result)
+    if save_flow:
+        flow = inpainter.predict(image, hole).get("flow")
+        if flow is not None:
+            out = pathlib.Path(output_path)
+            write_image(out.with_name(out.stem + "_flow" + out.suffix), np.clip(np.round((flow + 1.0) * 127.5), 0, 255).astype(np.uint8))
+    return pathlib.Path(output_path)
+
+
+def inpaint(params_or_path: Any, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Python API: `jattn.inpaint(workdir_or_inpainter, uint8 [H, W, 3], mask [H, W]) -> uint8 [H, W, 3]`."""
+    inpainter = params_or_path if isinstance(params_or_path, Inpainter) else Inpainter.from_checkpoint(params_or_path)
+    return inpainter(np.asarray(image, np.uint8), np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask))

@@ -1,0 +1,115 @@
+"""`jattn inpaint` and `jattn.inpaint`: any size and mode, known pixels kept, clear errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jattn
+from jattn.cli import main
+from jattn.export.inference import Inpainter, read_image
+from jattn.train.loop import train
+from toy import toy_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("run")
+    cfg = toy_config(total=2)
+    cfg.image_every = 0
+    train(cfg, wd, progress=False)
+    return wd
+
+
+def _write(path, array, mode=None):
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def _mask(h, w):
+    m = np.zeros((h, w), np.uint8)
+    m[h // 4 : h // 2, w // 3 : 2 * w // 3] = 255
+    return m
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_odd_sizes_and_modes_keep_known_pixels(workdir, tmp_path, mode):
+    h, w = 37, 53
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        src = rng.integers(0, 65535, (h, w), dtype=np.uint16)
+        img = Image.fromarray(src)
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+    img.save(tmp_path / "in.png")
+    _write(tmp_path / "mask.png", _mask(h, w))
+    code = main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png")])
+    assert code == 0
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    ref = read_image(tmp_path / "in.png")
+    assert out.shape == (h, w, 3) and ref.shape == (h, w, 3)
+    known = _mask(h, w) == 0
+    np.testing.assert_array_equal(out[known], ref[known])
+
+
+def test_python_api_and_checkpoint_step_folder(workdir):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    hole = _mask(40, 48) > 0
+    a = jattn.inpaint(workdir, image, hole)
+    b = jattn.inpaint(workdir / "checkpoints" / "2", image, hole)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[~hole], image[~hole])
+    assert not np.array_equal(a[hole], image[hole])  # the hole was filled by the model
+    inpainter = Inpainter.from_checkpoint(workdir)
+    np.testing.assert_array_equal(inpainter(image, hole), a)
+
+
+def test_folder_mode_pairs_by_name(workdir, tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    rng = np.random.default_rng(2)
+    for name, (h, w) in {"a": (32, 32), "b": (45, 29)}.items():
+        _write(tmp_path / "img" / f"{name}.jpg", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        _write(tmp_path / "msk" / f"{name}.png", _mask(h, w))
+    code = main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / "img"),
+                 "--mask", str(tmp_path / "msk"), "--output", str(tmp_path / "out")])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    assert np.asarray(Image.open(tmp_path / "out" / "b.png")).shape == (45, 29, 3)
+
+
+def _run_bad(args, capsys):
+    code = main(["inpaint", *args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_bad_inputs_give_one_line_errors_and_no_output(workdir, tmp_path, capsys):
+    good_img = _write(tmp_path / "in.png", np.zeros((32, 32, 3), np.uint8))
+    good_mask = _write(tmp_path / "mask.png", _mask(32, 32))
+    small_mask = _write(tmp_path / "small.png", _mask(16, 32))
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not a png at all")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "imgs").mkdir()
+    _write(tmp_path / "imgs" / "x.png", np.zeros((8, 8, 3), np.uint8))
+    out = tmp_path / "out.png"
+    cases = [
+        (["--checkpoint", str(tmp_path / "nowhere")], "checkpoint not found"),
+        (["--checkpoint", str(tmp_path)], "not a jattn workdir"),
+        (["--image", str(tmp_path / "missing.png")], "image not found"),
+        (["--image", str(garbage)], "not a readable image"),
+        (["--mask", str(small_mask)], "mask is 32x16 but the image is 32x32"),
+        (["--mask", str(garbage)], "not a readable mask"),
+        (["--image", str(tmp_path / "imgs"), "--mask", str(tmp_path / "empty")], "no mask images"),
+    ]
+    for override, message in cases:
+        args = {"--checkpoint": str(workdir), "--image": str(good_img), "--mask": str(good_mask), "--output": str(out)}
+        for k, v in zip(override[::2], override[1::2]):
+            args[k] = v
+        code, err = _run_bad([x for kv in args.items() for x in kv], capsys)
+        assert code == 2, (override, err)
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not out.exists()
+        assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,78 @@
+"""A small GAN task and config for tests of the engine, the loop and inference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jattn.train.steps import Update
+from jattn.train.task import Task, make_optimizer, register_task
+
+
+class _G(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Conv(3, (3, 3))(nn.elu(nn.Conv(8, (3, 3))(x))))
+
+
+class _D(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(1)(nn.leaky_relu(nn.Conv(8, (3, 3), strides=4)(x), 0.2).reshape(x.shape[0], -1))
+
+
+@register_task("toy_gan")
+def _toy_task(config):
+    g, d = _G(), _D()
+    poison = float(config.model.get("poison_after", -1))
+
+    def init(key, batch):
+        return {"generator": g.init(key, batch["image"])["params"], "critic": d.init(key, batch["image"])["params"]}, {}
+
+    def fake(params, batch):
+        return g.apply({"params": params["generator"]}, batch["image"] * (1 - batch["mask"]))
+
+    def d_loss(params, variables, batch, key):
+        f = jax.lax.stop_gradient(fake(params, batch)) + 0.01 * jax.random.normal(key, batch["image"].shape)
+        loss = jnp.mean(d.apply({"params": params["critic"]}, f)) - jnp.mean(d.apply({"params": params["critic"]}, batch["image"]))
+        return loss, ({}, {})
+
+    def g_loss(params, variables, batch, key):
+        f = fake(params, batch)
+        loss = jnp.mean(jnp.abs(f - batch["image"])) - 0.01 * jnp.mean(d.apply({"params": params["critic"]}, f))
+        if poison >= 0:  # NaN once the generator's bias has moved (a deterministic "blow-up")
+            loss = loss * jnp.where(jnp.abs(params["generator"]["Conv_1"]["bias"][0]) > poison, jnp.nan, 1.0)
+        return loss, ({"l1_loss": jnp.mean(jnp.abs(f - batch["image"]))}, {})
+
+    def predict(params, variables, batch):
+        out = fake(params, batch)
+        return {"output": out * batch["mask"] + batch["image"] * (1 - batch["mask"]), "raw": out}
+
+    opts = {"generator": make_optimizer(config.optimizer), "critic": make_optimizer(config.optimizer)}
+    du = Update("d", "critic", d_loss, opts["critic"], advances_step=False)
+    gu = Update("g", "generator", g_loss, opts["generator"])
+    return Task("toy_gan", init, opts, (du, du, gu), predict)
+
+
+def toy_config(total=6, **model):
+    c = ml_collections.ConfigDict()
+    c.seed = 3
+    c.model = ml_collections.ConfigDict({"name": "toy_gan", **model})
+    c.data = ml_collections.ConfigDict(
+        {
+            "source": {"kind": "sample_photos", "num_examples": 64, "crop_size": 16},
+            "image_size": 16,
+            "mask": {"kind": "box", "hole_size": [8, 8], "margin": [0, 0], "max_delta": [2, 2]},
+            "shuffle_buffer": None,
+            "worker_count": 0,
+        }
+    )
+    c.batch_size = 8
+    c.total_steps = total
+    c.optimizer = ml_collections.ConfigDict({"lr": 1e-2, "b1": 0.5, "b2": 0.9, "schedule": "constant"})
+    c.log_every = 1
+    c.image_every = 3
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 5
+    c.skip_nonfinite = False
+    return c
