@@ -3,7 +3,7 @@
     jattn train     train (or resume) a model from a config file into a workdir
     jattn eval      metrics of a workdir's checkpoint on the fixed eval set
     jattn inpaint   fill the holes of images with a trained checkpoint
-    jattn demo      contextual attention fills a hole in a bundled photo (offline)
+    jattn demo      the main job on bundled data: a short training run, then an inpainted photo
     jattn devices   the JAX devices this process sees
 
 JAX and the models are imported inside each command, so `jattn --help` is instant.
@@ -115,9 +115,19 @@ def _progress_iter(items, show: bool):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from jattn.demo import run_demo
+    if args.attention_only:
+        from jattn.demo import run_demo
 
-    result = run_demo(args.output, photo=args.photo, size=args.size, block_size=args.block_size)
+        result = run_demo(args.output, photo=args.photo, size=args.size, block_size=args.block_size)
+        print(json.dumps(result))
+        return 0
+    from jattn.config import ConfigError
+    from jattn.demo import run_main_demo
+
+    try:
+        result = run_main_demo(args.workdir, args.output, config_path=args.config, overrides=args.set or [], photo=args.photo)
+    except (ConfigError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
     print(json.dumps(result))
     return 0
 
@@ -164,11 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
     inp.set_defaults(func=_cmd_inpaint)
 
-    demo = sub.add_parser("demo", help="fill a hole in a bundled photo with contextual attention (offline)")
+    demo = sub.add_parser("demo", help="the main job on bundled data: train DeepFill v1 briefly, then inpaint a photo")
+    demo.add_argument("--workdir", default="workdirs/demo", help="training workdir (default: workdirs/demo; resumed if present)")
     demo.add_argument("--output", default="demo_out", help="folder for the PNGs (default: demo_out)")
+    demo.add_argument("--config", default=None, help="config file (default: configs/deepfill_v1_demo.py)")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     demo.add_argument("--photo", default="astronaut", help="a scikit-image bundled photo (default: astronaut)")
-    demo.add_argument("--size", type=int, default=256, help="square size the photo is resized to (default 256)")
-    demo.add_argument("--block-size", type=int, default=None, help="evaluate the attention in blocks of this many queries")
+    demo.add_argument("--attention-only", action="store_true",
+                      help="no training: contextual attention alone fills the hole after a diffusion coarse fill")
+    demo.add_argument("--size", type=int, default=256, help="with --attention-only: photo size (default 256)")
+    demo.add_argument("--block-size", type=int, default=None, help="with --attention-only: blocked attention")
     demo.set_defaults(func=_cmd_demo)
 
     devices = sub.add_parser("devices", help="print the JAX devices this process sees")
