@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
+import sys
 from collections.abc import Iterable
 
 import ml_collections
@@ -34,6 +35,7 @@ SCHEMA = {
         "mask": None,
         "shuffle_buffer": True,
         "worker_count": True,
+        "loader": True,
         "eval_source": None,
         "eval_mask": None,
     },
@@ -108,10 +110,13 @@ def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_c
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"jattn_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))  # configs may import their siblings (a base config)
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - any error in the file is the user's to fix
         raise ConfigError(f"config file {path} failed to load: {type(err).__name__}: {err}") from err
+    finally:
+        sys.path.remove(str(path.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
     config = module.get_config()

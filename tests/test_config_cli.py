@@ -45,7 +45,10 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "nofn.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="get_config"):
         load_config(tmp_path / "nofn.py")
-    (tmp_path / "typo.py").write_text(DEMO.read_text().replace("c.n_critic = 5", "c.n_critc = 5"))
+    (tmp_path / "typo.py").write_text(
+        "import ml_collections\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
+        "    c.total_steps = 5\n    c.n_critc = 5\n    return c\n"
+    )
     with pytest.raises(ConfigError, match="n_critc"):
         load_config(tmp_path / "typo.py")
     (tmp_path / "broken.py").write_text("def get_config(:\n")

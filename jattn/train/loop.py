@@ -46,7 +46,10 @@ class ConfigMismatchError(ValueError):
 
 
 def make_train_data(config, *, process_index: int | None = None, process_count: int | None = None):
-    """The training batch iterator (grain, checkpointable) of this process."""
+    """The training batch iterator of this process: grain (default; its position is saved in
+    checkpoints, so a resumed run reads exactly the batches an uninterrupted one would) or
+    tf.data (`data.loader = "tf"`, e.g. for TFDS tfrecord data; a resumed run restarts its
+    shuffled order)."""
     from jattn.data import make_dataset
     from jattn.data.sharding import per_process_batch_size
 
@@ -55,7 +58,7 @@ def make_train_data(config, *, process_index: int | None = None, process_count: 
     d = config.data
     return make_dataset(
         d.source.to_dict() if hasattr(d.source, "to_dict") else dict(d.source),
-        loader="grain",
+        loader=d.get("loader", "grain"),
         image_size=d.image_size,
         batch_size=per_process_batch_size(config.batch_size, process_count),
         mask_spec=d.mask.to_dict() if hasattr(d.mask, "to_dict") else d.mask,
@@ -64,7 +67,7 @@ def make_train_data(config, *, process_index: int | None = None, process_count: 
         shuffle_buffer=d.get("shuffle_buffer"),
         process_index=process_index,
         process_count=process_count,
-        worker_count=d.get("worker_count", 0),
+        **({"worker_count": d.get("worker_count", 0)} if d.get("loader", "grain") == "grain" else {}),
     )
 
 
@@ -126,12 +129,14 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
         best_mode=config.get("best_mode", "max"),
     )
     data = make_train_data(config) if data_iter is None else data_iter
+    # Only grain iterators have a state to checkpoint (get_state / set_state).
+    saved_iter = data if hasattr(data, "get_state") else None
 
     # ----------------------------------------------------------------------- state
     init = _state_init_fn(task, config)
     key = jax.random.key(config.seed)
     shapes = jax.eval_shape(init, key)
-    restored = ckpt.restore(abstract_state(shapes, replicated(mesh)), data_iter=data)
+    restored = ckpt.restore(abstract_state(shapes, replicated(mesh)), data_iter=saved_iter)
     if restored is not None:
         saved_model = (restored.config or {}).get("model")
         if saved_model is not None and saved_model != _model_block(config):
@@ -197,10 +202,10 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
                 eval_metrics = evaluate(task, state, config, mesh, workdir)
                 writer.scalars(done, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))})
             if ckpt_every and done % ckpt_every == 0 and done != total:
-                ckpt.save(done, state, config=config_dict, data_iter=data, metrics=_numeric(eval_metrics))
+                ckpt.save(done, state, config=config_dict, data_iter=saved_iter, metrics=_numeric(eval_metrics))
         # ------------------------------------------------------------------- end
         if total > start or ckpt.latest_step() != total:
-            ckpt.save(total, state, config=config_dict, data_iter=data, metrics=_numeric(eval_metrics))
+            ckpt.save(total, state, config=config_dict, data_iter=saved_iter, metrics=_numeric(eval_metrics))
     finally:
         ckpt.close()
         writer.close()

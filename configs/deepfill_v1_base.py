@@ -1,0 +1,54 @@
+"""DeepFill v1 with the official training settings (JiahuiYu/generative_inpainting, inpaint.yml).
+
+256x256 images, one 128x128 box hole per image (each side shrunk by up to 16 px), cnum 32,
+WGAN-GP local (128x128 crop around each image's hole) and global critics, 5 critic updates
+per generator update, Adam 1e-4 (0.5, 0.9), loss weights of the paper. The experiment
+configs import this one and change the data; on its own it trains on the bundled photos.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(
+        {"name": "deepfill_v1", "cnum": 32, "critic_cnum": 64, "local_size": 128, "ca_block_size": None}
+    )
+    c.data = ml_collections.ConfigDict()
+    c.data.source = {"kind": "sample_photos", "num_examples": 4096, "crop_size": 256}
+    c.data.eval_source = None  # None: the training source, in order, centre crops
+    c.data.loader = "grain"
+    c.data.image_size = 256
+    c.data.mask = {"kind": "box", "hole_size": [128, 128], "margin": [0, 0], "max_delta": [32, 32]}
+    c.data.eval_mask = None  # None: the training masks (with the fixed eval seed)
+    c.data.shuffle_buffer = None
+    c.data.worker_count = 0
+    c.batch_size = 16  # global: split over every device of every process
+    c.total_steps = 1_000_000
+    c.n_critic = 5
+    c.compute_dtype = "float32"
+    adam = {"lr": 1e-4, "b1": 0.5, "b2": 0.9, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
+    c.optimizer = ml_collections.ConfigDict({"generator": dict(adam), "critic": dict(adam)})
+    c.loss = ml_collections.ConfigDict(
+        {
+            "l1_alpha": 1.2,  # COARSE_L1_ALPHA
+            "l1_loss_alpha": 1.2,
+            "ae_loss_alpha": 1.2,
+            "gan_loss_alpha": 0.001,
+            "wgan_gp_lambda": 10.0,
+            "global_wgan_loss_alpha": 1.0,
+            "gamma": 0.9,  # spatial discounting
+        }
+    )
+    c.log_every = 100
+    c.image_every = 1000
+    c.checkpoint_every = 5000
+    c.eval_every = 5000
+    c.eval_images = 512
+    c.eval_batch_size = 16
+    c.keep_checkpoints = 3
+    c.best_metric = "eval_psnr"
+    c.best_mode = "max"
+    c.skip_nonfinite = False
+    return c
