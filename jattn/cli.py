@@ -36,6 +36,12 @@ def _load_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _load_config(args)
+    from jattn.train.distributed import initialize
+
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     from jattn.train.loop import ConfigMismatchError, NonFiniteLossError, train
 
     try:
@@ -157,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     train.add_argument("--total-steps", type=int, dest="total_steps", help="shortcut for --set total_steps=N")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (or $JATTN_COORDINATOR)")
+    train.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    train.add_argument("--process-id", type=int, help="multi-process: this process's id")
+    train.add_argument("--distributed", choices=["off", "auto"], default="off",
+                       help="auto: let jax.distributed detect the cluster (TPU pod, SLURM)")
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="metrics of a workdir's checkpoint on the fixed eval set")

@@ -90,14 +90,26 @@ def test_processes_read_disjoint_examples_each_epoch():
     assert not np.array_equal(seen[0][0], seen[0][1])  # reshuffled per epoch
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    n, B = 50, 12
+    single = [decode_indices(b["image"]) for b in _take(_iter(IndexSource(n), batch_size=B), 9)]
+    for P in (2, 3, 4):
+        per = [[decode_indices(b["image"]) for b in _take(_iter(IndexSource(n), batch_size=B // P,
+                                                                process_index=p, process_count=P), 9)]
+               for p in range(P)]
+        for i in range(9):  # crosses an epoch boundary (4 global batches per epoch)
+            np.testing.assert_array_equal(np.concatenate([per[p][i] for p in range(P)]), single[i])
+
+
 def test_eval_is_in_order_with_eval_set_masks(photos, tmp_path):
     src = IndexSource(23)
     it = _iter(src, train=False, batch_size=5, process_index=1, process_count=2, mask_seed=9,
                mask_spec="lama_box", image_size=128, max_upscale=None)
     batches = list(it)
-    assert len(batches) == 2  # 11 examples for process 1, batches of 5
+    assert len(batches) == 2  # 11 examples for process 1 (2 slices of 5 + 1), batches of 5
     idx = np.concatenate([decode_indices(b["image"]) for b in batches])
-    np.testing.assert_array_equal(idx, np.arange(1, 21, 2))
+    # process 1 reads the second half of each global batch of 10
+    np.testing.assert_array_equal(idx, np.r_[5:10, 15:20])
     masks = np.concatenate([b["mask"] for b in batches])
     ref = M.eval_set("lama_box", 21, 128, seed=9, directory=tmp_path).masks
     np.testing.assert_array_equal(masks, ref[idx])  # mask index = example index

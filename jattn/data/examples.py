@@ -4,15 +4,17 @@ For a random-access source both pipelines call the same :class:`ExampleLoader` w
 process-local position ``k`` of an example in the stream, so they yield bit-identical
 batches for the same arguments.
 
-* Order (:class:`ExampleOrder`).  Each process gets ``m = len(source) // process_count``
-  examples per epoch (the remainder is dropped so processes stay in step).  Eval: local
-  position ``k`` reads source index ``k * process_count + process_index`` (a strided,
-  disjoint split), and its mask index is that source index, so eval masks do not depend
-  on the number of processes.  Train: epoch ``e = k // m`` uses the permutation
-  ``default_rng([seed, e, 2]).permutation(len(source))`` shared by all processes; local
-  position ``k`` reads ``perm[(k % m) * process_count + process_index]`` (disjoint
-  within an epoch) and its mask index is the global stream position
-  ``e * m * process_count + (k % m) * process_count + process_index``.
+* Order (:class:`ExampleOrder`).  The stream is cut into *global* batches of
+  ``B = batch_size * process_count`` examples and process ``p`` reads the contiguous slice
+  ``[p * batch_size, (p + 1) * batch_size)`` of each, so a global batch holds the same
+  examples in the same order whatever the number of processes (a run on 2 hosts x 4
+  devices sees exactly the batches of 1 host x 8 devices).  Train: an epoch is
+  ``G = len(source) // B`` global batches (the remainder is dropped); epoch ``e`` uses the
+  permutation ``default_rng([seed, e, 2]).permutation(len(source))``; global slot
+  ``s = g * B + p * batch_size + r`` reads ``perm[s]`` and its mask index is the global
+  stream position ``e * G * B + s``.  Eval: the same slots without a permutation (source
+  index = slot = mask index, so eval masks do not depend on the number of processes),
+  then the remainder split evenly over the processes.
 * Example (:class:`ExampleMaker`).  Mask = ``masks.mask_for_index(spec, image_size,
   mask_seed, mask_index)``; crop / flip use ``default_rng([seed, mask_index, 1])``.
 * Bad data.  A record that cannot be decoded or is too small is skipped: its slot takes
@@ -164,26 +166,47 @@ class ExampleOrder:
     train: bool
     process_index: int
     process_count: int
+    batch_size: int = 1  # per process
 
     def __post_init__(self):
         if self.per_process < 1:
-            raise ValueError(f"source has {self.num_records} examples, fewer than the "
-                             f"{self.process_count} processes")
+            raise ValueError(f"source has {self.num_records} examples, fewer than one global batch "
+                             f"of {self.batch_size} x {self.process_count} processes")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.process_count
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Whole global batches per epoch."""
+        return self.num_records // self.global_batch
 
     @property
     def per_process(self) -> int:
-        """Examples per process and epoch."""
-        return self.num_records // self.process_count
+        """Examples per process and epoch (eval also reads its share of the remainder)."""
+        whole = self.batches_per_epoch * self.batch_size
+        if self.train:
+            return whole
+        return whole + (self.num_records - self.batches_per_epoch * self.global_batch) // self.process_count
 
     def permutation(self, epoch: int) -> np.ndarray:
         dtype = np.int32 if self.num_records < 2**31 else np.int64
         return np.random.default_rng([self.seed, int(epoch), 2]).permutation(
             self.num_records).astype(dtype)
 
+    def slot(self, j: int) -> int:
+        """Global slot (position in the epoch) of this process's j-th example of the epoch."""
+        b, p = self.batch_size, self.process_index
+        g, r = divmod(j, b)
+        if g < self.batches_per_epoch:
+            return g * self.global_batch + p * b + r
+        share = (self.num_records - self.batches_per_epoch * self.global_batch) // self.process_count
+        return self.batches_per_epoch * self.global_batch + p * share + (j - self.batches_per_epoch * b)
+
     def __call__(self, k: int, perm_cache: list | None = None) -> tuple[int, int]:
-        m, P, p = self.per_process, self.process_count, self.process_index
-        epoch, j = divmod(int(k), m)
-        slot = j * P + p
+        epoch, j = divmod(int(k), self.per_process)
+        slot = self.slot(j)
         if not self.train:  # repeated eval passes revisit the same examples and masks
             return slot, slot
         perm = None
@@ -195,7 +218,7 @@ class ExampleOrder:
             perm = self.permutation(epoch)
             if perm_cache is not None:
                 perm_cache[0] = (epoch, perm)
-        return int(perm[slot]), epoch * m * P + slot
+        return int(perm[slot]), epoch * self.batches_per_epoch * self.global_batch + slot
 
 
 class ExampleLoader:

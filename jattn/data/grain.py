@@ -100,7 +100,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
         image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
         resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale)
-    order = ex.ExampleOrder(len(source), seed, train, process_index, process_count)
+    order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
     ex.check_readable(source, maker)
     loader = ex.ExampleLoader(source, maker, order)
 

@@ -579,7 +579,7 @@ def eval_set(name: str, n: int, size: int | Sequence[int], seed: int, *,
     masks = masks_for_indices(parsed, hw, seed, range(n))
     bits = np.packbits(masks[..., 0] > 0.5, axis=-1)  # [n, H, ceil(W / 8)] uint8
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes may build it at once
     with open(tmp, "wb") as f:
         np.save(f, bits, allow_pickle=False)
     meta["sha256"] = file_sha256(tmp)

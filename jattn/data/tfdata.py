@@ -267,7 +267,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
         resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale)
     if getattr(source, "random_access", True):
-        order = ex.ExampleOrder(len(source), seed, train, process_index, process_count)
+        order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
         ex.check_readable(source, maker)
         ds = _random_access_dataset(source, maker, order, train, num_epochs, num_parallel_calls)
     else:

@@ -41,8 +41,8 @@ def eval_mask_set(config, workdir: str | pathlib.Path):
     )
 
 
-def _eval_batches(config, mask_set):
-    """Host batches of this process: images in order, masks from the eval mask set."""
+def _eval_batches(config):
+    """Host batches of this process: images in order, with the eval set's masks."""
     from jattn.data import make_dataset
     from jattn.data.sharding import per_process_batch_size
 
@@ -63,17 +63,12 @@ def _eval_batches(config, mask_set):
     )
     per_process = n // jax.process_count()
     seen = 0
-    index = jax.process_index()
     for b in it:
-        if seen >= per_process:
+        if seen + len(b["image"]) > per_process:  # keep global batches whole
             break
-        take = min(len(b["image"]), per_process - seen)
-        if take < len(b["image"]):  # keep global batches whole
-            break
-        # example k of this process is global example index + k * process_count
-        rows = index + (seen + np.arange(take)) * jax.process_count()
-        yield {"image": b["image"], "mask": mask_set.masks[rows].astype(np.float32)}
-        seen += take
+        # mask index = source index, so these are the eval set's masks (checked by the data tests)
+        yield {"image": b["image"], "mask": b["mask"]}
+        seen += len(b["image"])
 
 
 @jax.jit
@@ -89,7 +84,7 @@ def evaluate(task, state, config, mesh, workdir: str | pathlib.Path) -> dict[str
     predict = jax.jit(task.predict)
     totals: dict[str, float] = {}
     count = 0
-    for host in _eval_batches(config, mask_set):
+    for host in _eval_batches(config):
         batch = to_global_array(host, mesh)
         output = predict(state.params, state.variables, batch)["output"]
         size = batch["image"].shape[0]
