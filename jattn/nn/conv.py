@@ -75,7 +75,22 @@ def _gen_conv(
     return y + bias.astype(acc)
 
 
-class GenConv(nn.Module):
+class _ConvAttributes(nn.Module):
+    """The attributes GenConv and GatedConv share (DeepFill's ``gen_conv`` arguments)."""
+
+    features: int
+    ksize: int
+    stride: int = 1
+    rate: int = 1
+    activation: Activation = nn.elu
+    padding: str = "SAME"
+    kernel_init: Initializer = nn.initializers.glorot_uniform()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+
+class GenConv(_ConvAttributes):
     """DeepFill v1 ``gen_conv``: conv2d (stride, dilation ``rate``, bias) then activation.
 
     No activation when ``activation is None`` or ``features == 3`` (DeepFill's
@@ -94,16 +109,6 @@ class GenConv(nn.Module):
     for "SAME". Params: ``kernel [ksize, ksize, Cin, features]``, ``bias [features]``.
     """
 
-    features: int
-    ksize: int
-    stride: int = 1
-    rate: int = 1
-    activation: Activation = nn.elu
-    padding: str = "SAME"
-    kernel_init: Initializer = nn.initializers.glorot_uniform()
-    bias_init: Initializer = nn.initializers.zeros_init()
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +120,7 @@ class GenConv(nn.Module):
         return y.astype(dtype)
 
 
-class GatedConv(nn.Module):
+class GatedConv(_ConvAttributes):
     """DeepFill v2 gated ``gen_conv``: conv to ``2 * features``, split channels into
     ``(a, g)``, output ``activation(a) * sigmoid(g)``.
 
@@ -129,16 +134,6 @@ class GatedConv(nn.Module):
     Params: ``kernel [ksize, ksize, Cin, 2 * features]``, ``bias [2 * features]``.
     """
 
-    features: int
-    ksize: int
-    stride: int = 1
-    rate: int = 1
-    activation: Activation = nn.elu
-    padding: str = "SAME"
-    kernel_init: Initializer = nn.initializers.glorot_uniform()
-    bias_init: Initializer = nn.initializers.zeros_init()
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
