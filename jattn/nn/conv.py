@@ -109,7 +109,6 @@ class GenConv(_ConvAttributes):
     for "SAME". Params: ``kernel [ksize, ksize, Cin, features]``, ``bias [features]``.
     """
 
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = check_nhwc("x", x)
@@ -133,7 +132,6 @@ class GatedConv(_ConvAttributes):
     Call: ``x [B, H, W, Cin] -> [B, H', W', features]``.
     Params: ``kernel [ksize, ksize, Cin, 2 * features]``, ``bias [2 * features]``.
     """
-
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
