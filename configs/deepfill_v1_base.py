@@ -28,7 +28,8 @@ def get_config():
     c.total_steps = 1_000_000
     c.n_critic = 5
     c.compute_dtype = "float32"
-    adam = {"lr": 1e-4, "b1": 0.5, "b2": 0.9, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
+    c.learning_rate = 1e-4  # every network's, unless optimizer.<network>.lr is set
+    adam = {"lr": None, "b1": 0.5, "b2": 0.9, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
     c.optimizer = ml_collections.ConfigDict({"generator": dict(adam), "critic": dict(adam)})
     c.loss = ml_collections.ConfigDict(
         {

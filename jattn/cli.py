@@ -2,6 +2,7 @@
 
     jattn train     train (or resume) a model from a config file into a workdir
     jattn eval      metrics of a workdir's checkpoint on the fixed eval set
+    jattn export    write a trained generator in a portable format (safetensors)
     jattn inpaint   fill the holes of images with a trained checkpoint
     jattn demo      the main job on bundled data: a short training run, then an inpainted photo
     jattn devices   the JAX devices this process sees
@@ -120,6 +121,17 @@ def _progress_iter(items, show: bool):
     return tqdm(items, desc="inpaint", unit="image")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from jattn.export.formats import ExportError, export_safetensors
+
+    try:
+        metadata = export_safetensors(args.workdir, args.output, step=args.step)
+    except (ExportError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    print(json.dumps({"written": str(args.output), **metadata}))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.attention_only:
         from jattn.demo import run_demo
@@ -157,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jattn", description="Attention-based image models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train (or resume) a model from a config file into a workdir")
+    train = sub.add_parser(
+        "train",
+        help="train (or resume) a model from a config file into a workdir",
+        description="Config values can be overridden with --config.KEY=VALUE or --set KEY=VALUE.",
+    )
     train.add_argument("--config", required=True, help="a Python config file with get_config() (see configs/)")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs go here")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
@@ -185,10 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
     inp.set_defaults(func=_cmd_inpaint)
 
+    exp = sub.add_parser("export", help="write a trained generator in a portable format")
+    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--format", required=True, choices=["safetensors"], help="export format")
+    exp.add_argument("--output", required=True, help="output file")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    exp.set_defaults(func=_cmd_export)
+
     demo = sub.add_parser("demo", help="the main job on bundled data: train DeepFill v1 briefly, then inpaint a photo")
     demo.add_argument("--workdir", default="workdirs/demo", help="training workdir (default: workdirs/demo; resumed if present)")
     demo.add_argument("--output", default="demo_out", help="folder for the PNGs (default: demo_out)")
-    demo.add_argument("--config", default=None, help="config file (default: configs/deepfill_v1_demo.py)")
+    demo.add_argument("--config", default=None, help="config file (default: configs/demo.py)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     demo.add_argument("--photo", default="astronaut", help="a scikit-image bundled photo (default: astronaut)")
     demo.add_argument("--attention-only", action="store_true",
@@ -202,9 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_flags(extra: list[str]) -> tuple[list[str], list[str]]:
+    """Split `--config.KEY=VALUE` / `--config.KEY VALUE` overrides from other leftovers."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg.startswith("--config.") and "=" in arg:
+            overrides.append(arg[len("--config."):])
+        elif arg.startswith("--config.") and i + 1 < len(extra):
+            overrides.append(f"{arg[len('--config.'):]}={extra[i + 1]}")
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    overrides, rest = _config_flags(extra)
+    if rest or (overrides and not hasattr(args, "set")):
+        parser.error(f"unrecognized arguments: {' '.join(rest or extra)}")
+    if overrides:
+        args.set = list(args.set or []) + overrides
     try:
         return args.func(args)
     except UserError as err:

@@ -41,6 +41,7 @@ SCHEMA = {
     },
     "batch_size": True,
     "total_steps": True,
+    "learning_rate": True,
     "n_critic": True,
     "compute_dtype": True,
     "optimizer": None,
@@ -55,6 +56,7 @@ SCHEMA = {
     "best_metric": True,
     "best_mode": True,
     "skip_nonfinite": True,
+    "jattn": None,  # provenance written by the loop (version, git commit) into saved configs
 }
 
 
@@ -67,7 +69,8 @@ def validate(config, schema=SCHEMA, prefix: str = "") -> None:
         elif isinstance(schema[key], dict) and isinstance(config[key], (ml_collections.ConfigDict, dict)):
             validate(config[key], schema[key], prefix + key + ".")
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        valid = ", ".join(prefix + k for k in schema)
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys here: {valid}")
 
 
 def _parse_value(text: str):
@@ -91,7 +94,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
             node = node[part]
         leaf = path[-1]
         if not isinstance(node, (ml_collections.ConfigDict, dict)) or leaf not in node:
-            raise ConfigError(f"override {key!r}: unknown config key")
+            valid = ", ".join(sorted(node.keys())) if isinstance(node, (ml_collections.ConfigDict, dict)) else "(none)"
+            raise ConfigError(f"override {key!r}: unknown config key; valid keys here: {valid}")
         value = _parse_value(text)
         old = node[leaf]
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):

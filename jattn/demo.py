@@ -1,7 +1,7 @@
 """Offline demos: the main job (train, then inpaint) and contextual attention on a photo.
 
 `run_main_demo`: the embedded default run. Trains DeepFill v1 with
-`configs/deepfill_v1_demo.py` (64x64 crops of scikit-image's bundled photos) into a
+`configs/demo.py` (64x64 crops of scikit-image's bundled photos) into a
 workdir, then fills a hole in a bundled photo with the trained checkpoint through the same
 inference path as `jattn inpaint`.
 
@@ -116,8 +116,8 @@ def run_demo(output: str | pathlib.Path, *, photo: str = "astronaut", size: int 
 
 
 def default_demo_config() -> pathlib.Path:
-    """`configs/deepfill_v1_demo.py` of the source tree this package was installed from."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "deepfill_v1_demo.py"
+    """`configs/demo.py` of the source tree this package was installed from."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the demo config ships with the source tree; pass --config"

@@ -10,7 +10,7 @@ from jattn.cli import main
 from jattn.config import ConfigError, load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "deepfill_v1_demo.py"
+DEMO = REPO / "configs" / "demo.py"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.name)
@@ -68,3 +68,14 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
 def test_python_dash_m_and_help():
     out = subprocess.run([sys.executable, "-m", "jattn", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "train" in out.stdout and "demo" in out.stdout
+
+
+def test_config_dot_flags_and_valid_keys_listed(tmp_path, capsys):
+    code = main(["train", "--config", str(DEMO), "--workdir", str(tmp_path / "w"), "--config.total_stepz=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "total_stepz" in err and "total_steps" in err  # the valid keys are listed
+    from jattn.cli import _config_flags
+
+    assert _config_flags(["--config.a.b=1", "--config.c", "2", "--x"]) == (["a.b=1", "c=2"], ["--x"])
+    config = load_config(DEMO, ["learning_rate=3e-4"])
+    assert config.learning_rate == 3e-4 and config.optimizer.generator.lr is None

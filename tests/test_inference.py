@@ -113,3 +113,26 @@ def test_bad_inputs_give_one_line_errors_and_no_output(workdir, tmp_path, capsys
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
         assert not out.exists()
         assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_safetensors_export_matches_the_checkpoint(workdir, tmp_path, capsys):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from jattn.export.formats import load_safetensors
+
+    out = tmp_path / "gen.safetensors"
+    assert main(["export", "--workdir", str(workdir), "--format", "safetensors", "--output", str(out)]) == 0
+    flat = load_file(str(out))  # plain NumPy, no jattn needed
+    inpainter = Inpainter.from_checkpoint(workdir)
+    params = inpainter._params["generator"]
+    expected = {f"{layer}/{name}": np.asarray(v) for layer, d in params.items() for name, v in d.items()}
+    assert set(flat) == set(expected)
+    for k, v in expected.items():
+        assert flat[k].dtype == np.float32
+        np.testing.assert_array_equal(flat[k], v)
+    nested, meta = load_safetensors(out)
+    assert json.loads(meta["model"]) == {"name": "toy_gan"} and meta["step"] == "2" and meta["network"] == "generator"
+    code = main(["export", "--workdir", str(tmp_path / "nowhere"), "--format", "safetensors", "--output", str(out)])
+    assert code == 2 and "not a jattn workdir" in capsys.readouterr().err

@@ -49,6 +49,8 @@ def test_logs_checkpoints_and_images(tmp_path):
     assert events and events[0].stat().st_size > 1000  # scalars and PNG images
     saved = Checkpointer(tmp_path / "checkpoints").restore_config()
     assert saved["model"] == {"name": "toy_gan"} and saved["total_steps"] == 4
+    assert saved["jattn"]["version"] and len(saved["jattn"]["git_commit"] or "0" * 40) == 40
+    assert json.loads((tmp_path / "config.json").read_text()) == saved
 
 
 def test_nonfinite_loss_stops_with_the_step_and_writes_no_checkpoint(tmp_path):

@@ -157,6 +157,9 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     predict = jax.jit(task.predict)
     sample_batch = None
     config_dict = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+    config_dict["jattn"] = provenance()
+    if jax.process_index() == 0:
+        _write_json(workdir / "config.json", config_dict)
 
     # ----------------------------------------------------------------------- loop
     log_every = int(config.get("log_every", 10))
@@ -194,7 +197,8 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
                 t_last, step_last = now, done
                 writer.scalars(done, {**metrics, **learning_rates(state), "images_per_second": rate, "skipped_updates": skipped})
                 if bar is not None:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")})
+                    shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("d_loss", "g_loss", "l1_loss")}
+                    bar.set_postfix({**shown, "img/s": f"{rate:.1f}"})
             if image_every and (done % image_every == 0 or done == total):
                 sample = to_global_array(sample_batch, mesh)
                 writer.images(done, _image_grid(predict(state.params, state.variables, sample), count=4))
@@ -212,6 +216,30 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
         if bar is not None:
             bar.close()
     return {"step": int(state.step), "metrics": metrics, "eval": eval_metrics, "skipped_updates": skipped}
+
+
+def provenance() -> dict:
+    """jattn's version and, when installed from a git checkout, its commit."""
+    import subprocess
+
+    import jattn
+
+    commit = None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=pathlib.Path(jattn.__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"version": jattn.__version__, "git_commit": commit, "jax": jax.__version__}
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def _numeric(metrics: dict | None) -> dict | None:

@@ -73,10 +73,16 @@ def _import_builtin_tasks() -> None:
                 raise
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """Adam from a config block: lr, b1, b2, optional clip_norm, schedule ("constant" |
-    "cosine" | "linear") with warmup_steps and decay_steps."""
-    lr = float(cfg.lr)
+def make_optimizer(cfg, default_lr: float | None = None) -> optax.GradientTransformation:
+    """Adam from a config block: lr (None: `default_lr`, the config's `learning_rate`), b1,
+    b2, optional clip_norm, schedule ("constant" | "cosine" | "linear") with warmup_steps
+    and decay_steps."""
+    lr = cfg.get("lr")
+    if lr is None:
+        if default_lr is None:
+            raise ValueError("optimizer: no lr in the optimizer block and no learning_rate in the config")
+        lr = default_lr
+    lr = float(lr)
     warmup = int(cfg.get("warmup_steps", 0))
     schedule = cfg.get("schedule", "constant")
     decay = int(cfg.get("decay_steps", 0))

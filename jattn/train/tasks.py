@@ -94,8 +94,8 @@ def deepfill_v1_task(config) -> Task:
         }
 
     optimizers = {
-        "generator": make_optimizer(config.optimizer.generator),
-        "critic": make_optimizer(config.optimizer.critic),
+        "generator": make_optimizer(config.optimizer.generator, config.get("learning_rate")),
+        "critic": make_optimizer(config.optimizer.critic, config.get("learning_rate")),
     }
     d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)
     g_update = Update("g", "generator", generator_loss, optimizers["generator"])
