@@ -9,7 +9,9 @@ from jattn.cli import main
 from jattn.train.logging import read_metrics
 
 TINY = [
-    "total_steps=2",
+    "total_steps=8",
+    "learning_rate=1e-3",
+    "log_every=1",
     "n_critic=2",
     "batch_size=8",
     "model.cnum=4",
@@ -18,10 +20,10 @@ TINY = [
     "data.image_size=32",
     "data.source={'kind': 'sample_photos', 'num_examples': 32, 'crop_size': 32}",
     "data.mask={'kind': 'box', 'hole_size': [16, 16], 'margin': [2, 2], 'max_delta': [4, 4]}",
-    "eval_every=2",
+    "eval_every=8",
     "eval_images=8",
-    "image_every=2",
-    "checkpoint_every=1",
+    "image_every=8",
+    "checkpoint_every=4",
 ]
 
 
@@ -31,9 +33,13 @@ def test_demo_trains_deepfill_then_inpaints(tmp_path, capsys):
         args += ["--set", item]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["steps"] == 2
+    assert result["steps"] == 8
     records = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in records if "g_loss" in r] == [2]  # log_every 5: the last step is logged
+    train_logs = [r for r in records if "g_loss" in r]
+    assert [r["step"] for r in train_logs] == list(range(1, 9))
+    # a short run lowers the reconstruction losses
+    assert train_logs[-1]["l1_loss"] < train_logs[0]["l1_loss"]
+    assert train_logs[-1]["ae_loss"] < train_logs[0]["ae_loss"]
     last = [r for r in records if "d_loss" in r][-1]
     for key in ("d_loss", "g_loss", "l1_loss", "ae_loss", "gp_loss", "d_loss_local", "d_loss_global"):
         assert np.isfinite(last[key]), key
