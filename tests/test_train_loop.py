@@ -103,3 +103,18 @@ def test_eval_during_training_keeps_the_best_and_is_reproducible(tmp_path):
     for k in ("eval_psnr", "eval_ssim", "eval_l1", "eval_masks_sha256"):
         assert again[k] == result["eval"][k]
     assert len(result["eval"]["eval_masks_sha256"]) == 64
+
+
+def test_image_grid_rows_are_examples_and_columns_outputs():
+    from jattn.train.loop import _image_grid
+
+    images = {
+        "input": np.zeros((6, 8, 8, 3), np.float32),
+        "output": np.ones((6, 8, 8, 3), np.float32),
+        "flow": np.full((6, 2, 2, 3), 0.5, np.float32),  # smaller: repeated up to 8x8
+        "mask": np.ones((6, 8, 8, 1), np.float32),
+    }
+    grid = _image_grid(images, count=4)["samples"]
+    assert grid.shape == (4 * 8, 4 * 8, 3)
+    np.testing.assert_array_equal(grid[:, 8:16], 1.0)
+    np.testing.assert_array_equal(grid[:, 16:24], 0.5)

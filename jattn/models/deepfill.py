@@ -30,6 +30,7 @@ from jattn.nn._util import Dtype
 from jattn.nn.contextual import ContextualAttention
 from jattn.nn.conv import GenConv, GenDeconv
 from jattn.ops.flow import flow_to_color
+from jattn.ops.conv import conv2d_im2col
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = [
@@ -209,10 +210,9 @@ class DisConv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         acc = jnp.promote_types(dtype, jnp.float32)
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride), "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=acc,
-        )
+        # im2col rather than the native conv: the gradient penalty differentiates the critics
+        # twice, and XLA:CPU's second-order conv derivatives are ~9x slower (docs/benchmarks.md).
+        y = conv2d_im2col(x.astype(dtype), kernel.astype(dtype), self.stride, preferred_element_type=acc)
         return nn.leaky_relu(y + bias.astype(acc), 0.2).astype(dtype)
 
 

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from jattn.ops.conv import extract_patches as _extract_patches
+from jattn.ops.conv import same_padding as _same_padding
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = ["contextual_attention", "ContextualAttentionOutput"]
@@ -39,32 +41,6 @@ class ContextualAttentionOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TF 'SAME' padding (before, after) along one axis."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-def _extract_patches(x: jax.Array, kernel: int, stride: int) -> jax.Array:
-    """TF `extract_image_patches` with 'SAME' zero padding and rate 1.
-
-    x: [B, H, W, C] -> [B, ceil(H/stride), ceil(W/stride), kernel*kernel*C], the last axis
-    ordered (dy, dx, c) like TF.
-    """
-    _, height, width, _ = x.shape
-    pad_h = _same_padding(height, kernel, stride)
-    pad_w = _same_padding(width, kernel, stride)
-    xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-    out_h, out_w = -(-height // stride), -(-width // stride)
-    windows = [
-        xp[:, dy : dy + (out_h - 1) * stride + 1 : stride, dx : dx + (out_w - 1) * stride + 1 : stride]
-        for dy in range(kernel)
-        for dx in range(kernel)
-    ]
-    return rearrange(jnp.stack(windows, axis=3), "b h w k c -> b h w (k c)")
 
 
 def _diag_shift(s: jax.Array, d: int) -> jax.Array:

@@ -103,14 +103,21 @@ def _model_block(config) -> dict:
 
 
 def _image_grid(images: dict[str, jax.Array], count: int) -> dict[str, np.ndarray]:
-    """name -> [count * H, W, C] column of the first `count` examples."""
-    out = {}
-    for name, arr in images.items():
+    """{"samples": [count * H, len(images) * W, 3]}: a row per example, a column per output
+    (in the task's order, e.g. input, coarse, refined, output, flow); smaller outputs (the
+    flow picture) are repeated up to the image size, one channel is shown as gray."""
+    columns = []
+    height = width = None
+    for arr in images.values():
         arr = np.asarray(jax.device_get(arr))[:count].astype(np.float32)
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
-        out[name] = np.concatenate(list(arr), axis=0)
-    return out
+        if height is None:
+            height, width = arr.shape[1:3]
+        if arr.shape[1:3] != (height, width):
+            arr = np.repeat(np.repeat(arr, height // arr.shape[1], axis=1), width // arr.shape[2], axis=2)
+        columns.append(np.concatenate(list(arr), axis=0))
+    return {"samples": np.concatenate(columns, axis=1)}
 
 
 # --------------------------------------------------------------------------- train

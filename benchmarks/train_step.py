@@ -1,0 +1,140 @@
+"""Speed and memory of a DeepFill v1 training iteration (not a test).
+
+An iteration is one critic update plus one generator update (WGAN-GP), at the official
+widths (cnum 32, critics 64) and 256x256 images, on the local devices, as `jattn train`
+runs them (`jattn.train.steps.jit_update` over a mesh). Prints, per batch size:
+compile time, median seconds per iteration, images/s, XLA's FLOP count of the two
+compiled updates and its rate, the issue's nominal rate (256 GFLOP per image and
+iteration), next to a float32 `jnp.matmul` rate measured in the same run; and XLA's
+memory analysis of each update plus the process's peak RSS.
+
+    python benchmarks/train_step.py [--batch 4 16] [--repeats 3]
+    taskset -c 0 python benchmarks/train_step.py --batch 4   # pinned to one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOMINAL_GFLOP_PER_IMAGE = 256.0  # 3x the generator's 52 GFLOP forward + the critics with GP
+
+
+def _matmul_rate(repeats: int) -> float:
+    n = 2048
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, a))
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times)) / 1e9
+
+
+def _batch(batch: int, size: int):
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    mask = np.zeros((batch, size, size, 1), np.float32)
+    for i in range(batch):
+        top, left = rng.integers(0, size // 2, 2)
+        mask[i, top : top + size // 2 - 16, left : left + size // 2 - 16] = 1.0
+    return {"image": image, "mask": mask}
+
+
+def bench(batch: int, repeats: int, overrides: list[str]) -> dict:
+    from jattn.config import load_config
+    from jattn.train.loop import _state_init_fn
+    from jattn.train.sharding import make_mesh, replicated, to_global_array
+    from jattn.train.steps import jit_update
+    from jattn.train.task import build_task
+
+    config = load_config(REPO / "configs" / "deepfill_v1_base.py", [f"batch_size={batch}", "n_critic=1", *overrides])
+    mesh = make_mesh()
+    task = build_task(config)
+    state = jax.jit(_state_init_fn(task, config), out_shardings=replicated(mesh))(jax.random.key(0))
+    data = to_global_array(_batch(batch, config.data.image_size), mesh)
+    d_update, g_update = task.updates
+    fns, compile_s, flops, memory = [], 0.0, 0.0, {}
+    for name, update in (("critic", d_update), ("generator", g_update)):
+        fn = jit_update(update, mesh, donate=False)
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, data, 0).compile()
+        compile_s += time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops += float(cost.get("flops", 0.0)) if cost else 0.0
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            memory[name] = {"temp_mb": mem.temp_size_in_bytes / 2**20, "argument_mb": mem.argument_size_in_bytes / 2**20}
+        fns.append(compiled)
+
+    def iteration(state):
+        for i, fn in enumerate(fns):
+            state, metrics = fn(state, data, i)
+        return state, metrics
+
+    state, _ = iteration(state)  # warm-up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = iteration(state)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    return {
+        "batch": batch,
+        "compile_seconds": round(compile_s, 1),
+        "seconds_per_iteration": round(seconds, 3),
+        "images_per_second": round(batch / seconds, 2),
+        "xla_gflop_per_iteration": round(flops / 1e9, 1),
+        "xla_gflops": round(flops / seconds / 1e9, 1),
+        "nominal_gflops": round(NOMINAL_GFLOP_PER_IMAGE * batch / seconds, 1),
+        "memory": memory,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
+        "losses_finite": bool(np.isfinite(float(metrics["g_loss"]))),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    info = {
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.local_devices()],
+        "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    print(json.dumps(info))
+    info["matmul_gflops"] = round(_matmul_rate(args.repeats), 1)
+    print(json.dumps({"matmul_gflops_float32_2048": info["matmul_gflops"]}))
+    info["results"] = []
+    for batch in args.batch:
+        result = bench(batch, args.repeats, args.set)
+        result["pct_of_matmul_xla_flops"] = round(100 * result["xla_gflops"] / info["matmul_gflops"], 1)
+        result["pct_of_matmul_nominal"] = round(100 * result["nominal_gflops"] / info["matmul_gflops"], 1)
+        info["results"].append(result)
+        print(json.dumps(result))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
