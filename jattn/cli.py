@@ -2,6 +2,7 @@
 
     jattn train     train (or resume) a model from a config file into a workdir
     jattn eval      metrics of a workdir's checkpoint on the fixed eval set
+    jattn import-deepfill   an official DeepFill TF checkpoint as a jattn workdir
     jattn export    write a trained generator in a portable format (safetensors)
     jattn inpaint   fill the holes of images with a trained checkpoint
     jattn demo      the main job on bundled data: a short training run, then an inpainted photo
@@ -121,6 +122,23 @@ def _progress_iter(items, show: bool):
     return tqdm(items, desc="inpaint", unit="image")
 
 
+def _cmd_import_deepfill(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from jattn.demo import default_demo_config
+
+    config_path = args.config or pathlib.Path(default_demo_config()).with_name("deepfill_v1_base.py")
+    config = _load_config(argparse.Namespace(config=config_path, set=args.set, total_steps=None))
+    from jattn.export.deepfill_import import import_official_checkpoint
+
+    try:
+        result = import_official_checkpoint(args.checkpoint, args.output, config, version=args.version)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    print(json.dumps(result))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from jattn.export.formats import ExportError, export_safetensors
 
@@ -200,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--output", required=True, help="output image file, or folder in folder mode")
     inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
     inp.set_defaults(func=_cmd_inpaint)
+
+    imp = sub.add_parser("import-deepfill", help="an official DeepFill TF checkpoint as a jattn workdir")
+    imp.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (.../snap-0) or its folder")
+    imp.add_argument("--version", default="v1", choices=["v1", "v2"])
+    imp.add_argument("--output", required=True, help="new workdir to write (checkpoint 0)")
+    imp.add_argument("--config", default=None, help="config to store with it (default: configs/deepfill_v1_base.py)")
+    imp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    imp.set_defaults(func=_cmd_import_deepfill)
 
     exp = sub.add_parser("export", help="write a trained generator in a portable format")
     exp.add_argument("--workdir", required=True)

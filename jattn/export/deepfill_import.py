@@ -203,3 +203,48 @@ def load_official_critics(
         for name in ("discriminator_local/conv1/kernel", "discriminator_global/conv1/kernel"):
             flat[name] = _flip_in(flat[name])
     return jax.tree.map(jnp.asarray, unflatten(flat))
+
+
+def import_official_checkpoint(prefix: str, workdir, config, *, version: str = "v1") -> dict:
+    """Write an official DeepFill checkpoint as a step-0 jattn workdir.
+
+    The generator (and the critics, when the file holds them; else freshly initialised)
+    are converted to RGB channel order and saved with `config` as checkpoint 0 of
+    `workdir`, so `jattn inpaint --checkpoint WORKDIR` uses it directly and
+    `jattn train --workdir WORKDIR` fine-tunes it. Refuses a workdir that has checkpoints.
+    """
+    import json
+    import pathlib
+
+    import jax
+
+    from jattn.train.checkpoint import Checkpointer
+    from jattn.train.loop import _state_init_fn, provenance
+    from jattn.train.task import build_task
+
+    if version != "v1":
+        raise ValueError(f"import of DeepFill {version} needs the DeepFill v2 model, which jattn does not have yet")
+    workdir = pathlib.Path(workdir)
+    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        raise ValueError(f"{workdir} already has checkpoints; import into a new workdir")
+    generator = load_official_generator(prefix, "v1", channel_order="rgb")
+    try:
+        critics = load_official_critics(prefix, channel_order="rgb")
+    except ValueError:
+        critics = None  # a generator-only file (as the golden and some released ones)
+    config.model.cnum = int(generator["conv1"]["kernel"].shape[-1])
+    task = build_task(config)
+    state = jax.jit(_state_init_fn(task, config))(jax.random.key(config.seed))
+    params = dict(state.params)
+    params["generator"] = jax.tree_util.tree_map(lambda new, old: jax.numpy.asarray(new, old.dtype), generator, params["generator"])
+    if critics is not None:
+        params["critic"] = jax.tree_util.tree_map(lambda new, old: jax.numpy.asarray(new, old.dtype), critics, params["critic"])
+    state = state.replace(params=params)
+    config_dict = json.loads(json.dumps(config.to_dict()))
+    config_dict["jattn"] = {**provenance(), "imported_from": str(prefix), "imported_critics": critics is not None}
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        ckpt.save(0, state, config=config_dict)
+    finally:
+        ckpt.close()
+    return {"workdir": str(workdir), "cnum": config.model.cnum, "critics": critics is not None}

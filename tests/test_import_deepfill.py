@@ -1,0 +1,34 @@
+"""The official DeepFill v1 checkpoint through jattn import-deepfill then jattn inpaint."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jattn.cli import main
+
+
+def test_import_then_inpaint_reproduces_the_official_output(golden_dir, tmp_path):
+    root = golden_dir / "deepfill_official" / "v1_seed1"
+    golden = np.load(root / "golden.npz")
+    workdir = tmp_path / "imported"
+    assert main(["import-deepfill", "--checkpoint", str(root / "ckpt" / "snap-0"), "--version", "v1",
+                 "--output", str(workdir)]) == 0
+    mask = (golden["mask"][0, ..., 0] * 255).astype(np.uint8)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for i in range(golden["images_raw_bgr"].shape[0]):
+        Image.fromarray(golden["images_raw_bgr"][i][..., ::-1]).save(tmp_path / f"in{i}.png")  # RGB file
+        assert main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / f"in{i}.png"),
+                     "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / f"out{i}.png")]) == 0
+        out = np.asarray(Image.open(tmp_path / f"out{i}.png")).astype(int)
+        diff = np.abs(out - golden["output_uint8"][i].astype(int))
+        assert diff.max() <= 2, f"image {i}: max difference {diff.max()} levels"
+
+
+def test_import_refuses_an_existing_workdir_and_v2(golden_dir, tmp_path, capsys):
+    ckpt = str(golden_dir / "deepfill_official" / "v1_seed1" / "ckpt" / "snap-0")
+    assert main(["import-deepfill", "--checkpoint", ckpt, "--output", str(tmp_path / "w")]) == 0
+    assert main(["import-deepfill", "--checkpoint", ckpt, "--output", str(tmp_path / "w")]) == 2
+    assert "already has checkpoints" in capsys.readouterr().err
+    assert main(["import-deepfill", "--checkpoint", ckpt, "--version", "v2", "--output", str(tmp_path / "v2")]) == 2
+    assert "v2" in capsys.readouterr().err
+    assert main(["import-deepfill", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
