@@ -140,10 +140,11 @@ def _cmd_import_deepfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from jattn.export.formats import ExportError, export_safetensors
+    from jattn.export.formats import ExportError, export_jax, export_safetensors
 
+    exporter = {"safetensors": export_safetensors, "jax-export": export_jax}[args.format]
     try:
-        metadata = export_safetensors(args.workdir, args.output, step=args.step)
+        metadata = exporter(args.workdir, args.output, step=args.step)
     except (ExportError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     print(json.dumps({"written": str(args.output), **metadata}))
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a trained generator in a portable format")
     exp.add_argument("--workdir", required=True)
-    exp.add_argument("--format", required=True, choices=["safetensors"], help="export format")
+    exp.add_argument("--format", required=True, choices=["safetensors", "jax-export"], help="export format")
     exp.add_argument("--output", required=True, help="output file")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     exp.set_defaults(func=_cmd_export)

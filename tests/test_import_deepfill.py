@@ -32,3 +32,17 @@ def test_import_refuses_an_existing_workdir_and_v2(golden_dir, tmp_path, capsys)
     assert main(["import-deepfill", "--checkpoint", ckpt, "--version", "v2", "--output", str(tmp_path / "v2")]) == 2
     assert "v2" in capsys.readouterr().err
     assert main(["import-deepfill", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_imported_model_exports_with_contextual_attention(golden_dir, tmp_path):
+    import jax
+
+    root = golden_dir / "deepfill_official" / "v1_seed1"
+    golden = np.load(root / "golden.npz")
+    workdir = tmp_path / "imported"
+    assert main(["import-deepfill", "--checkpoint", str(root / "ckpt"), "--output", str(workdir)]) == 0
+    assert main(["export", "--workdir", str(workdir), "--format", "jax-export", "--output", str(tmp_path / "m.jax")]) == 0
+    exported = jax.export.deserialize(bytearray((tmp_path / "m.jax").read_bytes()))
+    mask = np.repeat(golden["mask"], 2, axis=0)
+    got = np.asarray(exported.call(golden["batch_pos"][..., ::-1].copy(), mask))  # RGB in, RGB out
+    np.testing.assert_allclose(got, golden["batch_complete"][..., ::-1], atol=1e-4)

@@ -136,3 +136,23 @@ def test_safetensors_export_matches_the_checkpoint(workdir, tmp_path, capsys):
     assert json.loads(meta["model"]) == {"name": "toy_gan"} and meta["step"] == "2" and meta["network"] == "generator"
     code = main(["export", "--workdir", str(tmp_path / "nowhere"), "--format", "safetensors", "--output", str(out)])
     assert code == 2 and "not a jattn workdir" in capsys.readouterr().err
+
+
+def test_jax_export_runs_without_jattn_model_code(workdir, tmp_path):
+    import jax
+
+    out = tmp_path / "model.jax"
+    assert main(["export", "--workdir", str(workdir), "--format", "jax-export", "--output", str(out)]) == 0
+    exported = jax.export.deserialize(bytearray(out.read_bytes()))
+    assert set(exported.platforms) == {"cpu", "cuda", "tpu"}
+    inpainter = Inpainter.from_checkpoint(workdir)
+    rng = np.random.default_rng(5)
+    for batch in (1, 3):  # the batch size is symbolic
+        image = rng.integers(0, 255, (batch, 16, 16, 3), dtype=np.uint8)
+        hole = np.zeros((batch, 16, 16), bool)
+        hole[:, 4:10, 3:12] = True
+        x = image.astype(np.float32) / 127.5 - 1.0
+        got = np.asarray(exported.call(x, hole[..., None].astype(np.float32)))
+        for i in range(batch):
+            ref = inpainter.predict(image[i], hole[i])["output"]
+            np.testing.assert_allclose(got[i], ref, atol=1e-5)
