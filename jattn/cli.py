@@ -101,25 +101,25 @@ def _inpaint_pairs(image: str, mask: str, output: str):
 
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
-    from jattn.export.inference import InpaintError, Inpainter, inpaint_file
+    from jattn.export.inference import InpaintError, Inpainter, inpaint_files
 
+    bar = None
     try:
         pairs = _inpaint_pairs(args.image, args.mask, args.output)
         inpainter = Inpainter.from_checkpoint(args.checkpoint)
-        for image, mask, output in _progress_iter(pairs, len(pairs) > 1):
-            inpaint_file(inpainter, image, mask, output, save_flow=args.save_flow)
+        if len(pairs) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(pairs), desc="inpaint", unit="image")
+        written = inpaint_files(inpainter, pairs, save_flow=args.save_flow, batch_size=args.batch_size,
+                                progress=bar.update if bar is not None else None)
     except InpaintError as err:
         raise UserError(str(err)) from None
-    print(json.dumps({"written": [str(o) for _, _, o in pairs]}))
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps({"written": [str(o) for o in written]}))
     return 0
-
-
-def _progress_iter(items, show: bool):
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc="inpaint", unit="image")
 
 
 def _cmd_import_deepfill(args: argparse.Namespace) -> int:
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--mask", required=True, help="a mask image (white = hole, same size), or a folder paired by name")
     inp.add_argument("--output", required=True, help="output image file, or folder in folder mode")
     inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
+    inp.add_argument("--batch-size", type=int, default=8, help="folder mode: images of one size per model call")
     inp.set_defaults(func=_cmd_inpaint)
 
     imp = sub.add_parser("import-deepfill", help="an official DeepFill TF checkpoint as a jattn workdir")

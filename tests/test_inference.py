@@ -69,14 +69,20 @@ def test_folder_mode_pairs_by_name(workdir, tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
     rng = np.random.default_rng(2)
-    for name, (h, w) in {"a": (32, 32), "b": (45, 29)}.items():
+    for name, (h, w) in {"a": (32, 32), "b": (45, 29), "c": (32, 32)}.items():
         _write(tmp_path / "img" / f"{name}.jpg", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         _write(tmp_path / "msk" / f"{name}.png", _mask(h, w))
     code = main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / "img"),
-                 "--mask", str(tmp_path / "msk"), "--output", str(tmp_path / "out")])
+                 "--mask", str(tmp_path / "msk"), "--output", str(tmp_path / "out"), "--batch-size", "2"])
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
     assert np.asarray(Image.open(tmp_path / "out" / "b.png")).shape == (45, 29, 3)
+    # batched (a and c share a size) equals one image at a time
+    inpainter = Inpainter.from_checkpoint(workdir)
+    for name in ("a", "b", "c"):
+        image = read_image(tmp_path / "img" / f"{name}.jpg")
+        hole = np.asarray(Image.open(tmp_path / "msk" / f"{name}.png")) > 127
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{name}.png")), inpainter(image, hole))
 
 
 def _run_bad(args, capsys):

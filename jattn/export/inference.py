@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-__all__ = ["InpaintError", "Inpainter", "read_image", "read_mask", "write_image", "inpaint_file"]
+__all__ = ["InpaintError", "Inpainter", "read_image", "read_mask", "write_image", "inpaint_file", "inpaint_files"]
 
 MULTIPLE = 8  # DeepFill downsamples 3 times
 
@@ -135,39 +135,73 @@ class Inpainter:
             raise InpaintError(f"{path}: checkpoint does not restore ({err})") from None
         return cls(task, state.params, state.variables, config)
 
-    def predict(self, image: np.ndarray, hole: np.ndarray) -> dict[str, np.ndarray]:
-        """All outputs of the model for one image ([H, W, C] float in [-1, 1]), unpadded."""
-        h, w = hole.shape
+    def predict_batch(self, images: np.ndarray, holes: np.ndarray) -> dict[str, np.ndarray]:
+        """All outputs of the model for same-size images: uint8 [N, H, W, 3], bool [N, H, W]
+        -> name -> [N, h, w, C] float in [-1, 1], padded to the model's multiple by
+        reflection and cropped back."""
+        n, h, w = holes.shape
         ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
         mode = "reflect" if min(h, w) > max(ph, pw) else "symmetric"
-        x = np.pad(image.astype(np.float32) / 127.5 - 1.0, ((0, ph), (0, pw), (0, 0)), mode=mode)
-        m = np.pad(hole.astype(np.float32), ((0, ph), (0, pw)))[..., None]
-        batch = {"image": jnp.asarray(x[None]), "mask": jnp.asarray(m[None])}
-        out = self._predict(self._params, self._variables, batch)
-        return {k: np.asarray(v[0])[: h * v.shape[1] // (h + ph), : w * v.shape[2] // (w + pw)] for k, v in out.items()}
+        x = np.pad(images.astype(np.float32) / 127.5 - 1.0, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+        m = np.pad(holes.astype(np.float32), ((0, 0), (0, ph), (0, pw)))[..., None]
+        out = self._predict(self._params, self._variables, {"image": jnp.asarray(x), "mask": jnp.asarray(m)})
+        return {k: np.asarray(v)[:, : h * v.shape[1] // (h + ph), : w * v.shape[2] // (w + pw)] for k, v in out.items()}
+
+    def predict(self, image: np.ndarray, hole: np.ndarray) -> dict[str, np.ndarray]:
+        """All outputs of the model for one image ([H, W, C] float in [-1, 1]), unpadded."""
+        return {k: v[0] for k, v in self.predict_batch(image[None], hole[None]).items()}
+
+    def complete_batch(self, images: np.ndarray, holes: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] with the holes filled and every known pixel kept exactly."""
+        pred = self.predict_batch(images, holes)["output"]
+        pred = np.clip(np.round((pred + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        return np.where(holes[..., None], pred, images)
 
     def __call__(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise InpaintError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
         if hole.shape != image.shape[:2]:
             raise InpaintError(f"mask shape {hole.shape} does not match the image's {image.shape[:2]}")
-        pred = self.predict(image, hole)["output"]
-        pred = np.clip(np.round((pred + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        return np.where(hole[..., None], pred, image)
+        return self.complete_batch(image[None], hole[None])[0]
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def inpaint_files(inpainter: Inpainter, triples, *, save_flow: bool = False, batch_size: int = 8, progress=None) -> list[pathlib.Path]:
+    """Inpaint (image, mask, output) path triples: every input is read and checked first
+    (nothing is written if one is bad), then images of equal size run in batches of
+    `batch_size`. Outputs are written atomically; `<output>_flow` with `save_flow`."""
+    loaded = []
+    for image_path, mask_path, output_path in triples:
+        image = read_image(image_path)
+        loaded.append((image, read_mask(mask_path, image.shape[:2]), pathlib.Path(output_path)))
+    groups: dict[tuple[int, int], list] = {}
+    for item in loaded:
+        groups.setdefault(item[0].shape[:2], []).append(item)
+    written = []
+    for items in groups.values():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            images = np.stack([c[0] for c in chunk])
+            holes = np.stack([c[1] for c in chunk])
+            outputs = inpainter.predict_batch(images, holes)
+            pred = _to_uint8(outputs["output"])
+            completed = np.where(holes[..., None], pred, images)
+            for i, (_, _, out) in enumerate(chunk):
+                write_image(out, completed[i])
+                if save_flow and "flow" in outputs:
+                    write_image(out.with_name(out.stem + "_flow" + out.suffix), _to_uint8(outputs["flow"][i]))
+                written.append(out)
+            if progress is not None:
+                progress(len(chunk))
+    return written
 
 
 def inpaint_file(inpainter: Inpainter, image_path, mask_path, output_path, *, save_flow: bool = False) -> pathlib.Path:
     """Inpaint one file; returns the output path. Nothing is written on error."""
-    image = read_image(image_path)
-    hole = read_mask(mask_path, image.shape[:2])
-    result = inpainter(image, hole)
-    write_image(output_path, result)
-    if save_flow:
-        flow = inpainter.predict(image, hole).get("flow")
-        if flow is not None:
-            out = pathlib.Path(output_path)
-            write_image(out.with_name(out.stem + "_flow" + out.suffix), np.clip(np.round((flow + 1.0) * 127.5), 0, 255).astype(np.uint8))
-    return pathlib.Path(output_path)
+    return inpaint_files(inpainter, [(image_path, mask_path, output_path)], save_flow=save_flow)[0]
 
 
 def inpaint(params_or_path: Any, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
