@@ -41,7 +41,7 @@ def test_logs_checkpoints_and_images(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
-        assert {"d_loss", "g_loss", "l1_loss", "d_grad_norm", "g_grad_norm", "images_per_second"} <= set(r)
+        assert {"d_loss", "g_loss", "l1_loss", "d_grad_norm", "g_grad_norm", "images_per_second", "data_skipped"} <= set(r)
         assert r["generator_learning_rate"] == pytest.approx(1e-2)
     assert result["metrics"]["g_loss"] == pytest.approx(records[-1]["g_loss"])
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 4]

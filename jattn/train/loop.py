@@ -202,7 +202,8 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
                 now = time.perf_counter()
                 rate = (done - step_last) * len(fns) * int(config.batch_size) / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
-                writer.scalars(done, {**metrics, **learning_rates(state), "images_per_second": rate, "skipped_updates": skipped})
+                writer.scalars(done, {**metrics, **learning_rates(state), **_bad_data_counts(data),
+                                      "images_per_second": rate, "skipped_updates": skipped})
                 if bar is not None:
                     shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("d_loss", "g_loss", "l1_loss")}
                     bar.set_postfix({**shown, "img/s": f"{rate:.1f}"})
@@ -241,6 +242,19 @@ def provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"version": jattn.__version__, "git_commit": commit, "jax": jax.__version__}
+
+
+def _bad_data_counts(data) -> dict[str, float]:
+    """Input files skipped / converted / upscaled so far, summed over all processes."""
+    stats = getattr(data, "bad_data", None)
+    if stats is None:
+        return {}
+    counts = np.asarray([stats.skipped, stats.converted, stats.upscaled], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
+    return {"data_skipped": float(counts[0]), "data_converted": float(counts[1]), "data_upscaled": float(counts[2])}
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
