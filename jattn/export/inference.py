@@ -191,9 +191,11 @@ def inpaint_files(inpainter: Inpainter, triples, *, save_flow: bool = False, bat
             completed = np.where(holes[..., None], pred, images)
             for i, (_, _, out) in enumerate(chunk):
                 write_image(out, completed[i])
-                if save_flow and "flow" in outputs:
-                    write_image(out.with_name(out.stem + "_flow" + out.suffix), _to_uint8(outputs["flow"][i]))
                 written.append(out)
+                if save_flow and "flow" in outputs:
+                    flow_path = out.with_name(out.stem + "_flow" + out.suffix)
+                    write_image(flow_path, _to_uint8(outputs["flow"][i]))
+                    written.append(flow_path)
             if progress is not None:
                 progress(len(chunk))
     return written
