@@ -44,7 +44,9 @@ def create_state(
         raise ValueError(f"create_state: no optimizer for network(s) {sorted(missing)}")
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    variables = {name: dict((variables or {}).get(name, {})) for name in params}
+    variables = {name: dict(v) for name, v in (variables or {}).items()}  # e.g. "generator_ema" too
+    for name in params:
+        variables.setdefault(name, {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=dict(params),

@@ -43,6 +43,10 @@ class Update:
 
     name: prefix of its metrics (`<name>_loss`, `<name>_grad_norm`, `<name>_finite`).
     advances_step: whether this update completes a step (the generator update of a GAN).
+    ema_decay: when set, the engine keeps an exponential moving average of `net`'s params
+      in `state.variables[f"{net}_ema"]` (decay * ema + (1 - decay) * new params, after
+      each applied update); the task's `init` must return that entry (a copy of the
+      params) among its variables.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Update:
     loss_fn: LossFn
     tx: optax.GradientTransformation
     advances_step: bool = True
+    ema_decay: float | None = None
 
 
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -72,6 +77,14 @@ def apply_update(update: Update, state: TrainState, batch: dict, update_index: j
     variables = dict(state.variables)
     for net, v in new_vars.items():
         variables[net] = _select(ok, v, state.variables[net])
+    if update.ema_decay is not None:
+        ema_name = f"{update.net}_ema"
+        if ema_name not in variables:
+            raise KeyError(f"update {update.name!r} keeps an EMA but the state has no variables[{ema_name!r}]; "
+                           "the task's init must return it (a copy of the params)")
+        d = jnp.float32(update.ema_decay)
+        ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype), variables[ema_name], new_params)
+        variables[ema_name] = _select(ok, ema, variables[ema_name])
     new_state = state.replace(
         step=state.step + (1 if update.advances_step else 0),  # a dropped update still uses its step
         params={**state.params, update.net: _select(ok, new_params, state.params[update.net])},

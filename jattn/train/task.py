@@ -24,14 +24,24 @@ __all__ = ["Task", "register_task", "build_task", "task_names", "make_optimizer"
 class Task:
     """init(key, batch) -> (params by network, variables by network);
     updates: the updates of one step, in order, one batch each;
-    predict(params, variables, batch) -> dict of [B, H, W, C] images, "output" being the
-    final result (e.g. the composited inpainting) compared with batch["image"] in eval."""
+    predict(params, variables, batch) -> dict of arrays, "output" being the final result
+    (e.g. the composited inpainting, the upscaled image, class logits); the [B, H, W, C]
+    ones are shown in the sample grids.
+    fields: the batch entries the task needs beside "image" (see `jattn.data.FIELDS`):
+      "mask" [B, H, W, 1] float32 (1 = hole), "label" [B] int32, "lowres" [B, H/s, W/s, 3]
+      (bicubic downscale by `data.scale`), "segmentation" [B, H, W] int32 (0 = background).
+    eval_metrics(outputs, batch) -> dict of per-batch mean scalars (jittable); None: the
+      inpainting metrics (PSNR, SSIM, L1, L2, TV, hole L1 of "output" against "image").
+    export_network: the network `jattn export` writes (None: "generator", else the only one)."""
 
     name: str
     init: Callable[[jax.Array, dict], tuple[dict, dict]]
     optimizers: Mapping[str, optax.GradientTransformation]
     updates: tuple[Update, ...]
     predict: Callable[[dict, dict, dict], dict[str, jax.Array]]
+    fields: tuple[str, ...] = ("mask",)
+    eval_metrics: Callable[[dict, dict], dict[str, jax.Array]] | None = None
+    export_network: str | None = None
 
 
 _TASKS: dict[str, Callable[[Any], Task]] = {}
