@@ -33,6 +33,7 @@ SCHEMA = {
         "source": None,
         "image_size": True,
         "mask": None,
+        "scale": True,  # super-resolution: the "lowres" field is the image downscaled by it
         "shuffle_buffer": True,
         "worker_count": True,
         "loader": True,

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jattn.train.steps import Update
 from jattn.train.task import Task, make_optimizer, register_task
@@ -76,3 +77,36 @@ def toy_config(total=6, **model):
     c.keep_checkpoints = 5
     c.skip_nonfinite = False
     return c
+
+
+class _Classifier(nn.Module):
+    classes: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
+
+
+@register_task("toy_classifier")
+def _toy_classifier(config):
+    """A supervised single-network task on labelled images (fields=("label",))."""
+    net = _Classifier()
+
+    def init(key, batch):
+        return {"model": net.init(key, batch["image"])["params"]}, {}
+
+    def loss_fn(params, variables, batch, key):
+        logits = net.apply({"params": params["model"]}, batch["image"])
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+        return loss, ({}, {})
+
+    def predict(params, variables, batch):
+        return {"output": net.apply({"params": params["model"]}, batch["image"]), "image": batch["image"]}
+
+    def metrics(outputs, batch):
+        return {"accuracy": jnp.mean(jnp.argmax(outputs["output"], -1) == batch["label"])}
+
+    tx = make_optimizer(config.optimizer)
+    return Task("toy_classifier", init, {"model": tx}, (Update("train", "model", loss_fn, tx),), predict,
+                fields=("label",), eval_metrics=metrics)

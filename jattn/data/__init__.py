@@ -1,4 +1,5 @@
-"""Masked-image input pipelines: masks, sources, tf.data and grain loaders.
+"""Input pipelines: masks, sources, tf.data and grain loaders of image batches (with masks,
+labels, low-res inputs or segmentation maps as the task needs).
 
 This package imports neither TensorFlow, tensorflow-datasets nor grain; the pipelines
 live in :mod:`jattn.data.tfdata` and :mod:`jattn.data.grain` (imported on use).
@@ -10,16 +11,18 @@ from typing import Any
 
 from jattn.data import masks
 from jattn.data import sources
-from jattn.data.examples import BadDataStats
+from jattn.data.examples import FIELDS, BadDataStats
 from jattn.data.images import BadImageError
 from jattn.data.masks import eval_set, load_eval_set, mask_for_index, parse_mask_spec, sample_mask
 from jattn.data.sharding import data_sharding, per_process_batch_size, to_global_array
 from jattn.data.sources import (
     FolderSource,
     SamplePhotosSource,
+    ShapesSource,
     TfdsSource,
     folder_source,
     sample_photos_source,
+    shapes_source,
     source_from_config,
     tfds_source,
 )
@@ -27,6 +30,7 @@ from jattn.data.sources import (
 __all__ = [
     "masks",
     "sources",
+    "FIELDS",
     "BadDataStats",
     "BadImageError",
     "eval_set",
@@ -39,9 +43,11 @@ __all__ = [
     "to_global_array",
     "FolderSource",
     "SamplePhotosSource",
+    "ShapesSource",
     "TfdsSource",
     "folder_source",
     "sample_photos_source",
+    "shapes_source",
     "source_from_config",
     "tfds_source",
     "make_dataset",

@@ -15,8 +15,11 @@ batches for the same arguments.
   stream position ``e * G * B + s``.  Eval: the same slots without a permutation (source
   index = slot = mask index, so eval masks do not depend on the number of processes),
   then the remainder split evenly over the processes.
-* Example (:class:`ExampleMaker`).  Mask = ``masks.mask_for_index(spec, image_size,
-  mask_seed, mask_index)``; crop / flip use ``default_rng([seed, mask_index, 1])``.
+* Example (:class:`ExampleMaker`).  ``image`` always; the task's ``fields`` add
+  ``mask`` = ``masks.mask_for_index(spec, image_size, mask_seed, mask_index)``, ``label``
+  (the record's class), ``lowres`` (bicubic downscale of the crop by ``scale``) and
+  ``segmentation`` (the record's map, cropped and flipped with the image); crop / flip
+  use ``default_rng([seed, mask_index, 1])``.
 * Bad data.  A record that cannot be decoded or is too small is skipped: its slot takes
   the next readable record in source order, one warning is logged per file (per process)
   and the per-example ``_bad_data`` vector ``[skipped, converted, upscaled]`` describing
@@ -36,6 +39,7 @@ from jattn.data import images as images_lib
 from jattn.data import masks as masks_lib
 
 __all__ = [
+    "FIELDS",
     "BAD_DATA_KEY",
     "BadDataStats",
     "ExampleMaker",
@@ -51,6 +55,11 @@ logger = logging.getLogger("jattn.data")
 
 #: Per-example / per-batch key of the ``[skipped, converted, upscaled]`` counts.
 BAD_DATA_KEY = "_bad_data"
+
+#: Example fields a task may ask for beside "image" [H, W, 3] float32 in [-1, 1]:
+#: "mask" [H, W, 1] float32 (1 = hole), "label" [] int32, "lowres" [H/s, W/s, 3] float32
+#: (bicubic downscale by ``scale``), "segmentation" [H, W] int32 (0 = background).
+FIELDS = ("mask", "label", "lowres", "segmentation")
 
 
 def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -124,7 +133,7 @@ class BadDataLog:
 
 @dataclasses.dataclass(frozen=True)
 class ExampleMaker:
-    """Record data -> ``{"image": [H, W, 3] float32 in [-1, 1], "mask": [H, W, 1]}``."""
+    """Record -> ``{"image": [H, W, 3] float32 in [-1, 1], <fields>}`` (see :data:`FIELDS`)."""
 
     image_size: tuple[int, int]
     mask_spec: Any
@@ -134,23 +143,72 @@ class ExampleMaker:
     resize_shorter: int | None = None
     random_flip: bool = True
     max_upscale: float | None = 2.0
+    fields: tuple[str, ...] = ("mask",)
+    scale: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", image_size_pair(self.image_size))
-        object.__setattr__(self, "mask_spec", masks_lib.parse_mask_spec(self.mask_spec))
+        object.__setattr__(self, "fields", tuple(self.fields))
+        unknown = [f for f in self.fields if f not in FIELDS]
+        if unknown:
+            raise ValueError(f"unknown example field(s) {unknown}; known: {list(FIELDS)}")
         if self.seed < 0 or self.mask_seed < 0:
             raise ValueError(f"seeds must be >= 0, got seed={self.seed}, mask_seed={self.mask_seed}")
-        self.mask(0)  # a spec that does not fit the image size fails here, before training
+        if "mask" in self.fields:
+            if self.mask_spec is None:
+                raise ValueError("the 'mask' field needs a mask spec (config data.mask)")
+            object.__setattr__(self, "mask_spec", masks_lib.parse_mask_spec(self.mask_spec))
+            self.mask(0)  # a spec that does not fit the image size fails here, before training
+        if "lowres" in self.fields:
+            h, w = self.image_size
+            if not self.scale or int(self.scale) < 1 or h % int(self.scale) or w % int(self.scale):
+                raise ValueError(f"the 'lowres' field needs an integer scale (config data.scale) that divides "
+                                 f"the image size {w}x{h}, got {self.scale!r}")
+            object.__setattr__(self, "scale", int(self.scale))
 
     def image(self, data: bytes | np.ndarray, name: str, mask_index: int
               ) -> tuple[np.ndarray, str | None, bool]:
         """Decoded, resized, cropped, flipped image; raises ``BadImageError``."""
+        out, conversion, upscaled = self.example(data, name, mask_index)
+        return out["image"], conversion, upscaled
+
+    def example(self, data: bytes | np.ndarray, name: str, mask_index: int, label: int | None = None,
+                segmentation: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], str | None, bool]:
+        """``(example dict, conversion or None, upscaled)``; raises ``BadImageError`` for
+        a bad image and ``ValueError`` when the record lacks a field the task needs."""
         rgb, conversion = images_lib.decode_rgb(data, name)
         rng = np.random.default_rng([self.seed, int(mask_index), 1]) if self.train else None
-        image, upscaled = images_lib.preprocess(
+        want_seg = "segmentation" in self.fields
+        if want_seg and segmentation is None:
+            raise ValueError(f"{name}: the source has no segmentation maps, but the task needs them")
+        result = images_lib.preprocess(
             rgb, name, self.image_size, resize_shorter=self.resize_shorter, rng=rng,
-            random_flip=self.random_flip, max_upscale=self.max_upscale)
-        return image, conversion, upscaled
+            random_flip=self.random_flip, max_upscale=self.max_upscale,
+            segmentation=segmentation if want_seg else None)
+        out = {"image": result[0]}
+        if want_seg:
+            out["segmentation"] = result[2]
+        if "mask" in self.fields:
+            out["mask"] = self.mask(mask_index)
+        if "label" in self.fields:
+            if label is None:
+                raise ValueError(f"{name}: the source has no class labels, but the task needs them")
+            out["label"] = np.asarray(label, np.int32)
+        if "lowres" in self.fields:
+            out["lowres"] = images_lib.downscale(out["image"], self.scale)
+        return out, conversion, result[1]
+
+    def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """``{key: (shape, dtype)}`` of one example, keys in a fixed order."""
+        h, w = self.image_size
+        spec = {"image": ((h, w, 3), np.dtype(np.float32))}
+        shapes = {"mask": ((h, w, 1), np.float32), "label": ((), np.int32),
+                  "lowres": ((h // (self.scale or 1), w // (self.scale or 1), 3), np.float32),
+                  "segmentation": ((h, w), np.int32)}
+        for f in FIELDS:
+            if f in self.fields:
+                spec[f] = (shapes[f][0], np.dtype(shapes[f][1]))
+        return spec
 
     def mask(self, mask_index: int) -> np.ndarray:
         return masks_lib.mask_for_index(self.mask_spec, self.image_size, self.mask_seed,
@@ -222,7 +280,7 @@ class ExampleOrder:
 
 
 class ExampleLoader:
-    """``k -> {"image", "mask", "_bad_data"}`` for a random-access source (picklable)."""
+    """``k -> {"image", <fields>, "_bad_data"}`` for a random-access source (picklable)."""
 
     def __init__(self, source, maker: ExampleMaker, order: ExampleOrder):
         self.source, self.maker, self.order = source, maker, order
@@ -237,7 +295,8 @@ class ExampleLoader:
     def _try(self, i: int, mask_index: int):
         try:
             record = self.source[i]
-            return self.maker.image(record.data, record.name, mask_index), None
+            return self.maker.example(record.data, record.name, mask_index, record.label,
+                                      record.segmentation), None
         except images_lib.BadImageError as e:
             return None, (e.name, e.reason)
         except Exception as e:  # noqa: BLE001 - unreadable record: never kill a long run
@@ -263,8 +322,7 @@ class ExampleLoader:
         else:
             counts[1] = result[1] is not None
             counts[2] = result[2]
-        return {"image": result[0], "mask": self.maker.mask(mask_index),
-                BAD_DATA_KEY: counts}
+        return {**result[0], BAD_DATA_KEY: counts}
 
 
 def check_readable(source, maker: ExampleMaker, max_records: int | None = None) -> int:
@@ -272,10 +330,17 @@ def check_readable(source, maker: ExampleMaker, max_records: int | None = None) 
     n = len(source) if max_records is None else min(len(source), max_records)
     first_error = None
     for i in range(n):
+        record = None
         try:
             record = source[i]
-            maker.image(record.data, record.name, 0)
+            maker.example(record.data, record.name, 0, record.label, record.segmentation)
             return i
+        except images_lib.BadImageError as e:
+            first_error = first_error or e
+        except ValueError as e:
+            if record is not None and "the source has no" in str(e):
+                raise ValueError(f"{source!r}: {e}") from None
+            first_error = first_error or e
         except Exception as e:  # noqa: BLE001 - reported below if nothing is readable
             first_error = first_error or e
     raise ValueError(f"no readable image in {source!r} (tried {n} records; first error: "

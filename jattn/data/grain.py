@@ -1,7 +1,9 @@
 """grain input pipeline for masked-image batches, with a checkpointable iterator.
 
 Same outputs as :mod:`jattn.data.tfdata` (bit-identical batches for random-access
-sources): ``{"image": [B, H, W, 3] float32 in [-1, 1], "mask": [B, H, W, 1] float32}``.
+sources): ``{"image": [B, H, W, 3] float32 in [-1, 1], "mask": [B, H, W, 1] float32}``,
+or the task's other ``fields`` (label, lowres, segmentation; see
+:data:`jattn.data.examples.FIELDS`).
 The pipeline is ``grain.MapDataset.range(examples per process)`` -> ``repeat`` (train) ->
 ``map_with_index`` (the shared :class:`jattn.data.examples.ExampleLoader`: per-process
 slice of a seeded per-epoch permutation, decode, crop, mask) -> ``batch`` ->
@@ -73,14 +75,15 @@ class GrainBatchIterator(grain.DatasetIterator):
         self.bad_data = ex.BadDataStats(**state["bad_data"])
 
 
-def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any,
+def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any = None,
                   seed: int, train: bool, shuffle_buffer: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   resize_shorter: int | None = None, random_flip: bool = True,
                   max_upscale: float | None = 2.0, mask_seed: int | None = None,
                   num_epochs: int | None = None, drop_remainder: bool = True,
                   worker_count: int = 0, worker_buffer_size: int = 2,
-                  read_threads: int = 8, read_buffer_size: int = 64) -> grain.IterDataset:
+                  read_threads: int = 8, read_buffer_size: int = 64,
+                  fields: Sequence[str] = ("mask",), scale: int | None = None) -> grain.IterDataset:
     """The ``grain.IterDataset`` of batch dicts (with the internal ``_bad_data`` counts).
 
     Arguments as in :func:`jattn.data.tfdata.build_dataset` (``shuffle_buffer`` is unused:
@@ -99,7 +102,8 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
     maker = ex.ExampleMaker(
         image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
-        resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale)
+        resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale,
+        fields=tuple(fields), scale=scale)
     order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
     ex.check_readable(source, maker)
     loader = ex.ExampleLoader(source, maker, order)
@@ -118,7 +122,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
     return it_ds
 
 
-def make_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any,
+def make_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any = None,
                  seed: int, train: bool, shuffle_buffer: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  **kwargs) -> GrainBatchIterator:

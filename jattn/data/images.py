@@ -119,15 +119,31 @@ def resize_shorter_side(img: np.ndarray, target: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BICUBIC))
 
 
-def crop(img: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
-    """Crops ``size = (h, w)`` from ``[H, W, C]``: uniform position with ``rng``, else centre."""
-    H, W = img.shape[:2]
+def crop_offset(shape: Sequence[int], size: tuple[int, int], rng: np.random.Generator | None
+                ) -> tuple[int, int]:
+    """``(top, left)`` of a ``size = (h, w)`` crop of ``shape = (H, W, ...)``: uniform with
+    ``rng``, else centred."""
+    H, W = shape[:2]
     h, w = size
     if rng is None:
-        top, left = (H - h) // 2, (W - w) // 2
-    else:
-        top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-    return img[top:top + h, left:left + w]
+        return (H - h) // 2, (W - w) // 2
+    return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+
+
+def crop(img: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
+    """Crops ``size = (h, w)`` from ``[H, W, C]``: uniform position with ``rng``, else centre."""
+    top, left = crop_offset(img.shape, size, rng)
+    return img[top:top + size[0], left:left + size[1]]
+
+
+def downscale(image: np.ndarray, scale: int) -> np.ndarray:
+    """float32 ``[H, W, 3]`` in [-1, 1] (a uint8 image's values) -> ``[H/s, W/s, 3]``: the
+    uint8 image downscaled by PIL's bicubic (antialiased, like MATLAB's ``imresize``, the
+    super-resolution benchmarks' degradation), back in [-1, 1]."""
+    h, w = image.shape[:2]
+    u8 = np.clip(np.round((image + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    small = np.asarray(Image.fromarray(u8).resize((w // scale, h // scale), Image.BICUBIC))
+    return to_float(small)
 
 
 def to_float(img: np.ndarray) -> np.ndarray:
@@ -135,10 +151,17 @@ def to_float(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+def _resize(img: np.ndarray, size_wh: tuple[int, int], nearest: bool) -> np.ndarray:
+    if (img.shape[1], img.shape[0]) == tuple(size_wh):
+        return img
+    return np.asarray(Image.fromarray(img).resize(size_wh, Image.NEAREST if nearest else Image.BICUBIC))
+
+
 def preprocess(rgb: np.ndarray, name: str, image_size: Sequence[int], *,
                resize_shorter: int | None = None, rng: np.random.Generator | None = None,
                random_flip: bool = True, max_upscale: float | None = 2.0,
-               ) -> tuple[np.ndarray, bool]:
+               segmentation: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, bool] | tuple[np.ndarray, bool, np.ndarray]:
     """uint8 ``[h, w, 3]`` -> float32 ``[H, W, 3]`` in [-1, 1] and whether it was upscaled.
 
     Optionally resizes the shorter side to ``resize_shorter``; an image smaller than the
@@ -146,9 +169,14 @@ def preprocess(rgb: np.ndarray, name: str, image_size: Sequence[int], *,
     ``max_upscale`` times (``None``: no limit), which raises :class:`BadImageError`
     ("too small").  Crops at random with ``rng`` (train) or at the centre (``rng=None``),
     and flips left-right with probability 1/2 when ``rng`` is given and ``random_flip``.
+    A ``segmentation`` map (uint8 / int ``[h, w]``) goes through the same resize (nearest),
+    crop and flip and is returned third as int32 ``[H, W]``.
     """
     H, W = int(image_size[0]), int(image_size[1])
     h, w = rgb.shape[:2]
+    if segmentation is not None and segmentation.shape[:2] != (h, w):
+        raise BadImageError(name, f"segmentation map is {segmentation.shape[1]}x{segmentation.shape[0]} "
+                                  f"but the image is {w}x{h}")
     short = min(h, w)
     target = resize_shorter
     upscaled = h < H or w < W
@@ -162,9 +190,18 @@ def preprocess(rgb: np.ndarray, name: str, image_size: Sequence[int], *,
         rgb = resize_shorter_side(rgb, target)
         # Non-square crops may still need one more pixel along one axis after rounding.
         if rgb.shape[0] < H or rgb.shape[1] < W:
-            rgb = np.asarray(Image.fromarray(rgb).resize(
-                (max(W, rgb.shape[1]), max(H, rgb.shape[0])), Image.BICUBIC))
-    out = crop(rgb, (H, W), rng)
-    if rng is not None and random_flip and rng.random() < 0.5:
+            rgb = _resize(rgb, (max(W, rgb.shape[1]), max(H, rgb.shape[0])), nearest=False)
+        if segmentation is not None:
+            segmentation = _resize(np.asarray(segmentation, np.uint8), (rgb.shape[1], rgb.shape[0]), nearest=True)
+    top, left = crop_offset(rgb.shape, (H, W), rng)
+    out = rgb[top:top + H, left:left + W]
+    flip = rng is not None and random_flip and rng.random() < 0.5
+    if flip:
         out = out[:, ::-1]
-    return to_float(np.ascontiguousarray(out)), upscaled
+    image = to_float(np.ascontiguousarray(out))
+    if segmentation is None:
+        return image, upscaled
+    seg = np.asarray(segmentation)[top:top + H, left:left + W]
+    if flip:
+        seg = seg[:, ::-1]
+    return image, upscaled, np.ascontiguousarray(seg, dtype=np.int32)

@@ -1,7 +1,10 @@
-"""Image sources: TFDS datasets, image folders and an offline sample-photo source.
+"""Image sources: TFDS datasets, image folders, offline sample photos and synthetic shapes.
 
 A *random-access source* has ``__len__`` and ``__getitem__(i) -> Record``; a record holds
-encoded image bytes (or a uint8 array) and a name used in warnings.  Folders, the sample
+encoded image bytes (or a uint8 array) and a name used in warnings, and where the source
+has them a class label (sample photos: the photo; folders: the top-level subfolder; TFDS:
+its ``label`` feature; shapes: the shape) and a segmentation map (shapes; folders with a
+``segmentation_root``).  Folders, the sample
 photos and TFDS datasets prepared as ``array_record`` are random access (usable by both
 pipelines); TFDS ``tfrecord`` datasets are read by the tf.data pipeline only.
 
@@ -23,9 +26,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "FolderSource",
     "SamplePhotosSource",
+    "ShapesSource",
     "TfdsSource",
     "folder_source",
     "sample_photos_source",
+    "shapes_source",
     "tfds_source",
     "source_from_config",
     "hash_split",
@@ -40,10 +45,13 @@ _SPLIT_ALIASES = {None: None, "all": None, "train": _TRAIN, "val": _VAL, "valida
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One raw example: encoded bytes or a uint8 array ``[H, W, C]``, and a name."""
+    """One raw example: encoded bytes or a uint8 array ``[H, W, C]``, a name, and where
+    the source has them a class label and a segmentation map (uint8 / int ``[H, W]``)."""
 
     data: bytes | np.ndarray
     name: str
+    label: int | None = None
+    segmentation: np.ndarray | None = None
 
 
 def _split_name(split: str | None, where: str) -> str | None:
@@ -86,10 +94,16 @@ class FolderSource:
     split is stable when files are added or the folder moves.  Raises
     ``FileNotFoundError`` for a missing folder and ``ValueError`` when no image file is
     found.
+
+    Labels: when every file sits in a subfolder, the sorted top-level subfolder names are
+    the classes (``class_names``; the ImageFolder layout) and records carry their index.
+    ``segmentation_root``: a folder with one PNG map per image at the same relative path
+    (extension ``.png``), pixel value = class (0 = background).
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = None, *,
-                 val_fraction: float = 0.05, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 val_fraction: float = 0.05, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 segmentation_root: str | os.PathLike | None = None):
         root = os.fspath(root)
         self.root = root.rstrip("/") if _is_remote(root) else os.path.abspath(root)
         self.split = _split_name(split, f"image folder {root}")
@@ -122,6 +136,15 @@ class FolderSource:
                                  f"(val_fraction={self.val_fraction})")
         # Fixed-width bytes pickle compactly for multiprocess workers.
         self._rel = np.array([r.encode("utf-8") for r in rel], dtype=bytes)
+        tops = [r.split("/", 1)[0] if "/" in r else None for r in rel]
+        self.class_names = sorted(set(tops)) if None not in tops else None
+        self._labels = (np.array([self.class_names.index(t) for t in tops], np.int32)
+                        if self.class_names else None)
+        self.segmentation_root = None
+        if segmentation_root is not None:
+            self.segmentation_root = os.path.abspath(os.fspath(segmentation_root))
+            if not os.path.isdir(self.segmentation_root):
+                raise FileNotFoundError(f"segmentation folder not found: {self.segmentation_root}")
 
     def __len__(self) -> int:
         return len(self._rel)
@@ -139,7 +162,23 @@ class FolderSource:
         else:
             with open(path, "rb") as f:
                 data = f.read()
-        return Record(data, path)
+        label = None if self._labels is None else int(self._labels[int(i)])
+        return Record(data, path, label, self._segmentation(int(i)))
+
+    def _segmentation(self, i: int) -> np.ndarray | None:
+        if self.segmentation_root is None:
+            return None
+        from PIL import Image
+
+        rel = os.path.splitext(self._rel[i].decode("utf-8"))[0] + ".png"
+        path = os.path.join(self.segmentation_root, rel)
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L") if im.mode not in ("L", "P") else im, np.uint8)
+        except (OSError, ValueError) as e:
+            from jattn.data.images import BadImageError
+
+            raise BadImageError(path, f"segmentation map unreadable ({e})") from None
 
     def __repr__(self) -> str:
         return f"FolderSource({self.root!r}, split={self.split!r}, {len(self)} files)"
@@ -147,9 +186,11 @@ class FolderSource:
 
 def folder_source(root: str | os.PathLike, split: str | None = None, *,
                   val_fraction: float = 0.05,
-                  extensions: Sequence[str] = IMAGE_EXTENSIONS) -> FolderSource:
+                  extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                  segmentation_root: str | os.PathLike | None = None) -> FolderSource:
     """An image folder source; see :class:`FolderSource`."""
-    return FolderSource(root, split, val_fraction=val_fraction, extensions=extensions)
+    return FolderSource(root, split, val_fraction=val_fraction, extensions=extensions,
+                        segmentation_root=segmentation_root)
 
 
 # --------------------------------------------------------------------------- sample photos
@@ -253,7 +294,8 @@ class SamplePhotosSource:
         if side != self.crop_size:
             patch = np.asarray(Image.fromarray(patch).resize(
                 (self.crop_size, self.crop_size), Image.BICUBIC))
-        return Record(np.ascontiguousarray(patch), f"skimage:{name}[{top}:{top + side},{left}:{left + side}]")
+        return Record(np.ascontiguousarray(patch), f"skimage:{name}[{top}:{top + side},{left}:{left + side}]",
+                      label=self._boxes[int(i)][0])
 
     def __repr__(self) -> str:
         return (f"SamplePhotosSource({self.num_examples} crops of {self.crop_size}px, "
@@ -303,7 +345,8 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str, *, data_dir: str | None = None,
                  manual_dir: str | None = None, image_key: str = "image",
-                 download: bool = False, file_format: str | None = None):
+                 download: bool = False, file_format: str | None = None,
+                 label_key: str | None = "label"):
         self.name, self.split, self.image_key = name, split, image_key
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.manual_dir = os.fspath(manual_dir) if manual_dir is not None else None
@@ -314,6 +357,8 @@ class TfdsSource:
         if image_key not in builder.info.features:
             raise ValueError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: "
                              f"{sorted(builder.info.features.keys())}")
+        # class labels when the dataset has them ("label" for cifar10, imagenet2012, ...)
+        self.label_key = label_key if label_key in builder.info.features else None
         try:
             self.num_examples = int(builder.info.splits[split].num_examples)
         except (KeyError, ValueError) as e:
@@ -376,7 +421,8 @@ class TfdsSource:
 
     def __getitem__(self, i: int) -> Record:
         example = self._source()[int(i)]
-        return Record(example[self.image_key], f"{self.name}/{self.split}[{int(i)}]")
+        label = None if self.label_key is None else int(example[self.label_key])
+        return Record(example[self.image_key], f"{self.name}/{self.split}[{int(i)}]", label)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -390,17 +436,87 @@ class TfdsSource:
 
 def tfds_source(name: str, split: str, data_dir: str | None = None,
                 manual_dir: str | None = None, *, image_key: str = "image",
-                download: bool = False, file_format: str | None = None) -> TfdsSource:
+                download: bool = False, file_format: str | None = None,
+                label_key: str | None = "label") -> TfdsSource:
     """A TFDS source; see :class:`TfdsSource`."""
     return TfdsSource(name, split, data_dir=data_dir, manual_dir=manual_dir,
-                      image_key=image_key, download=download, file_format=file_format)
+                      image_key=image_key, download=download, file_format=file_format,
+                      label_key=label_key)
+
+
+# --------------------------------------------------------------------------- shapes
+
+#: Classes of :class:`ShapesSource` (label i; segmentation value i + 1).
+SHAPE_CLASSES = ("circle", "square", "triangle")
+
+
+class ShapesSource:
+    """Synthetic images for classification and segmentation tests and demos (offline).
+
+    Image ``i`` (``size`` x ``size``, uint8 RGB) has a smooth random background with noise
+    and 1-3 filled shapes of one class, each in its own random colour, size and place; its
+    label is the class (:data:`SHAPE_CLASSES`: 0 circle, 1 square, 2 triangle) and its
+    segmentation map holds ``label + 1`` on the shapes' pixels, 0 elsewhere.  Everything
+    is drawn from ``default_rng([seed, split, i, 5])``; ``'train'`` and ``'val'`` differ.
+    """
+
+    def __init__(self, num_examples: int = 1024, size: int = 64, *, split: str | None = None,
+                 seed: int = 0):
+        if num_examples <= 0 or size < 16:
+            raise ValueError(f"shapes need num_examples > 0 and size >= 16, got {num_examples}, {size}")
+        self.num_examples, self.size, self.seed = int(num_examples), int(size), int(seed)
+        self.split = _split_name(split, "shapes")
+        self._tag = 1 if self.split == _VAL else 0
+        self.class_names = SHAPE_CLASSES
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def _draw(self, i: int) -> tuple[np.ndarray, int, np.ndarray]:
+        n = self.size
+        rng = np.random.default_rng([self.seed, self._tag, i, 5])
+        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        t = (np.cos(rng.uniform(0, 2 * np.pi)) * xx + np.sin(rng.uniform(0, 2 * np.pi)) * yy)[..., None]
+        image = c0 * (1 - t) + c1 * t + rng.normal(0, 8, (n, n, 3))
+        label = int(rng.integers(len(SHAPE_CLASSES)))
+        seg = np.zeros((n, n), np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            r = rng.uniform(0.1, 0.22)
+            cy, cx = rng.uniform(r, 1 - r, 2)
+            if label == 0:
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            elif label == 1:
+                inside = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
+            else:  # upward triangle: below the two slanted sides, above the base
+                inside = (yy <= cy + r * 0.8) & (yy - (cy - r) >= 1.7 * np.abs(xx - cx))
+            colour = rng.uniform(0, 255, 3)
+            image[inside] = colour + rng.normal(0, 4, (int(inside.sum()), 3))
+            seg[inside] = label + 1
+        return np.clip(np.round(image), 0, 255).astype(np.uint8), label, seg
+
+    def __getitem__(self, i: int) -> Record:
+        if not 0 <= int(i) < self.num_examples:
+            raise IndexError(f"shape image index {i} out of range [0, {self.num_examples})")
+        image, label, seg = self._draw(int(i))
+        return Record(image, f"shapes[{int(i)}]", label, seg)
+
+    def __repr__(self) -> str:
+        return f"ShapesSource({self.num_examples} images of {self.size}px, split={self.split!r}, seed={self.seed})"
+
+
+def shapes_source(num_examples: int = 1024, size: int = 64, *, split: str | None = None,
+                  seed: int = 0) -> ShapesSource:
+    """Synthetic shapes with labels and segmentation maps; see :class:`ShapesSource`."""
+    return ShapesSource(num_examples, size, split=split, seed=seed)
 
 
 def source_from_config(config: Mapping[str, Any]):
-    """Builds a source from ``{"kind": "tfds" | "folder" | "sample_photos", ...kwargs}``."""
+    """Builds a source from ``{"kind": "tfds" | "folder" | "sample_photos" | "shapes", ...kwargs}``."""
     params = dict(config)
     kind = params.pop("kind", None)
-    makers = {"tfds": tfds_source, "folder": folder_source, "sample_photos": sample_photos_source}
+    makers = {"tfds": tfds_source, "folder": folder_source, "sample_photos": sample_photos_source,
+              "shapes": shapes_source}
     if kind not in makers:
         raise ValueError(f"source config needs 'kind' in {sorted(makers)}, got {kind!r}")
     try:

@@ -89,10 +89,19 @@ def _options() -> tf.data.Options:
     return opts
 
 
-def _element_spec(image_size):
-    h, w = image_size
-    return (tf.TensorSpec([h, w, 3], tf.float32), tf.TensorSpec([h, w, 1], tf.float32),
-            tf.TensorSpec([3], tf.int32))
+def _element_spec(maker) -> dict[str, tf.TensorSpec]:
+    """One example's tensors (the maker's fields, then the bad-data counts), in order."""
+    spec = {k: tf.TensorSpec(shape, tf.as_dtype(dtype)) for k, (shape, dtype) in maker.element_spec().items()}
+    spec[ex.BAD_DATA_KEY] = tf.TensorSpec([3], tf.int32)
+    return spec
+
+
+def _set_shapes(tensors, specs: dict[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
+    out = {}
+    for t, (k, s) in zip(tensors, specs.items()):
+        t.set_shape(s.shape)
+        out[k] = t
+    return out
 
 
 def _random_access_dataset(source, maker, order, train, num_epochs, num_parallel_calls):
@@ -104,17 +113,15 @@ def _random_access_dataset(source, maker, order, train, num_epochs, num_parallel
         ds = tf.data.Dataset.range(m)
         if num_epochs:
             ds = ds.repeat(num_epochs)
-    specs = _element_spec(maker.image_size)
+    specs = _element_spec(maker)
 
     def load(k):
         out = loader(int(k))
-        return out["image"], out["mask"], out[ex.BAD_DATA_KEY]
+        return tuple(out[key] for key in specs)
 
     def tf_load(k):
-        image, mask, bad = tf.numpy_function(load, [k], [s.dtype for s in specs], stateful=False)
-        for t, s in zip((image, mask, bad), specs):
-            t.set_shape(s.shape)
-        return {"image": image, "mask": mask, ex.BAD_DATA_KEY: bad}
+        tensors = tf.numpy_function(load, [k], [s.dtype for s in specs.values()], stateful=False)
+        return _set_shapes(tensors, specs)
 
     return ds.map(tf_load, num_parallel_calls=num_parallel_calls, deterministic=True)
 
@@ -169,12 +176,19 @@ def _tfds_record_dataset(source, maker, train, seed, shuffle_buffer, num_epochs,
                                   **({} if train else {"interleave_cycle_length": 1}))
     ds = builder.as_dataset(split=split, shuffle_files=train, read_config=read_config,
                             decoders={source.image_key: tfds.decode.SkipDecoding()})
-    ds = ds.map(lambda e: (e[source.image_key], e["tfds_id"]))
+    label_key = getattr(source, "label_key", None)
+    if "label" in maker.fields and label_key is None:
+        raise ValueError(f"{source!r}: the dataset has no class labels, but the task needs them")
+    if "segmentation" in maker.fields:
+        raise ValueError(f"{source!r}: TFDS sources have no segmentation maps here; use a folder source "
+                         "with segmentation_root")
+    ds = ds.map(lambda e: (e[source.image_key], e["tfds_id"],
+                           tf.cast(e[label_key], tf.int32) if label_key else tf.constant(-1, tf.int32)))
     # Fail before training when nothing in the split decodes (stops at the first good one).
     first_error, probe = None, ds.as_numpy_iterator()
-    for data, name in probe:
+    for data, name, label in probe:
         try:
-            maker.image(data, name.decode(), 0)
+            maker.example(data, name.decode(), 0, int(label))
             break
         except Exception as e:  # noqa: BLE001 - reported below if nothing is readable
             first_error = first_error or e
@@ -196,48 +210,46 @@ def _tfds_record_dataset(source, maker, train, seed, shuffle_buffer, num_epochs,
 
     log = ex.BadDataLog()
     lock = threading.Lock()
-    h, w = maker.image_size
     no_counts = np.zeros(3, np.int32)
+    specs = _element_spec(maker)
+    blank = tuple(np.zeros(s.shape, s.dtype.as_numpy_dtype) for s in specs.values())
 
-    def make(k, data, name):
+    def make(k, data, name, label):
         idx = mask_index(k)
         try:
-            image, conversion, upscaled = maker.image(data, name.decode(), idx)
+            out, conversion, upscaled = maker.example(data, name.decode(), idx, int(label))
         except images_lib.BadImageError as e:
             log.warn(e.name, e.reason)
             with lock:
                 bad_data.add([1, 0, 0])
-            return (np.zeros((h, w, 3), np.float32), np.zeros((h, w, 1), np.float32),
-                    no_counts, False)
+            return (*blank, False)
         if conversion is not None or upscaled:
             with lock:
                 bad_data.add([0, conversion is not None, upscaled])
-        return image, maker.mask(idx), no_counts, True
-
-    specs = _element_spec(maker.image_size)
+        out[ex.BAD_DATA_KEY] = no_counts
+        return (*(out[key] for key in specs), True)
 
     def tf_make(k, element):
-        data, name = element
-        *out, ok = tf.numpy_function(make, [k, data, name],
-                                     [s.dtype for s in specs] + [tf.bool], stateful=False)
-        for t, s in zip(out, specs):
-            t.set_shape(s.shape)
+        data, name, label = element
+        *out, ok = tf.numpy_function(make, [k, data, name, label],
+                                     [s.dtype for s in specs.values()] + [tf.bool], stateful=False)
         ok.set_shape([])
-        return {"image": out[0], "mask": out[1], ex.BAD_DATA_KEY: out[2], "ok": ok}
+        return {**_set_shapes(out, specs), "ok": ok}
 
     ds = ds.enumerate().map(tf_make, num_parallel_calls=num_parallel_calls, deterministic=True)
     ds = ds.filter(lambda e: e["ok"])
     return ds.map(lambda e: {k: v for k, v in e.items() if k != "ok"})
 
 
-def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any,
+def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any = None,
                   seed: int, train: bool, shuffle_buffer: int = 10_000,
                   process_index: int | None = None, process_count: int | None = None,
                   resize_shorter: int | None = None, random_flip: bool = True,
                   max_upscale: float | None = 2.0, mask_seed: int | None = None,
                   num_epochs: int | None = None, drop_remainder: bool = True,
                   num_parallel_calls: int = tf.data.AUTOTUNE, prefetch: int = 2,
-                  bad_data: ex.BadDataStats | None = None) -> tf.data.Dataset:
+                  bad_data: ex.BadDataStats | None = None, fields: Sequence[str] = ("mask",),
+                  scale: int | None = None) -> tf.data.Dataset:
     """The ``tf.data.Dataset`` of batch dicts (with the internal ``_bad_data`` counts).
 
     Args:
@@ -258,6 +270,9 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
       drop_remainder: drop the last partial batch.
       bad_data: where TFDS ``tfrecord`` pipelines count bad records as they are read
         (random-access pipelines carry the counts in the batches instead).
+      fields: what the examples hold beside "image" (:data:`jattn.data.examples.FIELDS`);
+        ``mask_spec`` may be None without "mask".
+      scale: the downscaling factor of the "lowres" field.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -265,7 +280,8 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
     maker = ex.ExampleMaker(
         image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
-        resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale)
+        resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale,
+        fields=tuple(fields), scale=scale)
     if getattr(source, "random_access", True):
         order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
         ex.check_readable(source, maker)
@@ -278,7 +294,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
     return ds.prefetch(prefetch).with_options(_options())
 
 
-def make_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any,
+def make_dataset(source, *, image_size: int | Sequence[int], batch_size: int, mask_spec: Any = None,
                  seed: int, train: bool, shuffle_buffer: int = 10_000,
                  process_index: int | None = None, process_count: int | None = None,
                  **kwargs) -> TfDataIterator:

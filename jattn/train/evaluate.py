@@ -1,11 +1,13 @@
-"""Evaluation on a fixed set: the same images and the same hashed masks every time.
+"""Evaluation on a fixed set: the same images (and the same hashed masks) every time.
 
 The eval images are the first `config.eval_images` examples of the eval source (centre
-crops, in order); example i gets mask i of the eval mask set, built from
-`config.data.eval_mask` (default: the training masks) with a fixed seed and written to
-`WORKDIR/eval_masks/` with its SHA-256, so every evaluation of every run with that
-config sees bit-identical masks. Metrics (PSNR, SSIM, L1, L2, TV, and L1 inside the hole)
-compare the task's "output" (for inpainting, the composite) with the ground truth.
+crops, in order) with the task's fields (labels, low-res inputs, segmentation maps). For
+inpainting, example i gets mask i of the eval mask set, built from `config.data.eval_mask`
+(default: the training masks) with a fixed seed and written to `WORKDIR/eval_masks/` with
+its SHA-256, so every evaluation of every run with that config sees bit-identical masks.
+Metrics: the task's `eval_metrics(outputs, batch)` averaged over the set; by default the
+inpainting ones (PSNR, SSIM, L1, L2, TV, and L1 inside the hole of "output" against
+"image"). A task with its own whole-set evaluation (`Task.evaluate`, e.g. FID) uses it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from jattn import metrics as M
 from jattn.train.sharding import to_global_array
 
-__all__ = ["EVAL_MASK_SEED", "eval_mask_set", "evaluate"]
+__all__ = ["EVAL_MASK_SEED", "eval_mask_set", "eval_batches", "evaluate", "inpainting_metrics"]
 
 EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
 
@@ -41,12 +43,14 @@ def eval_mask_set(config, workdir: str | pathlib.Path):
     )
 
 
-def _eval_batches(config):
-    """Host batches of this process: images in order, with the eval set's masks."""
+def eval_batches(config, fields=("mask",)):
+    """Host batches of this process: images in order, with the task's fields (the eval
+    set's masks for inpainting)."""
     from jattn.data import make_dataset
     from jattn.data.sharding import per_process_batch_size
 
     d = config.data
+    mask = d.get("eval_mask") or d.get("mask")
     n = int(config.get("eval_images", 64))
     batch = per_process_batch_size(int(config.get("eval_batch_size", config.batch_size)), jax.process_count())
     it = make_dataset(
@@ -54,7 +58,9 @@ def _eval_batches(config):
         loader="grain",
         image_size=d.image_size,
         batch_size=batch,
-        mask_spec=_plain(d.get("eval_mask") or d.mask),
+        mask_spec=_plain(mask) if "mask" in fields else None,
+        fields=tuple(fields),
+        scale=d.get("scale"),
         seed=config.seed,
         mask_seed=EVAL_MASK_SEED,
         train=False,
@@ -67,33 +73,39 @@ def _eval_batches(config):
         if seen + len(b["image"]) > per_process:  # keep global batches whole
             break
         # mask index = source index, so these are the eval set's masks (checked by the data tests)
-        yield {"image": b["image"], "mask": b["mask"]}
+        yield {k: b[k] for k in ("image", *fields)}
         seen += len(b["image"])
 
 
-@jax.jit
-def _batch_metrics(output, image, mask):
-    out = M.summarize(output, image)
-    out["l1_hole"] = jnp.mean(M.l1(output, image, mask=mask))
+def inpainting_metrics(outputs: dict, batch: dict) -> dict[str, jax.Array]:
+    """PSNR, SSIM, L1, L2, TV of outputs["output"] against batch["image"], and the L1
+    inside the hole."""
+    output = outputs["output"].astype(jnp.float32)
+    out = M.summarize(output, batch["image"])
+    out["l1_hole"] = jnp.mean(M.l1(output, batch["image"], mask=batch["mask"]))
     return out
 
 
 def evaluate(task, state, config, mesh, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Mean metrics over the eval set (`eval_` prefixed), plus the mask set's SHA-256."""
-    mask_set = eval_mask_set(config, workdir)
-    predict = jax.jit(task.predict)
+    if getattr(task, "evaluate", None) is not None:
+        result = task.evaluate(state, config, mesh, eval_batches(config, task.fields))
+        return {f"eval_{k}": v for k, v in result.items()}
+    mask_set = eval_mask_set(config, workdir) if "mask" in task.fields else None
+    metric_fn = task.eval_metrics or inpainting_metrics
+    batch_metrics = jax.jit(lambda params, variables, batch: metric_fn(task.predict(params, variables, batch), batch))
     totals: dict[str, float] = {}
     count = 0
-    for host in _eval_batches(config):
+    for host in eval_batches(config, task.fields):
         batch = to_global_array(host, mesh)
-        output = predict(state.params, state.variables, batch)["output"]
         size = batch["image"].shape[0]
-        for k, v in jax.device_get(_batch_metrics(output.astype(jnp.float32), batch["image"], batch["mask"])).items():
+        for k, v in jax.device_get(batch_metrics(state.params, state.variables, batch)).items():
             totals[k] = totals.get(k, 0.0) + float(v) * size
         count += size
     if count == 0:
         raise ValueError("evaluation saw no images: eval_images must be at least the eval batch size")
     result = {f"eval_{k}": v / count for k, v in totals.items()}
     result["eval_images"] = count
-    result["eval_masks_sha256"] = mask_set.sha256
+    if mask_set is not None:
+        result["eval_masks_sha256"] = mask_set.sha256
     return result

@@ -29,7 +29,8 @@ from jattn.train.state import TrainState, create_state
 from jattn.train.steps import jit_update, run_updates
 from jattn.train.task import Task, build_task
 
-__all__ = ["NonFiniteLossError", "ConfigMismatchError", "train", "make_train_data", "learning_rates", "restore_for_eval"]
+__all__ = ["NonFiniteLossError", "ConfigMismatchError", "train", "make_train_data", "init_batch", "learning_rates",
+           "restore_for_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,27 @@ class ConfigMismatchError(ValueError):
 # --------------------------------------------------------------------------- set-up
 
 
-def make_train_data(config, *, process_index: int | None = None, process_count: int | None = None):
+def make_train_data(config, *, fields=None, process_index: int | None = None, process_count: int | None = None):
     """The training batch iterator of this process: grain (default; its position is saved in
     checkpoints, so a resumed run reads exactly the batches an uninterrupted one would) or
     tf.data (`data.loader = "tf"`, e.g. for TFDS tfrecord data; a resumed run restarts its
-    shuffled order)."""
+    shuffled order). `fields`: what the batches hold beside "image" (default: the task's)."""
     from jattn.data import make_dataset
     from jattn.data.sharding import per_process_batch_size
 
     process_count = jax.process_count() if process_count is None else process_count
     process_index = jax.process_index() if process_index is None else process_index
+    fields = build_task(config).fields if fields is None else tuple(fields)
     d = config.data
+    mask = d.get("mask")
     return make_dataset(
         d.source.to_dict() if hasattr(d.source, "to_dict") else dict(d.source),
         loader=d.get("loader", "grain"),
         image_size=d.image_size,
         batch_size=per_process_batch_size(config.batch_size, process_count),
-        mask_spec=d.mask.to_dict() if hasattr(d.mask, "to_dict") else d.mask,
+        mask_spec=mask.to_dict() if hasattr(mask, "to_dict") else mask,
+        fields=fields,
+        scale=d.get("scale"),
         seed=config.seed,
         train=True,
         shuffle_buffer=d.get("shuffle_buffer"),
@@ -71,14 +76,21 @@ def make_train_data(config, *, process_index: int | None = None, process_count: 
     )
 
 
-def _init_batch(config) -> dict:
+def init_batch(config, fields=("mask",)) -> dict:
+    """A batch of one example of zeros with `fields` (see `jattn.data.FIELDS`)."""
     size = config.data.image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return {"image": jnp.zeros((1, h, w, 3), jnp.float32), "mask": jnp.zeros((1, h, w, 1), jnp.float32)}
+    s = int(config.data.get("scale") or 1)
+    shapes = {"mask": ((1, h, w, 1), jnp.float32), "label": ((1,), jnp.int32),
+              "lowres": ((1, h // s, w // s, 3), jnp.float32), "segmentation": ((1, h, w), jnp.int32)}
+    batch = {"image": jnp.zeros((1, h, w, 3), jnp.float32)}
+    for f in fields:
+        batch[f] = jnp.zeros(*shapes[f])
+    return batch
 
 
 def _state_init_fn(task: Task, config):
-    batch = _init_batch(config)
+    batch = init_batch(config, task.fields)
 
     def init(key):
         params, variables = task.init(jax.random.fold_in(key, 0), batch)
@@ -105,10 +117,13 @@ def _model_block(config) -> dict:
 def _image_grid(images: dict[str, jax.Array], count: int) -> dict[str, np.ndarray]:
     """{"samples": [count * H, len(images) * W, 3]}: a row per example, a column per output
     (in the task's order, e.g. input, coarse, refined, output, flow); smaller outputs (the
-    flow picture) are repeated up to the image size, one channel is shown as gray."""
+    flow picture, a low-res input) are repeated up to the image size, one channel is shown
+    as gray; outputs that are not [B, h, w, 1 or 3] images (class logits) are left out."""
     columns = []
     height = width = None
     for arr in images.values():
+        if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            continue
         arr = np.asarray(jax.device_get(arr))[:count].astype(np.float32)
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
@@ -117,7 +132,7 @@ def _image_grid(images: dict[str, jax.Array], count: int) -> dict[str, np.ndarra
         if arr.shape[1:3] != (height, width):
             arr = np.repeat(np.repeat(arr, height // arr.shape[1], axis=1), width // arr.shape[2], axis=2)
         columns.append(np.concatenate(list(arr), axis=0))
-    return {"samples": np.concatenate(columns, axis=1)}
+    return {"samples": np.concatenate(columns, axis=1)} if columns else {}
 
 
 # --------------------------------------------------------------------------- train
@@ -135,7 +150,7 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
         best_metric=config.get("best_metric"),
         best_mode=config.get("best_mode", "max"),
     )
-    data = make_train_data(config) if data_iter is None else data_iter
+    data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
     # Only grain iterators have a state to checkpoint (get_state / set_state).
     saved_iter = data if hasattr(data, "get_state") else None
 

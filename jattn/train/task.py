@@ -32,7 +32,9 @@ class Task:
       (bicubic downscale by `data.scale`), "segmentation" [B, H, W] int32 (0 = background).
     eval_metrics(outputs, batch) -> dict of per-batch mean scalars (jittable); None: the
       inpainting metrics (PSNR, SSIM, L1, L2, TV, hole L1 of "output" against "image").
-    export_network: the network `jattn export` writes (None: "generator", else the only one)."""
+    export_network: the network `jattn export` writes (None: "generator", else the only one).
+    evaluate(state, config, mesh, host_batches) -> dict: a whole-eval-set evaluation (e.g.
+      IS / FID, which are not means of per-batch values) replacing the per-batch metrics."""
 
     name: str
     init: Callable[[jax.Array, dict], tuple[dict, dict]]
@@ -42,6 +44,7 @@ class Task:
     fields: tuple[str, ...] = ("mask",)
     eval_metrics: Callable[[dict, dict], dict[str, jax.Array]] | None = None
     export_network: str | None = None
+    evaluate: Callable[..., dict] | None = None
 
 
 _TASKS: dict[str, Callable[[Any], Task]] = {}
