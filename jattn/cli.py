@@ -3,8 +3,9 @@
     jattn train     train (or resume) a model from a config file into a workdir
     jattn eval      metrics of a workdir's checkpoint on the fixed eval set
     jattn import-deepfill   an official DeepFill TF checkpoint as a jattn workdir
-    jattn export    write a trained generator in a portable format (safetensors)
+    jattn export    write a trained generator in a portable format
     jattn inpaint   fill the holes of images with a trained checkpoint
+    jattn upscale   super-resolve images with a trained super-resolution checkpoint
     jattn demo      the main job on bundled data: a short training run, then an inpainted photo
     jattn devices   the JAX devices this process sees
 
@@ -106,7 +107,8 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     bar = None
     try:
         pairs = _inpaint_pairs(args.image, args.mask, args.output)
-        inpainter = Inpainter.from_checkpoint(args.checkpoint)
+        config = _load_config(argparse.Namespace(config=args.config, set=None, total_steps=None)) if args.config else None
+        inpainter = Inpainter.from_checkpoint(args.checkpoint, config)
         if len(pairs) > 1:
             from tqdm import tqdm
 
@@ -119,6 +121,46 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(json.dumps({"written": [str(o) for o in written]}))
+    return 0
+
+
+def _upscale_pairs(image: str, output: str) -> list[tuple]:
+    import pathlib
+
+    from jattn.data.sources import IMAGE_EXTENSIONS
+
+    img, out = pathlib.Path(image), pathlib.Path(output)
+    if not img.exists():
+        raise UserError(f"{img}: image not found")
+    if img.is_file():
+        return [(img, out)]
+    images = sorted(p for p in img.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise UserError(f"{img}: no images in this folder")
+    return [(p, out / (p.stem + ".png")) for p in images]
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from jattn.export.inference import InferenceError
+    from jattn.export.upscale import Upscaler, upscale_files
+
+    bar = None
+    try:
+        pairs = _upscale_pairs(args.image, args.output)
+        config = _load_config(argparse.Namespace(config=args.config, set=None, total_steps=None)) if args.config else None
+        upscaler = Upscaler.from_checkpoint(args.checkpoint, config)
+        if len(pairs) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(pairs), desc="upscale", unit="image")
+        written = upscale_files(upscaler, pairs, tile=args.tile, overlap=args.overlap,
+                                progress=bar.update if bar is not None else None)
+    except InferenceError as err:
+        raise UserError(str(err)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps({"written": [str(o) for o in written], "scale": upscaler.scale}))
     return 0
 
 
@@ -219,7 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--output", required=True, help="output image file, or folder in folder mode")
     inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
     inp.add_argument("--batch-size", type=int, default=8, help="folder mode: images of one size per model call")
+    inp.add_argument("--config", default=None, help="use this config file instead of the one saved with the checkpoint")
     inp.set_defaults(func=_cmd_inpaint)
+
+    up = sub.add_parser("upscale", help="super-resolve images with a trained super-resolution checkpoint")
+    up.add_argument("--checkpoint", required=True, help="a training workdir (latest checkpoint) or WORKDIR/checkpoints/STEP")
+    up.add_argument("--image", required=True, help="an image file, or a folder of images")
+    up.add_argument("--output", required=True, help="output image file, or folder in folder mode")
+    up.add_argument("--tile", type=int, default=None, help="process in tiles of this many low-res pixels (bounds memory)")
+    up.add_argument("--overlap", type=int, default=8, help="context pixels around each tile (default 8)")
+    up.add_argument("--config", default=None, help="use this config file instead of the one saved with the checkpoint")
+    up.set_defaults(func=_cmd_upscale)
 
     imp = sub.add_parser("import-deepfill", help="an official DeepFill TF checkpoint as a jattn workdir")
     imp.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (.../snap-0) or its folder")

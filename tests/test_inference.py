@@ -162,3 +162,24 @@ def test_jax_export_runs_without_jattn_model_code(workdir, tmp_path):
         for i in range(batch):
             ref = inpainter.predict(image[i], hole[i])["output"]
             np.testing.assert_allclose(got[i], ref, atol=1e-5)
+
+
+def test_a_config_that_does_not_match_the_checkpoint_is_one_line(workdir, tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    _write(tmp_path / "in.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    _write(tmp_path / "mask.png", _mask(16, 16))
+    cases = {
+        "width": ("import toy\ndef get_config():\n    return toy.toy_config(width=16)\n", "does not match the config's model"),
+        "name": ("import toy\ndef get_config():\n    c = toy.toy_config()\n    c.model.name = 'toy_classifier'\n    return c\n",
+                 "the config is for model 'toy_classifier' but the checkpoint holds 'toy_gan'"),
+    }
+    import sys, pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    for name, (text, message) in cases.items():
+        (tmp_path / f"{name}.py").write_text(text)
+        code = main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / "in.png"), "--mask",
+                     str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png"), "--config", str(tmp_path / f"{name}.py")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out.png").exists()

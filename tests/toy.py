@@ -11,9 +11,11 @@ from jattn.train.task import Task, make_optimizer, register_task
 
 
 class _G(nn.Module):
+    width: int = 8
+
     @nn.compact
     def __call__(self, x):
-        return jnp.tanh(nn.Conv(3, (3, 3))(nn.elu(nn.Conv(8, (3, 3))(x))))
+        return jnp.tanh(nn.Conv(3, (3, 3))(nn.elu(nn.Conv(self.width, (3, 3))(x))))
 
 
 class _D(nn.Module):
@@ -24,7 +26,7 @@ class _D(nn.Module):
 
 @register_task("toy_gan")
 def _toy_task(config):
-    g, d = _G(), _D()
+    g, d = _G(int(config.model.get("width", 8))), _D()
     poison = float(config.model.get("poison_after", -1))
 
     def init(key, batch):
@@ -110,3 +112,33 @@ def _toy_classifier(config):
     tx = make_optimizer(config.optimizer)
     return Task("toy_classifier", init, {"model": tx}, (Update("train", "model", loss_fn, tx),), predict,
                 fields=("label",), eval_metrics=metrics)
+
+
+class _Upscaler(nn.Module):
+    scale: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        s = self.scale
+        y = nn.Conv(3 * s * s, (3, 3))(nn.relu(nn.Conv(8, (3, 3))(x)))
+        b, h, w, _ = y.shape
+        y = y.reshape(b, h, w, s, s, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, 3)
+        return y + jnp.repeat(jnp.repeat(x, s, axis=1), s, axis=2)
+
+
+@register_task("toy_sr")
+def _toy_sr(config):
+    """A tiny super-resolution task (fields=("lowres",)); receptive field 2 low-res pixels."""
+    net = _Upscaler(int(config.data.scale))
+
+    def init(key, batch):
+        return {"model": net.init(key, batch["lowres"])["params"]}, {}
+
+    def loss_fn(params, variables, batch, key):
+        return jnp.mean(jnp.abs(net.apply({"params": params["model"]}, batch["lowres"]) - batch["image"])), ({}, {})
+
+    def predict(params, variables, batch):
+        return {"output": net.apply({"params": params["model"]}, batch["lowres"])}
+
+    tx = make_optimizer(config.optimizer)
+    return Task("toy_sr", init, {"model": tx}, (Update("train", "model", loss_fn, tx),), predict, fields=("lowres",))

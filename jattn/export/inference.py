@@ -20,13 +20,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-__all__ = ["InpaintError", "Inpainter", "read_image", "read_mask", "write_image", "inpaint_file", "inpaint_files"]
+__all__ = ["InferenceError", "InpaintError", "Inpainter", "restore_trained", "read_image", "read_mask", "write_image",
+           "inpaint_file", "inpaint_files"]
 
 MULTIPLE = 8  # DeepFill downsamples 3 times
 
 
-class InpaintError(ValueError):
+class InferenceError(ValueError):
     """Bad input for inference: the message names the file and the problem."""
+
+
+class InpaintError(InferenceError):
+    """Bad input for inpainting: the message names the file and the problem."""
 
 
 # --------------------------------------------------------------------------- files
@@ -91,18 +96,54 @@ def write_image(path: str | pathlib.Path, image: np.ndarray) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def _resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def _resolve_checkpoint(path: str | pathlib.Path, error=InpaintError) -> tuple[pathlib.Path, int | None]:
     """(workdir, step or None for latest) from a workdir or a checkpoint step folder."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise InpaintError(f"{path}: checkpoint not found")
+        raise error(f"{path}: checkpoint not found")
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
     if (path / "checkpoints").is_dir():
         return path, None
     if path.name == "checkpoints":
         return path.parent, None
-    raise InpaintError(f"{path}: not a jattn workdir or checkpoint folder (no checkpoints/ inside)")
+    raise error(f"{path}: not a jattn workdir or checkpoint folder (no checkpoints/ inside)")
+
+
+def restore_trained(path: str | pathlib.Path, config=None, error=InpaintError):
+    """(task, state, config) of a workdir (latest checkpoint) or a checkpoint step folder.
+
+    The model config is the one saved with the checkpoint unless `config` is given; a
+    config whose model does not match the checkpoint's parameters is an `error` naming both.
+    """
+    from jattn.train.checkpoint import Checkpointer
+    from jattn.train.loop import restore_for_eval
+
+    workdir, step = _resolve_checkpoint(path, error)
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        saved = ckpt.restore_config(step)
+    except Exception as err:  # noqa: BLE001
+        raise error(f"{path}: cannot read the checkpoint's config ({err})") from None
+    finally:
+        ckpt.close()
+    if config is None:
+        if not saved:
+            raise error(f"{path}: no checkpoint with a saved config")
+        config = ml_collections.ConfigDict(saved)
+    elif saved and saved.get("model") is not None:
+        given = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+        if given.get("name") != saved["model"].get("name"):
+            raise error(f"{path}: the config is for model {given.get('name')!r} but the checkpoint holds "
+                        f"{saved['model'].get('name')!r}")
+    try:
+        task, state, _, _ = restore_for_eval(config, workdir, step)
+    except FileNotFoundError as err:
+        raise error(f"{path}: checkpoint does not restore ({err})") from None
+    except (ValueError, RuntimeError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise error(f"{path}: checkpoint does not match the config's model {dict(config.model)} ({first})") from None
+    return task, state, config
 
 
 class Inpainter:
@@ -114,25 +155,11 @@ class Inpainter:
         self._predict = jax.jit(task.predict)
 
     @classmethod
-    def from_checkpoint(cls, path: str | pathlib.Path) -> Inpainter:
-        from jattn.train.checkpoint import Checkpointer
-        from jattn.train.loop import restore_for_eval
-
-        workdir, step = _resolve_checkpoint(path)
-        ckpt = Checkpointer(workdir / "checkpoints")
-        try:
-            saved = ckpt.restore_config(step)
-        except Exception as err:  # noqa: BLE001
-            raise InpaintError(f"{path}: cannot read the checkpoint's config ({err})") from None
-        finally:
-            ckpt.close()
-        if not saved:
-            raise InpaintError(f"{path}: no checkpoint with a saved config")
-        config = ml_collections.ConfigDict(saved)
-        try:
-            task, state, _, _ = restore_for_eval(config, workdir, step)
-        except (FileNotFoundError, ValueError, RuntimeError) as err:
-            raise InpaintError(f"{path}: checkpoint does not restore ({err})") from None
+    def from_checkpoint(cls, path: str | pathlib.Path, config=None) -> Inpainter:
+        """From a workdir or checkpoint folder; `config` (optional) replaces the saved one."""
+        task, state, config = restore_trained(path, config, InpaintError)
+        if "mask" not in task.fields:
+            raise InpaintError(f"{path}: model {config.model.name!r} is not an inpainting model")
         return cls(task, state.params, state.variables, config)
 
     def predict_batch(self, images: np.ndarray, holes: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,74 @@
+"""`jattn upscale`: whole images and tiles agree, folder mode, clear errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jattn.cli import main
+from jattn.export.upscale import Upscaler
+from jattn.train.loop import train
+from toy import toy_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("sr")
+    cfg = toy_config(total=3)
+    cfg.model.name = "toy_sr"
+    cfg.data.mask = None
+    cfg.data.scale = 2
+    cfg.image_every = 0
+    result = train(cfg, wd, progress=False)
+    assert result["step"] == 3
+    return wd
+
+
+def test_tiles_equal_the_whole_image(workdir):
+    up = Upscaler.from_checkpoint(workdir)
+    image = np.random.default_rng(0).integers(0, 255, (37, 50, 3), dtype=np.uint8)
+    whole = up(image)
+    assert whole.shape == (74, 100, 3) and whole.dtype == np.uint8
+    # overlap >= the network's receptive radius: tiles reproduce the whole exactly
+    np.testing.assert_array_equal(up(image, tile=16, overlap=4), whole)
+    # no overlap: the tile borders differ (the check above is not vacuous)
+    assert not np.array_equal(up(image, tile=16, overlap=0), whole)
+
+
+def test_cli_file_and_folder(workdir, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    for name, size in (("a", (20, 24)), ("b", (17, 9))):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{name}.png")
+    assert main(["upscale", "--checkpoint", str(workdir), "--image", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "a.png")).shape == (40, 48, 3)
+    assert np.asarray(Image.open(tmp_path / "out" / "b.png")).shape == (34, 18, 3)
+    assert main(["upscale", "--checkpoint", str(workdir), "--image", str(tmp_path / "in" / "a.png"),
+                 "--output", str(tmp_path / "one.png"), "--tile", "8"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "out" / "a.png")))
+    capsys.readouterr()
+
+
+def test_bad_inputs(workdir, tmp_path, capsys):
+    from toy import toy_config as cfg  # noqa: F401  (an inpainting checkpoint for the wrong-model case)
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    cases = [
+        (["--checkpoint", str(workdir), "--image", str(tmp_path / "missing.png")], "image not found"),
+        (["--checkpoint", str(workdir), "--image", str(tmp_path / "bad.png")], "not a readable image"),
+        (["--checkpoint", str(tmp_path / "nowhere"), "--image", str(tmp_path / "bad.png")], "checkpoint not found"),
+    ]
+    for args, message in cases:
+        code = main(["upscale", *args, "--output", str(tmp_path / "out.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out.png").exists()
+
+
+def test_an_inpainting_checkpoint_is_refused(tmp_path, capsys):
+    wd = tmp_path / "inpaint"
+    cfg = toy_config(total=1)
+    cfg.image_every = 0
+    train(cfg, wd, progress=False)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    code = main(["upscale", "--checkpoint", str(wd), "--image", str(tmp_path / "x.png"), "--output", str(tmp_path / "o.png")])
+    assert code == 2 and "not a super-resolution model" in capsys.readouterr().err
