@@ -169,7 +169,7 @@ def _cmd_import_deepfill(args: argparse.Namespace) -> int:
 
     from jattn.demo import default_demo_config
 
-    config_path = args.config or pathlib.Path(default_demo_config()).with_name("deepfill_v1_base.py")
+    config_path = args.config or pathlib.Path(default_demo_config()).with_name(f"deepfill_{args.version}_base.py")
     config = _load_config(argparse.Namespace(config=config_path, set=args.set, total_steps=None))
     from jattn.export.deepfill_import import import_official_checkpoint
 
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (.../snap-0) or its folder")
     imp.add_argument("--version", default="v1", choices=["v1", "v2"])
     imp.add_argument("--output", required=True, help="new workdir to write (checkpoint 0)")
-    imp.add_argument("--config", default=None, help="config to store with it (default: configs/deepfill_v1_base.py)")
+    imp.add_argument("--config", default=None, help="config to store with it (default: configs/deepfill_<version>_base.py)")
     imp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     imp.set_defaults(func=_cmd_import_deepfill)
 

@@ -11,6 +11,11 @@ with neuralgym's GAN helpers, defaults of the official ``inpaint.yml``):
 * :func:`local_crop` -- ``local_patch``, with one box per image;
 * :func:`deepfill_v1_losses` -- the official loss dict.
 
+DeepFill v2 (master of the same repository, SN-PatchGAN, neuralgym ``gan_hinge_loss``):
+
+* :func:`deepfill_v2_losses` -- the official loss dict (ae loss, hinge losses on the
+  SN-PatchGAN scores of ``[real; completed]`` images with the mask channel).
+
 Also hinge and non-saturating GAN losses for later models.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "deepfill_v1_ae_loss",
     "deepfill_v1_l1_loss",
     "deepfill_v1_losses",
+    "deepfill_v2_losses",
     "gradient_penalty",
     "hinge_d_loss",
     "hinge_g_loss",
@@ -329,3 +335,84 @@ def deepfill_v1_losses(
         "d_interp_global": d_interp_global,
         "batch_complete": batch_complete,
     }
+
+
+# --------------------------------------------------------------------------- DeepFill v2
+
+
+def deepfill_v2_losses(
+    critic: Callable,
+    batch_pos: jax.Array,
+    x1: jax.Array,
+    x2: jax.Array,
+    mask: jax.Array,
+    *,
+    critic_has_aux: bool = False,
+    l1_loss_alpha: float = 1.0,
+    gan_loss_alpha: float = 1.0,
+    gan_with_mask: bool = True,
+    ae_loss: bool = True,
+) -> dict[str, jax.Array]:
+    """The official DeepFill v2 losses (``build_graph_with_losses`` with ``gan: sngan``).
+
+    ``ae_loss = l1_loss_alpha * (mean|gt - x1| + mean|gt - x2|)`` over whole images;
+    ``batch_complete = x2 * mask + batch_incomplete * (1 - mask)`` with
+    ``batch_incomplete = gt * (1 - mask)`` (as the official graph); the critic scores
+    ``[gt; batch_complete]`` (with the mask as a 4th channel when ``gan_with_mask``) in one
+    call; neuralgym ``gan_hinge_loss`` on its split ``pos, neg``:
+    ``d_loss = 0.5 mean(relu(1 - pos)) + 0.5 mean(relu(1 + neg))``, ``g_hinge = -mean(neg)``;
+    ``g_loss = gan_loss_alpha * g_hinge (+ ae_loss when ae_loss)``.
+
+    Args:
+      critic: ``[2B, H, W, C] -> [2B, K]`` scores (C = 4 with the mask, else 3); with
+        ``critic_has_aux`` it returns ``(scores, aux)`` (e.g. the updated spectral-norm
+        vectors), passed back as ``out["critic_aux"]``.
+      batch_pos: ground truth ``[B, H, W, 3]`` in [-1, 1].
+      x1, x2: the generator's coarse / refined outputs ``[B, H, W, 3]``.
+      mask: ``[1 or B, H, W, 1]``, 1 = hole (one shared mask is tiled, as the official code).
+      l1_loss_alpha, gan_loss_alpha, gan_with_mask, ae_loss: the official config entries
+        (defaults: the official ``inpaint.yml``).
+
+    Returns:
+      dict with the official entries ``ae_loss``, ``g_loss`` (total generator loss),
+      ``d_loss``, and ``g_loss_gan`` (``-mean(neg)``, unweighted), ``d_hinge_pos``,
+      ``d_hinge_neg``, ``d_pos_neg`` ``[2B, K]`` (real rows first), ``batch_complete``
+      ``[B, H, W, 3]``; ``critic_aux`` with ``critic_has_aux``.
+
+    Gradients flow to everything; a training step takes the grad of ``g_loss`` w.r.t. the
+    generator and of ``d_loss`` w.r.t. the critic (stop-gradient x1 / x2 for the latter).
+    """
+    batch = batch_pos.shape[0]
+    batch_incomplete = batch_pos * (1.0 - mask)
+    batch_complete = x2 * mask + batch_incomplete * (1.0 - mask)
+    ae = l1_loss_alpha * l1_loss(batch_pos, x1) + l1_loss_alpha * l1_loss(batch_pos, x2)
+
+    pos_neg = jnp.concatenate([batch_pos, batch_complete], axis=0)
+    if gan_with_mask:
+        masks = jnp.broadcast_to(mask, (batch, *mask.shape[1:])).astype(pos_neg.dtype)
+        pos_neg = jnp.concatenate([pos_neg, jnp.concatenate([masks, masks], axis=0)], axis=-1)
+    scores = critic(pos_neg)
+    aux = None
+    if critic_has_aux:
+        scores, aux = scores
+    scores = jnp.asarray(scores, jnp.float32)
+    pos, neg = jnp.split(scores, 2)
+    hinge_pos = jnp.mean(jax.nn.relu(1.0 - pos))
+    hinge_neg = jnp.mean(jax.nn.relu(1.0 + neg))
+    g_gan = hinge_g_loss(neg)
+    g_loss = gan_loss_alpha * g_gan
+    if ae_loss:
+        g_loss = g_loss + ae
+    out = {
+        "ae_loss": ae,
+        "g_loss": g_loss,
+        "d_loss": 0.5 * hinge_pos + 0.5 * hinge_neg,
+        "g_loss_gan": g_gan,
+        "d_hinge_pos": hinge_pos,
+        "d_hinge_neg": hinge_neg,
+        "d_pos_neg": scores,
+        "batch_complete": batch_complete,
+    }
+    if critic_has_aux:
+        out["critic_aux"] = aux
+    return out

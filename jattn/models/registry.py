@@ -80,3 +80,32 @@ def _deepfill_v1(
         image_size=image_size,
         local_size=local_size,
     )
+
+
+# --------------------------------------------------------------------------- DeepFill v2
+
+from jattn.models.deepfill_v2 import DeepFillV2Generator, SNPatchGANCritic  # noqa: E402
+
+__all__ += ["DeepFillV2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepFillV2:
+    """DeepFill v2: the gated generator and its SN-PatchGAN critic (any image size)."""
+
+    generator: DeepFillV2Generator
+    critic: SNPatchGANCritic
+
+
+@register("deepfill_v2")
+def _deepfill_v2(
+    cnum: int = 48,
+    critic_cnum: int = 64,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    ca_block_size: int | None = None,
+) -> DeepFillV2:
+    return DeepFillV2(
+        generator=DeepFillV2Generator(cnum=cnum, dtype=dtype, param_dtype=param_dtype, ca_block_size=ca_block_size),
+        critic=SNPatchGANCritic(cnum=critic_cnum, dtype=dtype, param_dtype=param_dtype),
+    )

@@ -1,0 +1,103 @@
+"""DeepFill v2 on the shared engine: gated generator, SN-PatchGAN critic, hinge loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn import losses as L
+from jattn.models.deepfill_v2 import DeepFillV2Generator, SNPatchGANCritic, offsets_to_flow_v2
+from jattn.train.steps import Update
+from jattn.train.task import Task, make_optimizer, register_task
+
+__all__ = ["deepfill_v2_task"]
+
+#: loss-block entries and their official defaults (inpaint.yml of the v2 code).
+LOSS_DEFAULTS = {"l1_loss_alpha": 1.0, "gan_loss_alpha": 1.0, "gan_with_mask": True, "ae_loss": True}
+
+
+def _loss_weights(config) -> dict:
+    block = config.get("loss") or {}
+    block = dict(block.to_dict() if hasattr(block, "to_dict") else block)
+    unknown = sorted(set(block) - set(LOSS_DEFAULTS))
+    if unknown:
+        raise ValueError(f"deepfill_v2: unknown loss setting(s) {unknown}; known: {sorted(LOSS_DEFAULTS)}")
+    return {**LOSS_DEFAULTS, **block}
+
+
+@register_task("deepfill_v2")
+def deepfill_v2_task(config) -> Task:
+    """DeepFill v2: `n_critic` (official 1) SN-PatchGAN hinge updates, then one generator update.
+
+    Config: model.{cnum (official 48), critic_cnum (64), ca_block_size}, loss.{l1_loss_alpha,
+    gan_loss_alpha, gan_with_mask, ae_loss}, optimizer.{generator, critic}.{lr, b1, b2, ...}
+    (official Adam 1e-4, (0.5, 0.999)), n_critic, compute_dtype.
+
+    The critic's spectral-norm vectors live in `variables["critic"]["batch_stats"]`; every
+    critic forward pass (in the critic's and in the generator's update, as every run of the
+    official graph) does one power iteration and returns the updated vectors. Each image has
+    its own mask; the critic sees `[image, mask]` of the real and the completed images.
+    """
+    m = config.model
+    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+    gen = DeepFillV2Generator(cnum=int(m.get("cnum", 48)), dtype=dtype, ca_block_size=m.get("ca_block_size"))
+    critic = SNPatchGANCritic(cnum=int(m.get("critic_cnum", 64)), dtype=dtype)
+    weights = _loss_weights(config)
+
+    def init(key, batch):
+        image, mask = batch["image"], batch["mask"]
+        g = gen.init(jax.random.fold_in(key, 0), image * (1 - mask), mask)["params"]
+        channels = 4 if weights["gan_with_mask"] else 3
+        d = critic.init(jax.random.fold_in(key, 1), jnp.zeros((*image.shape[:3], channels), image.dtype))
+        return {"generator": g, "critic": d["params"]}, {"critic": {"batch_stats": d["batch_stats"]}}
+
+    def forward(params, batch):
+        x_in = batch["image"] * (1.0 - batch["mask"])
+        x1, x2, offsets = gen.apply({"params": params["generator"]}, x_in, batch["mask"])
+        return x_in, x1.astype(jnp.float32), x2.astype(jnp.float32), offsets
+
+    def all_losses(params, variables, batch, *, critic_update):
+        _, x1, x2, _ = forward(params, batch)
+        if critic_update:
+            x1, x2 = jax.lax.stop_gradient(x1), jax.lax.stop_gradient(x2)
+
+        def score(x):
+            return critic.apply(
+                {"params": params["critic"], **variables["critic"]}, x, update_stats=True, mutable=["batch_stats"]
+            )
+
+        out = L.deepfill_v2_losses(score, batch["image"], x1, x2, batch["mask"], critic_has_aux=True, **weights)
+        return out, {"critic": dict(out["critic_aux"])}
+
+    def critic_loss(params, variables, batch, key):
+        del key
+        out, new_vars = all_losses(params, variables, batch, critic_update=True)
+        metrics = {"d_hinge_pos": out["d_hinge_pos"], "d_hinge_neg": out["d_hinge_neg"]}
+        return out["d_loss"], (metrics, new_vars)
+
+    def generator_loss(params, variables, batch, key):
+        del key
+        out, new_vars = all_losses(params, variables, batch, critic_update=False)
+        metrics = {"ae_loss": out["ae_loss"], "g_loss_gan": out["g_loss_gan"]}
+        return out["g_loss"], (metrics, new_vars)
+
+    def predict(params, variables, batch):
+        del variables
+        x_in, x1, x2, offsets = forward(params, batch)
+        mask = batch["mask"]
+        return {
+            "input": x_in + mask,  # the hole shown white
+            "coarse": x1,
+            "refined": x2,
+            "output": x2 * mask + x_in * (1.0 - mask),
+            "flow": offsets_to_flow_v2(offsets),
+        }
+
+    optimizers = {
+        "generator": make_optimizer(config.optimizer.generator, config.get("learning_rate")),
+        "critic": make_optimizer(config.optimizer.critic, config.get("learning_rate")),
+    }
+    d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)
+    g_update = Update("g", "generator", generator_loss, optimizers["generator"])
+    n_critic = int(config.get("n_critic", 1))
+    return Task("deepfill_v2", init, optimizers, (d_update,) * n_critic + (g_update,), predict)
