@@ -182,12 +182,16 @@ def _cmd_import_deepfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from jattn.export.formats import ExportError, export_jax, export_safetensors
+    from jattn.export import formats
 
-    exporter = {"safetensors": export_safetensors, "jax-export": export_jax}[args.format]
+    exporter = {"safetensors": formats.export_safetensors, "jax-export": formats.export_jax,
+                "saved_model": formats.export_saved_model, "onnx": formats.export_onnx}[args.format]
+    kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    if kwargs and args.format not in ("saved_model", "onnx"):
+        raise UserError(f"--batch-size applies to saved_model and onnx exports, not {args.format}")
     try:
-        metadata = exporter(args.workdir, args.output, step=args.step)
-    except (ExportError, FileNotFoundError) as err:
+        metadata = exporter(args.workdir, args.output, step=args.step, **kwargs)
+    except (formats.ExportError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     print(json.dumps({"written": str(args.output), **metadata}))
     return 0
@@ -283,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a trained generator in a portable format")
     exp.add_argument("--workdir", required=True)
-    exp.add_argument("--format", required=True, choices=["safetensors", "jax-export"], help="export format")
-    exp.add_argument("--output", required=True, help="output file")
+    exp.add_argument("--format", required=True, choices=["safetensors", "jax-export", "saved_model", "onnx"],
+                     help="export format (see docs/export.md)")
+    exp.add_argument("--output", required=True, help="output file (a folder for saved_model)")
+    exp.add_argument("--batch-size", type=int, default=None,
+                     help="saved_model / onnx: a fixed batch size (default: any for saved_model, 1 for onnx)")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     exp.set_defaults(func=_cmd_export)
 

@@ -9,20 +9,43 @@ image size). Run it without jattn: `jax.export.deserialize(data).call(image, mas
 "/" (e.g. `conv1/kernel`, as the official DeepFill variable names), float32, with the
 model config, the step and jattn's provenance as metadata. Loadable without jattn:
 `safetensors.numpy.load_file(path)` or `safetensors.torch.load_file(path)`.
+
+`saved_model`: the same inpainting function as a TensorFlow SavedModel (through
+`jax.experimental.jax2tf`, native serialization: a StableHLO module inside a
+`tf.XlaCallModule` op, lowered for CPU, CUDA and TPU), the weights as `tf.Variable`s, one
+`serving_default` signature `(image, mask) -> {"output"}`: servable by TF Serving, or
+`tf.saved_model.load(path).signatures["serving_default"](image=..., mask=...)`.
+
+`onnx` (optional extra `jattn[onnx]`): the same function as an ONNX model through
+`jax2onnx`, weights as initializers, a static batch size; runs in onnxruntime:
+`InferenceSession(path).run(["output"], {"image": ..., "mask": ...})`.
+
+See docs/export.md for loading each format without jattn.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-__all__ = ["ExportError", "flatten_params", "export_safetensors", "load_safetensors", "export_jax", "load_jax_export"]
+__all__ = [
+    "ExportError",
+    "flatten_params",
+    "export_safetensors",
+    "load_safetensors",
+    "export_jax",
+    "load_jax_export",
+    "export_saved_model",
+    "export_onnx",
+]
 
 
 class ExportError(ValueError):
@@ -62,7 +85,11 @@ def _restore(workdir, step):
         ckpt.close()
     if not saved:
         raise ExportError(f"{workdir}: no checkpoint with a saved config")
-    task, state, _, restored_step = restore_for_eval(ml_collections.ConfigDict(saved), workdir, step)
+    try:
+        task, state, _, restored_step = restore_for_eval(ml_collections.ConfigDict(saved), workdir, step)
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{workdir}: checkpoint does not restore ({first})") from None
     return saved, task, state, restored_step
 
 
@@ -72,6 +99,10 @@ def _write_atomic(output, write) -> pathlib.Path:
     tmp = output.with_name(f".{output.name}.tmp")
     try:
         write(tmp)
+        if tmp.is_file():  # some writers create 0600 files: use the usual umask-based mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, output)
     finally:
         if tmp.exists():
@@ -79,12 +110,30 @@ def _write_atomic(output, write) -> pathlib.Path:
     return output
 
 
+def _image_hw(saved: dict) -> tuple[int, int]:
+    """(H, W) of the model's input: the saved config's data.image_size (int or pair)."""
+    size = saved.get("data", {}).get("image_size")
+    if size is None:
+        raise ExportError("the checkpoint's config has no data.image_size")
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _inpaint_fn(task, variables):
+    """`inpaint(params, image [B, H, W, 3], mask [B, H, W, 1]) -> composite [B, H, W, 3]` float32."""
+
+    def inpaint(params, image, mask):
+        out = task.predict(params, variables, {"image": image, "mask": mask})["output"]
+        return out.astype(np.float32)
+
+    return inpaint
+
+
 def export_safetensors(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int | None = None) -> dict:
     """Write the workdir's (latest or `step`) generator weights to `output`; returns the metadata."""
     from safetensors.numpy import save_file
 
-    saved, _, state, restored_step = _restore(workdir, step)
-    network = _deployed_network(state.params)
+    saved, task, state, restored_step = _restore(workdir, step)
+    network = task.export_network or _deployed_network(state.params)
     tensors = flatten_params(state.params[network])
     metadata = {
         "format": "jattn-safetensors-1",
@@ -104,13 +153,8 @@ def export_jax(workdir, output, *, step: int | None = None, platforms=("cpu", "c
     import jax.numpy as jnp
 
     saved, task, state, restored_step = _restore(workdir, step)
-    size = saved.get("data", {}).get("image_size")
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    params, variables = state.params, state.variables
-
-    def inpaint(image, mask):
-        out = task.predict(params, variables, {"image": image, "mask": mask})["output"]
-        return out.astype(jnp.float32)
+    h, w = _image_hw(saved)
+    inpaint = functools.partial(_inpaint_fn(task, state.variables), state.params)
 
     (b,) = jax.export.symbolic_shape("b")
     exported = jax.export.export(jax.jit(inpaint), platforms=tuple(platforms))(
@@ -145,3 +189,250 @@ def load_safetensors(path: str | pathlib.Path) -> tuple[dict, dict]:
                 node = node.setdefault(p, {})
             node[leaf] = f.get_tensor(name)
     return nested, metadata
+
+
+# --------------------------------------------------------------------------- served graphs
+# SavedModel and ONNX: the inpainting function as a graph for another runtime, checked
+# against JAX on a probe batch before it is moved into place.
+
+SAVED_MODEL_META = "assets.extra/jattn_export.json"  # TF Serving ignores assets.extra/
+ONNX_EXTRA = "pip install 'jattn[onnx]'"
+
+
+def _inpainting_export(workdir, step, batch_size) -> tuple[dict, int, tuple[int, int], Any, dict]:
+    """(saved config, restored step, (H, W), inpaint(params, image, mask), the params it
+    reads: only the deployed network's when that suffices, e.g. a generator without its
+    critic, else every network's)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ExportError(f"batch_size must be a positive integer, got {batch_size!r}")
+    saved, task, state, restored_step = _restore(workdir, step)
+    if "mask" not in task.fields:
+        raise ExportError(f"model {task.name!r} is not an inpainting model (no mask input): "
+                          "export its weights with the safetensors format instead")
+    h, w = _image_hw(saved)
+    inpaint = _inpaint_fn(task, state.variables)
+    specs = [jax.ShapeDtypeStruct((1, h, w, c), np.float32) for c in (3, 1)]
+    network = task.export_network or _deployed_network(state.params)
+    params = {network: state.params[network]}
+    try:
+        jax.eval_shape(inpaint, params, *specs)
+    except KeyError:
+        params = state.params
+    return saved, restored_step, (h, w), inpaint, params
+
+
+def _probe_batch(b: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed image [B, H, W, 3] in [-1, 1] and a central box mask [B, H, W, 1]."""
+    image = np.random.default_rng(0).uniform(-1.0, 1.0, (b, h, w, 3)).astype(np.float32)
+    mask = np.zeros((b, h, w, 1), np.float32)
+    mask[:, h // 4 : h - h // 4, w // 4 : w - w // 4] = 1.0
+    return image, mask
+
+
+def _verify(run, inpaint, params, b: int, h: int, w: int, runtime: str, atol: float = 1e-4) -> float:
+    """Max |run(image, mask) - JAX| on the probe batch; ExportError if it fails or differs."""
+    image, mask = _probe_batch(b, h, w)
+    expected = np.asarray(jax.jit(inpaint)(params, image, mask))
+    try:
+        got = np.asarray(run(image, mask))
+    except Exception as err:  # noqa: BLE001 - any failure there means an unusable export
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ExportError(f"the exported model does not run in {runtime}: {type(err).__name__}: {first}") from err
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= atol:
+        raise ExportError(f"the exported model's output in {runtime} differs from JAX's by {diff:.3g} (> {atol})")
+    return diff
+
+
+def _check_output_dir(output: pathlib.Path) -> None:
+    if output.is_file():
+        raise ExportError(f"{output}: is a file; a SavedModel is a folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / "saved_model.pb").is_file():
+        raise ExportError(f"{output}: exists and is not a SavedModel (not replaced)")
+
+
+def _write_dir_atomic(output: pathlib.Path, write) -> None:
+    """`write(tmp)` fills `.<name>.tmp` beside `output`, which then replaces `output`;
+    on failure nothing is left (and an earlier `output` is kept)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if not output.exists():
+            os.replace(tmp, output)
+            return
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+        try:
+            os.replace(tmp, output)
+        except OSError:
+            os.replace(old, output)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_saved_model(workdir, output, *, step: int | None = None, batch_size: int | None = None,
+                       platforms=("cpu", "cuda", "tpu"), verify: bool = True) -> dict:
+    """Write the inpainting function of the workdir's checkpoint as a TF SavedModel folder.
+
+    Signature `serving_default(image float32 [B, H, W, 3] in [-1, 1], mask float32
+    [B, H, W, 1], 1 = hole) -> {"output": float32 [B, H, W, 3]}`, H, W the config's
+    data.image_size. `batch_size` None: B is polymorphic (jax2tf shape polymorphism);
+    an int fixes B (for a TensorFlow that cannot run the polymorphic module). jax2tf's
+    native serialization (its only mode since JAX 0.4.31: a StableHLO module lowered for
+    `platforms` inside a `tf.XlaCallModule` op). The weights are `tf.Variable`s (stored in
+    `variables/`, not in the graph: no 2 GB protobuf limit, visible to TF tools). With
+    `verify`, the written model is loaded back and run in TensorFlow (CPU) on a probe
+    batch against JAX before it replaces `output`; nothing is left on failure. Returns the
+    metadata (also in `<output>/assets.extra/jattn_export.json`).
+    """
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    from jattn.data.tfdata import hide_gpus_from_tf
+
+    hide_gpus_from_tf()  # TF only traces and checks here; the accelerators stay JAX's
+    output = pathlib.Path(output)
+    _check_output_dir(output)
+    saved, restored_step, (h, w), inpaint, params = _inpainting_export(workdir, step, batch_size)
+    b = int(batch_size) if batch_size is not None else None
+
+    to_tf = jax2tf.convert(inpaint, polymorphic_shapes=None if b else [None, "(b, _, _, _)", "(b, _, _, _)"],
+                           with_gradient=False, native_serialization_platforms=tuple(platforms))
+    module = tf.Module()
+    module.params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: tf.Variable(np.asarray(jax.device_get(leaf)), trainable=False,
+                                       name="/".join(str(getattr(k, "key", k)) for k in path)),
+        params,
+    )
+
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([b, h, w, 3], tf.float32, name="image"),
+                                                   tf.TensorSpec([b, h, w, 1], tf.float32, name="mask")])
+    def serve(image, mask):
+        return {"output": to_tf(module.params, image, mask)}
+
+    module.serve = serve
+    meta = {"format": "saved_model", "step": restored_step, "image_size": [h, w], "batch_size": b,
+            "platforms": list(platforms), "networks": sorted(params),
+            "signature": "serving_default(image [B, H, W, 3], mask [B, H, W, 1]) -> output [B, H, W, 3]",
+            "tensorflow": tf.__version__, "jax": jax.__version__, "model": saved.get("model"), "jattn": saved.get("jattn")}
+
+    def write(tmp: pathlib.Path) -> None:
+        try:
+            tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
+        except Exception as err:  # noqa: BLE001 - conversion errors name the primitive
+            hint = "" if b else " (try a static batch size: --batch-size N)"
+            raise ExportError(f"jax2tf could not convert the model{hint}: {type(err).__name__}: {err}") from err
+        if verify and "cpu" in platforms:
+            def run(image, mask):
+                sig = tf.saved_model.load(str(tmp)).signatures["serving_default"]
+                return sig(image=tf.constant(image), mask=tf.constant(mask))["output"].numpy()
+
+            runtime = f"TensorFlow {tf.__version__}" + ("" if b else " (polymorphic batch: try --batch-size N)")
+            meta["verified_max_abs_diff"] = _verify(run, inpaint, params, b or 2, h, w, runtime)
+        (tmp / SAVED_MODEL_META).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / SAVED_MODEL_META).write_text(json.dumps(meta, indent=2))
+
+    _write_dir_atomic(output, write)
+    return meta
+
+
+def _import_onnx_tools():
+    """(jax2onnx, onnx_ir, onnxruntime), or an ExportError naming the extra to install."""
+    try:
+        import jax2onnx
+        import onnx_ir
+        import onnxruntime
+    except ImportError as err:
+        raise ExportError(f"ONNX export needs the optional dependencies ({err.name} is missing): {ONNX_EXTRA}") from None
+    return jax2onnx, onnx_ir, onnxruntime
+
+
+def export_onnx(workdir, output, *, step: int | None = None, batch_size: int | None = 1, opset: int = 23,
+                verify: bool = True) -> dict:
+    """Write the inpainting function of the workdir's checkpoint as an ONNX model (jax2onnx).
+
+    Inputs `image` float32 [B, H, W, 3] in [-1, 1] and `mask` float32 [B, H, W, 1]
+    (1 = hole), output `output` float32 [B, H, W, 3]; H, W the config's data.image_size;
+    the weights are initializers (constants) of the graph. B is `batch_size` (static, 1 by
+    default); None asks for a dynamic batch, which jax2onnx 0.13 cannot lower for models
+    whose layers are nested `jax.jit` calls with a symbolic batch (DeepFill: `pad`, `rem`
+    in contextual attention; see docs/export.md). Unused nodes are removed; the jattn
+    metadata is in the model's metadata_props["jattn"]. With `verify`, the file is run
+    in onnxruntime (CPU) on a probe batch against JAX before it replaces `output`.
+    Needs the optional extra: `pip install 'jattn[onnx]'`.
+    """
+    import contextlib
+    import io
+    import logging
+
+    jax2onnx, ir, ort = _import_onnx_tools()
+    saved, restored_step, (h, w), inpaint, params = _inpainting_export(workdir, step, batch_size)
+    b = int(batch_size) if batch_size is not None else "B"
+    meta = {"format": "onnx", "step": restored_step, "image_size": [h, w],
+            "batch_size": b if batch_size is not None else None, "opset": opset, "networks": sorted(params),
+            "inputs": {"image": [b, h, w, 3], "mask": [b, h, w, 1]}, "outputs": {"output": [b, h, w, 3]},
+            "jax2onnx": _dist_version("jax2onnx"),
+            "onnxruntime": ort.__version__, "jax": jax.__version__, "model": saved.get("model"), "jattn": saved.get("jattn")}
+
+    # jax2onnx 0.13 prints debug lines from its Flax Conv plugin and logs tracebacks for
+    # its dm_pix plugins (which do not import under JAX 0.10): keep both off the CLI's output.
+    noisy = logging.getLogger("jax2onnx.plugins.plugin_system")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = jax2onnx.to_onnx(lambda image, mask: inpaint(params, image, mask),
+                                     inputs=[(b, h, w, 3), (b, h, w, 1)], model_name="jattn_inpaint", opset=opset,
+                                     input_names=["image", "mask"], output_names=["output"], return_mode="ir")
+    except Exception as err:  # noqa: BLE001 - conversion errors name the primitive
+        hint = "" if batch_size is not None else " with a dynamic batch (use a static batch size: --batch-size N)"
+        raise ExportError(f"jax2onnx could not convert the model{_failing_plugin(err)}{hint}: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    finally:
+        noisy.setLevel(level)
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+    model.metadata_props["jattn"] = json.dumps(meta)
+    data = ir.to_proto(model).SerializeToString()
+
+    def write(tmp) -> None:
+        pathlib.Path(tmp).write_bytes(data)
+        if verify:
+            def run(image, mask):
+                options = ort.SessionOptions()
+                options.log_severity_level = 3  # hide its warnings on constants its optimizer folded
+                session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
+                return session.run(["output"], {"image": image, "mask": mask})[0]
+
+            meta["verified_max_abs_diff"] = _verify(run, inpaint, params, b if batch_size is not None else 2, h, w,
+                                                    f"onnxruntime {ort.__version__}")
+
+    _write_atomic(output, write)
+    return meta
+
+
+def _failing_plugin(err: BaseException) -> str:
+    """Where in jax2onnx `err` was raised, e.g. `" in its lowering of lax.rem"` for its
+    plugin `jax/lax/rem.py` (the nested-jit plugin that called it is skipped); else ""."""
+    import traceback
+
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        path = frame.filename.replace(os.sep, "/")
+        if "/jax2onnx/plugins/" in path and not path.endswith("/core/jit.py"):
+            name = path.split("/jax2onnx/plugins/")[1].removesuffix(".py").replace("/", ".")
+            return f" in its lowering of {name.removeprefix('jax.')}"
+    return ""
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
