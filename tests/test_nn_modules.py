@@ -453,3 +453,14 @@ def test_module_jit_and_vmap():
     ys = jax.jit(jax.vmap(model.apply, in_axes=(None, 0)))(v, xs)
     np.testing.assert_allclose(ys[0], y, atol=1e-6)
     np.testing.assert_allclose(ys[1], model.apply(v, 2 * X), atol=1e-5)
+
+
+def test_spectral_norm_layers_keep_float32_params_with_bf16_compute():
+    from jattn.nn import SNConv, SNDense
+
+    x = jnp.ones((1, 8, 8, 3), jnp.bfloat16)
+    for layer, inp in ((SNConv(4, 3, dtype=jnp.bfloat16), x), (SNDense(4, dtype=jnp.bfloat16), x.reshape(1, -1))):
+        variables = layer.init(jax.random.key(0), inp, update_stats=True)
+        assert {p.dtype for p in jax.tree_util.tree_leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+        y, _ = layer.apply(variables, inp, update_stats=True, mutable=["batch_stats"])
+        assert y.dtype == jnp.bfloat16

@@ -214,7 +214,7 @@ class SNConv(nn.Module):
             param_dtype=self.param_dtype, name="conv",
         )
         return nn.SpectralNorm(
-            conv, n_steps=self.n_steps, epsilon=self.epsilon, dtype=self.dtype,
+            conv, n_steps=self.n_steps, epsilon=self.epsilon, dtype=None,  # a bf16 dtype here would store the kernel params in bf16
             param_dtype=self.param_dtype, name="sn",
         )(x, update_stats=update_stats)
 
@@ -243,6 +243,6 @@ class SNDense(nn.Module):
             param_dtype=self.param_dtype, name="dense",
         )
         return nn.SpectralNorm(
-            dense, n_steps=self.n_steps, epsilon=self.epsilon, dtype=self.dtype,
+            dense, n_steps=self.n_steps, epsilon=self.epsilon, dtype=None,  # a bf16 dtype here would store the kernel params in bf16
             param_dtype=self.param_dtype, name="sn",
         )(x, update_stats=update_stats)

@@ -90,7 +90,7 @@ def evaluate(task, state, config, mesh, workdir: str | pathlib.Path) -> dict[str
     """Mean metrics over the eval set (`eval_` prefixed), plus the mask set's SHA-256."""
     if getattr(task, "evaluate", None) is not None:
         result = task.evaluate(state, config, mesh, eval_batches(config, task.fields))
-        return {f"eval_{k}": v for k, v in result.items()}
+        return {k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()}
     mask_set = eval_mask_set(config, workdir) if "mask" in task.fields else None
     metric_fn = task.eval_metrics or inpainting_metrics
     batch_metrics = jax.jit(lambda params, variables, batch: metric_fn(task.predict(params, variables, batch), batch))
