@@ -45,7 +45,7 @@ def run_demo(path: pathlib.Path, workdir: pathlib.Path) -> dict:
     t0 = time.perf_counter()
     result = train(config, workdir, progress=False)
     seconds = time.perf_counter() - t0
-    logs = [r for r in read_metrics(workdir) if any(k.endswith("_loss") for k in r)]
+    logs = [r for r in read_metrics(workdir) if any(k.endswith("_loss") and not k.startswith("eval_") for k in r)]
     first, last = logs[0], logs[-1]
     losses = {k: (first[k], last[k]) for k in last if k.endswith("_loss") and k in first}
     evals = {k: v for k, v in (result.get("eval") or {}).items() if isinstance(v, float)}

@@ -3,9 +3,25 @@
 from jattn.models import registry
 from jattn.models.deepfill import DeepFillV1Critics, DeepFillV1Generator, DisConv, offsets_to_flow
 from jattn.models.deepfill_v2 import DeepFillV2Generator, SNPatchGANCritic, offsets_to_flow_v2
-from jattn.models.registry import DeepFillV1, DeepFillV2, get, names, register
+from jattn.models.registry import GAN, DeepFillV1, DeepFillV2, get, names, register
+from jattn.models.classifiers import SEResNet, se_resnet18, se_resnet50, se_resnet_cifar
+from jattn.models.rcan import RCAN
+from jattn.models.sa_inpaint import PatchCritic, SAInpaintGenerator
+from jattn.models.sagan import SAGANDiscriminator, SAGANGenerator
+from jattn.models.unet import AttentionUNet
 
 __all__ = [
+    "AttentionUNet",
+    "GAN",
+    "PatchCritic",
+    "RCAN",
+    "SAGANDiscriminator",
+    "SAGANGenerator",
+    "SAInpaintGenerator",
+    "SEResNet",
+    "se_resnet18",
+    "se_resnet50",
+    "se_resnet_cifar",
     "DeepFillV1",
     "DeepFillV1Critics",
     "DeepFillV1Generator",

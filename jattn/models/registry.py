@@ -109,3 +109,42 @@ def _deepfill_v2(
         generator=DeepFillV2Generator(cnum=cnum, dtype=dtype, param_dtype=param_dtype, ca_block_size=ca_block_size),
         critic=SNPatchGANCritic(cnum=critic_cnum, dtype=dtype, param_dtype=param_dtype),
     )
+
+
+# --------------------------------------------------------------------------- the other models
+
+from jattn.models.classifiers import SEResNet, se_resnet18, se_resnet50, se_resnet_cifar  # noqa: E402
+from jattn.models.rcan import RCAN  # noqa: E402
+from jattn.models.sa_inpaint import PatchCritic, SAInpaintGenerator  # noqa: E402
+from jattn.models.sagan import SAGANDiscriminator, SAGANGenerator  # noqa: E402
+from jattn.models.unet import AttentionUNet  # noqa: E402
+
+__all__ += ["GAN"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GAN:
+    """A generator and its critic (discriminator)."""
+
+    generator: Any
+    critic: Any
+
+
+@register("sagan")
+def _sagan(image_size: int = 128, num_classes: int = 0, **kwargs: Any) -> GAN:
+    """SAGAN: keyword arguments go to both networks (ch, attention_resolution, dtype, ...)."""
+    return GAN(SAGANGenerator(image_size=image_size, num_classes=num_classes, **kwargs),
+               SAGANDiscriminator(image_size=image_size, num_classes=num_classes, **kwargs))
+
+
+@register("sa_inpaint")
+def _sa_inpaint(**kwargs: Any) -> GAN:
+    return GAN(SAInpaintGenerator(**kwargs), PatchCritic())
+
+
+register("rcan")(RCAN)
+register("se_resnet")(SEResNet)
+register("se_resnet18")(se_resnet18)
+register("se_resnet50")(se_resnet50)
+register("se_resnet_cifar")(se_resnet_cifar)
+register("attention_unet")(AttentionUNet)

@@ -1,0 +1,64 @@
+"""RCAN x2 on DIV2K with the paper's training settings (Zhang et al. 2018, RCAN_TrainCode).
+
+10 residual groups x 20 RCABs, 64 features, reduction 16; batch 16 of 48x48 low-res patches
+(96x96 high-res crops, ``data.image_size = 48 * scale``); L1 loss; Adam lr 1e-4, betas
+(0.9, 0.999); 1000 epochs of 1000 iterations. The paper halves the learning rate every 200k
+iterations: jattn's optimizer has no step schedule yet, so this config keeps it constant
+(``optimizer.schedule``; a "step" schedule is requested from the engine).
+
+Data: the high-res DIV2K images (TFDS ``div2k/bicubic_x2``, feature ``hr``); jattn builds the
+low-res input itself by bicubic downscaling by ``data.scale`` (the "lowres" field), so any
+``div2k/*`` config's ``hr`` images serve. Prepare once as array_record for grain:
+    tfds build div2k/bicubic_x2 --file_format=array_record --data_dir=$DATA
+then `jattn train --config configs/rcan_div2k_x2.py --workdir ... --set data.source.data_dir=$DATA`.
+Evaluation: the 100 DIV2K validation images (crops of ``data.image_size``), Y-channel PSNR /
+SSIM with ``scale`` pixels shaved, against the bicubic baseline (eval_bicubic_*).
+"""
+
+import ml_collections
+
+
+def rcan_config(scale: int) -> ml_collections.ConfigDict:
+    """The paper's RCAN settings for ``scale`` (2, 3, 4, 8) on DIV2K."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(
+        {"name": "rcan", "n_resgroups": 10, "n_resblocks": 20, "n_feats": 64, "reduction": 16,
+         "non_local": False, "res_scale": 1.0}
+    )
+    tfds_name = f"div2k/bicubic_x{scale}"
+    c.data = ml_collections.ConfigDict()
+    c.data.source = {"kind": "tfds", "name": tfds_name, "split": "train", "image_key": "hr", "data_dir": None,
+                     "file_format": "array_record"}
+    c.data.eval_source = {"kind": "tfds", "name": tfds_name, "split": "validation", "image_key": "hr",
+                          "data_dir": None, "file_format": "array_record"}
+    c.data.loader = "grain"
+    c.data.image_size = 48 * scale  # high-res crop; the low-res patch is 48x48
+    c.data.scale = scale
+    c.data.mask = None  # no inpainting masks
+    c.data.eval_mask = None
+    c.data.shuffle_buffer = None
+    c.data.worker_count = 0
+    c.batch_size = 16
+    c.total_steps = 1_000_000
+    c.compute_dtype = "float32"
+    c.learning_rate = 1e-4
+    c.optimizer = ml_collections.ConfigDict(
+        {"lr": None, "b1": 0.9, "b2": 0.999, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
+    )
+    c.loss = ml_collections.ConfigDict({})  # L1 only
+    c.log_every = 100
+    c.image_every = 5000
+    c.checkpoint_every = 10000
+    c.eval_every = 10000
+    c.eval_images = 96  # 100 validation images, whole batches of 16
+    c.eval_batch_size = 16
+    c.keep_checkpoints = 3
+    c.best_metric = "eval_psnr_y"
+    c.best_mode = "max"
+    c.skip_nonfinite = False
+    return c
+
+
+def get_config():
+    return rcan_config(2)

@@ -1,0 +1,11 @@
+"""RCAN x4 on DIV2K (paper settings; see rcan_div2k_x2.py): 192x192 high-res crops, 48x48 low-res
+patches, two x2 pixel-shuffle steps, 15,592,355 trainable parameters (15,592,379 in the
+official PyTorch count, which includes its two fixed MeanShift 1x1 convs).
+    tfds build div2k/bicubic_x4 --file_format=array_record --data_dir=$DATA
+"""
+
+import rcan_div2k_x2
+
+
+def get_config():
+    return rcan_div2k_x2.rcan_config(4)

@@ -1,0 +1,81 @@
+"""SE-ResNet image classification: softmax cross-entropy on ("image", "label") batches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jattn.models.classifiers import PRESETS, SEResNet
+from jattn.train.task import Task, register_task
+from jattn.train.tasks._supervised import compute_dtype, plain, supervised_task
+
+__all__ = ["se_resnet_task", "build_se_resnet", "cross_entropy", "classification_metrics"]
+
+
+def build_se_resnet(model_block, dtype=None) -> SEResNet:
+    """The SE-ResNet of a config's model block: ``preset`` ("se_resnet18", "se_resnet50",
+    "se_resnet_cifar" with ``depth``) or explicit ``stage_sizes`` / ``width`` / ``bottleneck`` /
+    ``cifar_stem``; ``num_classes``, ``reduction``, ``zero_init_last_bn`` in either case."""
+    kw = plain(model_block)
+    kw.pop("name", None)
+    preset = kw.pop("preset", None)
+    num_classes = int(kw.pop("num_classes"))
+    if "stage_sizes" in kw:
+        kw["stage_sizes"] = tuple(int(n) for n in kw["stage_sizes"])
+    if preset is None:
+        return SEResNet(num_classes=num_classes, dtype=dtype, **kw)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown SE-ResNet preset {preset!r}; known: {sorted(PRESETS)}")
+    return PRESETS[preset](num_classes, dtype=dtype, **kw)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy of ``logits [B, K]`` against int ``labels [B]``, with
+    optional label smoothing (targets ``(1 - s) one_hot + s / K``)."""
+    if label_smoothing:
+        k = logits.shape[-1]
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, k), label_smoothing)
+        return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Batch means: ``accuracy`` (top-1), ``top5_accuracy`` (when there are >= 5 classes) and
+    ``loss`` (cross-entropy, no smoothing). ``logits [B, K]``, ``labels [B]`` int."""
+    labels = labels.astype(jnp.int32)
+    out = {"accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
+    if logits.shape[-1] >= 5:
+        top5 = jax.lax.top_k(logits, 5)[1]
+        out["top5_accuracy"] = jnp.mean(jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32))
+    out["loss"] = cross_entropy(logits.astype(jnp.float32), labels)
+    return out
+
+
+@register_task("se_resnet")
+def se_resnet_task(config) -> Task:
+    """SE-ResNet: one cross-entropy update per step; batch norm statistics are updated in
+    the train step (returned as the network's new variables) and used in ``predict``.
+
+    Config: model.{num_classes, preset | stage_sizes, width, bottleneck, cifar_stem;
+    reduction, zero_init_last_bn, depth (cifar preset)}; loss.label_smoothing (0);
+    optimizer (Adam); compute_dtype.
+    predict: "output" (logits ``[B, num_classes]``).
+    eval_metrics: :func:`classification_metrics`.
+    """
+    model = build_se_resnet(config.model, compute_dtype(config))
+    smoothing = float(plain(config.get("loss")).get("label_smoothing", 0.0))
+
+    def loss(logits, batch):
+        value = cross_entropy(logits, batch["label"], smoothing)
+        acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        return value, {"accuracy": acc}
+
+    def predict(run, batch):
+        return {"output": run()}
+
+    def eval_metrics(outputs, batch):
+        return classification_metrics(outputs["output"], batch["label"])
+
+    return supervised_task("se_resnet", config, model, inputs=lambda b: (b["image"],), loss=loss, predict=predict,
+                           fields=("label",), eval_metrics=eval_metrics)

@@ -1,0 +1,102 @@
+"""Self-attention inpainting: L1 + adversarial generator, PatchGAN critic; one critic update,
+then one generator update, per step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn import losses as L
+from jattn.models.sa_inpaint import PatchCritic, SAInpaintGenerator
+from jattn.train.steps import Update
+from jattn.train.task import Task, register_task
+from jattn.train.tasks._supervised import apply_net, compute_dtype, init_net, net_optimizer, plain
+
+__all__ = ["sa_inpaint_task", "masked_l1", "GAN_LOSSES"]
+
+#: name -> (critic loss(pos, neg), generator loss(neg)), on the critic's logits.
+GAN_LOSSES = {
+    "hinge": (L.hinge_d_loss, L.hinge_g_loss),
+    "nonsaturating": (L.nonsaturating_d_loss, L.nonsaturating_g_loss),
+}
+
+
+def masked_l1(a: jax.Array, b: jax.Array, weight: jax.Array) -> jax.Array:
+    """``sum(|a - b| * weight) / sum(weight broadcast to a)``: the mean absolute error over
+    the weighted pixels of the whole batch (0 when the weight is all zero)."""
+    w = jnp.broadcast_to(weight, a.shape)
+    return jnp.sum(jnp.abs(a - b) * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+@register_task("sa_inpaint")
+def sa_inpaint_task(config) -> Task:
+    """Self-attention inpainting GAN.
+
+    Config: model.{widths (64, 128, 256), attention, critic_widths (64, 128, 256, 512),
+    spectral_norm}; loss.{l1_hole (1.0), l1_valid (1.0), adv (0.01), gan ("hinge" |
+    "nonsaturating")}; optimizer.{generator, critic} (Adam); n_critic (critic updates per
+    generator update, 1); compute_dtype.
+
+    Losses: the critic sees ``[image, mask]`` (real) and ``[composite, mask]`` (fake, the
+    generator's output inside the hole pasted on the known pixels); the generator loss is
+    ``l1_hole * L1(hole) + l1_valid * L1(known) + adv * gan_g_loss`` on its raw output.
+    predict: "input" (hole shown white), "raw", "output" (the composite).
+    """
+    m, dtype = config.model, compute_dtype(config)
+    gen = SAInpaintGenerator(tuple(m.get("widths", (64, 128, 256))), attention=bool(m.get("attention", True)),
+                             dtype=dtype)
+    critic = PatchCritic(tuple(m.get("critic_widths", (64, 128, 256, 512))),
+                         spectral_norm=bool(m.get("spectral_norm", False)), dtype=dtype)
+    w = plain(config.get("loss"))
+    w_hole, w_valid, w_adv = float(w.get("l1_hole", 1.0)), float(w.get("l1_valid", 1.0)), float(w.get("adv", 0.01))
+    gan = w.get("gan", "hinge")
+    if gan not in GAN_LOSSES:
+        raise ValueError(f"unknown loss.gan {gan!r}; use one of {sorted(GAN_LOSSES)}")
+    d_gan, g_gan = GAN_LOSSES[gan]
+
+    def init(key, batch):
+        image, mask = batch["image"], batch["mask"]
+        g_params, g_vars = init_net(gen, jax.random.fold_in(key, 0), image, mask)
+        d_params, d_vars = init_net(critic, jax.random.fold_in(key, 1), image, mask, train=False)
+        return {"generator": g_params, "critic": d_params}, {"generator": g_vars, "critic": d_vars}
+
+    def complete(params, batch):
+        mask = batch["mask"]
+        raw = gen.apply({"params": params["generator"]}, batch["image"], mask)
+        return raw, raw * mask + batch["image"] * (1.0 - mask)
+
+    def score(params, variables, image, mask, train):
+        return apply_net(critic, params["critic"], variables.get("critic", {}), image, mask, train=train)
+
+    def critic_loss(params, variables, batch, key):
+        del key
+        _, comp = complete(params, batch)
+        image, mask = batch["image"], batch["mask"]
+        both = jnp.concatenate([image, jax.lax.stop_gradient(comp)], axis=0)
+        masks = jnp.concatenate([jnp.broadcast_to(mask, (image.shape[0], *mask.shape[1:]))] * 2, axis=0)
+        logits, new_vars = score(params, variables, both, masks, True)  # one call: one power iteration
+        pos, neg = jnp.split(logits, 2)
+        loss = d_gan(pos, neg)
+        return loss, ({"d_real": jnp.mean(pos), "d_fake": jnp.mean(neg)}, {"critic": new_vars} if new_vars else {})
+
+    def generator_loss(params, variables, batch, key):
+        del key
+        raw, comp = complete(params, batch)
+        image, mask = batch["image"], batch["mask"]
+        l1_hole, l1_valid = masked_l1(raw, image, mask), masked_l1(raw, image, 1.0 - mask)
+        neg, _ = score(params, variables, comp, mask, False)
+        adv = g_gan(neg)
+        loss = w_hole * l1_hole + w_valid * l1_valid + w_adv * adv
+        return loss, ({"l1_loss": l1_hole + l1_valid, "l1_hole": l1_hole, "l1_valid": l1_valid, "g_loss_gan": adv}, {})
+
+    def predict(params, variables, batch):
+        del variables
+        raw, comp = complete(params, batch)
+        return {"input": batch["image"] * (1.0 - batch["mask"]) + batch["mask"], "raw": raw, "output": comp}
+
+    optimizers = {"generator": net_optimizer(config, "generator"), "critic": net_optimizer(config, "critic")}
+    d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)
+    g_update = Update("g", "generator", generator_loss, optimizers["generator"])
+    n_critic = int(config.get("n_critic", 1) or 1)
+    return Task("sa_inpaint", init, optimizers, (d_update,) * n_critic + (g_update,), predict, fields=("mask",),
+                export_network="generator")
