@@ -158,14 +158,23 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     init = _state_init_fn(task, config)
     key = jax.random.key(config.seed)
     shapes = jax.eval_shape(init, key)
-    restored = ckpt.restore(abstract_state(shapes, replicated(mesh)), data_iter=saved_iter)
-    if restored is not None:
-        saved_model = (restored.config or {}).get("model")
+    def check_model(saved: dict | None) -> None:
+        saved_model = (saved or {}).get("model")
         if saved_model is not None and saved_model != _model_block(config):
             raise ConfigMismatchError(
                 f"{workdir}: the checkpoints were written with model {saved_model}, "
                 f"but the config asks for {_model_block(config)}"
             )
+
+    try:  # before any array is read: a different model would fail to restore with a vaguer error
+        check_model(ckpt.restore_config())
+    except ConfigMismatchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unreadable latest config: restore() reports and falls back
+        log.warning("could not read the latest checkpoint's config (%s)", err)
+    restored = ckpt.restore(abstract_state(shapes, replicated(mesh)), data_iter=saved_iter)
+    if restored is not None:
+        check_model(restored.config)
         state = restored.state
         log.info("resumed from step %d", restored.step)
     else:
