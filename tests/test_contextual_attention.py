@@ -85,10 +85,10 @@ def _inputs(seed=0, batch=2, size=32, channels=4):
 BLOCK_CASES = [
     # size, rate, fuse_k, fuse, block_size
     (32, 1, 3, True, 64),
-    (32, 1, 3, True, 1),
+    pytest.param(32, 1, 3, True, 1, marks=pytest.mark.slow),  # one-row blocks (CI time: slow)
     (64, 2, 3, True, 64),
-    (48, 2, 3, True, 96),
-    (32, 1, 5, True, 64),
+    pytest.param(48, 2, 3, True, 96, marks=pytest.mark.slow),
+    pytest.param(32, 1, 5, True, 64, marks=pytest.mark.slow),
     (32, 1, 4, True, 64),  # even fuse_k: asymmetric offsets
     (32, 2, 3, False, 16),
 ]
@@ -126,7 +126,7 @@ def test_blocked_path_really_blocks():
     assert "scan" not in str(dense)
 
 
-@pytest.mark.parametrize("rate", [1, 2])
+@pytest.mark.parametrize("rate", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_per_image_masks_equal_running_each_image_alone(rate):
     f, masks = _inputs(batch=3, size=32)
     masks[2, 20:, 5:30] = 1
