@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jattn import losses as L
 from jattn.models.deepfill import DeepFillV1Critics, DeepFillV1Generator, offsets_to_flow
 from jattn.ops.masks import hole_boxes
-from jattn.train.steps import Update
-from jattn.train.task import Task, make_optimizer, register_task
+from jattn.train.task import Task, register_task
+from jattn.train.tasks._gan import critic_generator_updates, inpainting_outputs
 
 __all__ = ["deepfill_v1_task"]
 
@@ -84,20 +84,7 @@ def deepfill_v1_task(config) -> Task:
     def predict(params, variables, batch):
         del variables
         x_in, x1, x2, offsets = forward(params, batch)
-        mask = batch["mask"]
-        return {
-            "input": x_in + mask,  # the hole shown white
-            "coarse": x1,
-            "refined": x2,
-            "output": x2 * mask + x_in * (1.0 - mask),
-            "flow": offsets_to_flow(offsets),
-        }
+        return inpainting_outputs(x_in, x1, x2, batch["mask"], offsets_to_flow(offsets))
 
-    optimizers = {
-        "generator": make_optimizer(config.optimizer.generator, config.get("learning_rate")),
-        "critic": make_optimizer(config.optimizer.critic, config.get("learning_rate")),
-    }
-    d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)
-    g_update = Update("g", "generator", generator_loss, optimizers["generator"])
-    n_critic = int(config.get("n_critic", 5))
-    return Task("deepfill_v1", init, optimizers, (d_update,) * n_critic + (g_update,), predict)
+    optimizers, updates = critic_generator_updates(config, critic_loss, generator_loss, default_n_critic=5)
+    return Task("deepfill_v1", init, optimizers, updates, predict)
