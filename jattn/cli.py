@@ -101,25 +101,40 @@ def _inpaint_pairs(image: str, mask: str, output: str):
     return [(p, masks[p.stem], out / (p.stem + ".png")) for p in images]
 
 
-def _cmd_inpaint(args: argparse.Namespace) -> int:
-    from jattn.export.inference import InpaintError, Inpainter, inpaint_files
+def _run_inference(args: argparse.Namespace, pairs: list, load, process, desc: str) -> tuple[object, list]:
+    """Shared by inpaint / upscale: the optional --config, the model from --checkpoint
+    (`load(path, config)`), a progress bar for several files, `process(model, pairs,
+    progress)`; inference errors become one-line user errors. Returns (model, written)."""
+    from jattn.export.inference import InferenceError
 
     bar = None
     try:
-        pairs = _inpaint_pairs(args.image, args.mask, args.output)
         config = _load_config(argparse.Namespace(config=args.config, set=None, total_steps=None)) if args.config else None
-        inpainter = Inpainter.from_checkpoint(args.checkpoint, config)
+        model = load(args.checkpoint, config)
         if len(pairs) > 1:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(pairs), desc="inpaint", unit="image")
-        written = inpaint_files(inpainter, pairs, save_flow=args.save_flow, batch_size=args.batch_size,
-                                progress=bar.update if bar is not None else None)
-    except InpaintError as err:
+            bar = tqdm(total=len(pairs), desc=desc, unit="image")
+        written = process(model, pairs, bar.update if bar is not None else None)
+    except InferenceError as err:
         raise UserError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
+    return model, written
+
+
+def _cmd_inpaint(args: argparse.Namespace) -> int:
+    from jattn.export.inference import InpaintError, Inpainter, inpaint_files
+
+    try:
+        pairs = _inpaint_pairs(args.image, args.mask, args.output)
+    except InpaintError as err:
+        raise UserError(str(err)) from None
+    _, written = _run_inference(
+        args, pairs, Inpainter.from_checkpoint,
+        lambda m, p, progress: inpaint_files(m, p, save_flow=args.save_flow, batch_size=args.batch_size, progress=progress),
+        "inpaint")
     print(json.dumps({"written": [str(o) for o in written]}))
     return 0
 
@@ -141,25 +156,13 @@ def _upscale_pairs(image: str, output: str) -> list[tuple]:
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
-    from jattn.export.inference import InferenceError
     from jattn.export.upscale import Upscaler, upscale_files
 
-    bar = None
-    try:
-        pairs = _upscale_pairs(args.image, args.output)
-        config = _load_config(argparse.Namespace(config=args.config, set=None, total_steps=None)) if args.config else None
-        upscaler = Upscaler.from_checkpoint(args.checkpoint, config)
-        if len(pairs) > 1:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(pairs), desc="upscale", unit="image")
-        written = upscale_files(upscaler, pairs, tile=args.tile, overlap=args.overlap,
-                                progress=bar.update if bar is not None else None)
-    except InferenceError as err:
-        raise UserError(str(err)) from None
-    finally:
-        if bar is not None:
-            bar.close()
+    pairs = _upscale_pairs(args.image, args.output)
+    upscaler, written = _run_inference(
+        args, pairs, Upscaler.from_checkpoint,
+        lambda m, p, progress: upscale_files(m, p, tile=args.tile, overlap=args.overlap, progress=progress),
+        "upscale")
     print(json.dumps({"written": [str(o) for o in written], "scale": upscaler.scale}))
     return 0
 
