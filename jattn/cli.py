@@ -192,6 +192,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
     if kwargs and args.format not in ("saved_model", "onnx"):
         raise UserError(f"--batch-size applies to saved_model and onnx exports, not {args.format}")
+    if args.spatial is not None:
+        if args.format != "jax-export":
+            raise UserError(f"--spatial applies to jax-export, not {args.format}")
+        kwargs["spatial"] = args.spatial
     try:
         metadata = exporter(args.workdir, args.output, step=args.step, **kwargs)
     except (formats.ExportError, FileNotFoundError) as err:
@@ -262,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     inp = sub.add_parser("inpaint", help="fill the holes of images with a trained checkpoint")
-    inp.add_argument("--checkpoint", required=True, help="a training workdir (latest checkpoint) or WORKDIR/checkpoints/STEP")
+    inp.add_argument("--checkpoint", required=True,
+                     help="a training workdir (latest checkpoint), WORKDIR/checkpoints/STEP, or a jax-export file")
     inp.add_argument("--image", required=True, help="an image file, or a folder of images")
     inp.add_argument("--mask", required=True, help="a mask image (white = hole, same size), or a folder paired by name")
     inp.add_argument("--output", required=True, help="output image file, or folder in folder mode")
@@ -295,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", required=True, help="output file (a folder for saved_model)")
     exp.add_argument("--batch-size", type=int, default=None,
                      help="saved_model / onnx: a fixed batch size (default: any for saved_model, 1 for onnx)")
+    exp.add_argument("--spatial", choices=["any", "fixed"], default=None,
+                     help="jax-export: H, W any multiples of 8 (default) or fixed to the config's image size")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     exp.set_defaults(func=_cmd_export)
 

@@ -1,12 +1,14 @@
 """`jattn inpaint` and `jattn.inpaint`: any size and mode, known pixels kept, clear errors."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import jattn
 from jattn.cli import main
-from jattn.export.inference import Inpainter, read_image
+from jattn.export.inference import InpaintError, Inpainter, read_image
 from jattn.train.loop import train
 from toy import toy_config
 
@@ -132,7 +134,7 @@ def test_safetensors_export_matches_the_checkpoint(workdir, tmp_path, capsys):
     assert main(["export", "--workdir", str(workdir), "--format", "safetensors", "--output", str(out)]) == 0
     flat = load_file(str(out))  # plain NumPy, no jattn needed
     inpainter = Inpainter.from_checkpoint(workdir)
-    params = inpainter._params["generator"]
+    params = inpainter.params["generator"]
     expected = {f"{layer}/{name}": np.asarray(v) for layer, d in params.items() for name, v in d.items()}
     assert set(flat) == set(expected)
     for k, v in expected.items():
@@ -162,6 +164,54 @@ def test_jax_export_runs_without_jattn_model_code(workdir, tmp_path):
         for i in range(batch):
             ref = inpainter.predict(image[i], hole[i])["output"]
             np.testing.assert_allclose(got[i], ref, atol=1e-5)
+
+
+def test_inpaint_from_a_jax_export_of_any_size(workdir, tmp_path, capsys):
+    out = tmp_path / "model.jax"
+    assert main(["export", "--workdir", str(workdir), "--format", "jax-export", "--output", str(out)]) == 0
+    meta = json.loads((tmp_path / "model.jax.json").read_text())
+    assert meta["spatial"] == "any" and meta["multiple"] == 8 and meta["verified_max_abs_diff"] <= 1e-5
+    h, w = 37, 53  # padded to 40 x 56 by reflection: not the trained 16 x 16
+    rng = np.random.default_rng(7)
+    _write(tmp_path / "in.png", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    _write(tmp_path / "mask.png", _mask(h, w))
+    args = ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png")]
+    assert main(["inpaint", "--checkpoint", str(out), *args, "--output", str(tmp_path / "a.png")]) == 0
+    assert main(["inpaint", "--checkpoint", str(workdir), *args, "--output", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in "ab")
+    assert a.shape == (h, w, 3) and np.abs(a - b).max() <= 1  # the export equals the checkpoint
+    image = read_image(tmp_path / "in.png")
+    np.testing.assert_array_equal(jattn.inpaint(str(out), image, _mask(h, w) > 0), a.astype(np.uint8))
+    capsys.readouterr()
+    # no flow in an export: refused before anything is written
+    assert main(["inpaint", "--checkpoint", str(out), *args, "--output", str(tmp_path / "c.png"), "--save-flow"]) == 2
+    assert "no attention flow" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
+    # a file that is not an export, and --config with an export
+    (tmp_path / "junk.jax").write_bytes(b"not an export")
+    assert main(["inpaint", "--checkpoint", str(tmp_path / "junk.jax"), *args, "--output", str(tmp_path / "d.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not a jattn workdir, checkpoint folder or jax-export file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_a_fixed_size_jax_export_takes_images_up_to_its_size(workdir, tmp_path, capsys):
+    import jax
+
+    out = tmp_path / "fixed.jax"
+    assert main(["export", "--workdir", str(workdir), "--format", "jax-export", "--spatial", "fixed",
+                 "--output", str(out)]) == 0
+    assert jax.export.deserialize(bytearray(out.read_bytes())).in_avals[0].shape[1:] == (16, 16, 3)
+    inpainter = Inpainter.from_checkpoint(out)
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 255, (11, 14, 3), dtype=np.uint8)
+    hole = _mask(11, 14) > 0
+    done = inpainter(image, hole)
+    np.testing.assert_array_equal(done[~hole], image[~hole])
+    with pytest.raises(InpaintError, match="at most 16x16"):
+        inpainter(rng.integers(0, 255, (24, 16, 3), dtype=np.uint8), np.ones((24, 16), bool))
+    assert main(["export", "--workdir", str(workdir), "--format", "safetensors", "--spatial", "fixed",
+                 "--output", str(tmp_path / "w.safetensors")]) == 2
+    assert "--spatial applies to jax-export" in capsys.readouterr().err
 
 
 def test_a_config_that_does_not_match_the_checkpoint_is_one_line(workdir, tmp_path, capsys):

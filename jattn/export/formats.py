@@ -2,8 +2,10 @@
 
 `jax-export`: the whole inpainting function `(image [B, H, W, 3] in [-1, 1], mask
 [B, H, W, 1]) -> composite [B, H, W, 3]` with the weights baked in, serialized by
-`jax.export` for CPU, CUDA and TPU with a symbolic batch size (H, W are the config's
-image size). Run it without jattn: `jax.export.deserialize(data).call(image, mask)`.
+`jax.export` for CPU, CUDA and TPU with a symbolic batch size and symbolic H, W (any
+multiples of 8; or the config's image size with `spatial="fixed"`). Run it without
+jattn: `jax.export.deserialize(data).call(image, mask)`; `jattn inpaint --checkpoint
+FILE.jax` runs it on images of any size.
 
 `safetensors`: the generator's weights (the network a user deploys), flat names joined by
 "/" (e.g. `conv1/kernel`, as the official DeepFill variable names), float32, with the
@@ -147,24 +149,55 @@ def export_safetensors(workdir: str | pathlib.Path, output: str | pathlib.Path, 
     return metadata
 
 
-def export_jax(workdir, output, *, step: int | None = None, platforms=("cpu", "cuda", "tpu")) -> dict:
-    """Serialize the inpainting function of the workdir's checkpoint with `jax.export`."""
-    import jax
+SPATIAL_MULTIPLE = 8  # the inpainting models downsample at most 3 times
+
+
+def _symbolic_specs(spatial: str, h: int, w: int):
+    """ShapeDtypeStructs (image, mask) with a symbolic batch and, for spatial="any",
+    symbolic H and W that are multiples of SPATIAL_MULTIPLE."""
     import jax.numpy as jnp
 
-    saved, task, state, restored_step = _restore(workdir, step)
-    h, w = _image_hw(saved)
-    inpaint = functools.partial(_inpaint_fn(task, state.variables), state.params)
+    if spatial == "any":
+        b, sh, sw = jax.export.symbolic_shape(f"b, {SPATIAL_MULTIPLE}*h, {SPATIAL_MULTIPLE}*w")
+    else:
+        (b,), sh, sw = jax.export.symbolic_shape("b"), h, w
+    return jax.ShapeDtypeStruct((b, sh, sw, 3), jnp.float32), jax.ShapeDtypeStruct((b, sh, sw, 1), jnp.float32)
 
-    (b,) = jax.export.symbolic_shape("b")
-    exported = jax.export.export(jax.jit(inpaint), platforms=tuple(platforms))(
-        jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32), jax.ShapeDtypeStruct((b, h, w, 1), jnp.float32)
-    )
-    data = exported.serialize()
-    _write_atomic(output, lambda tmp: pathlib.Path(tmp).write_bytes(bytes(data)))
-    meta = {"format": "jax-export", "step": restored_step, "image_size": [h, w], "platforms": list(platforms),
-            "model": saved.get("model")}
-    pathlib.Path(str(output) + ".json").write_text(json.dumps(meta, indent=2))
+
+def export_jax(workdir, output, *, step: int | None = None, platforms=("cpu", "cuda", "tpu"),
+               spatial: str = "any", verify: bool = True) -> dict:
+    """Serialize the inpainting function of the workdir's checkpoint with `jax.export`.
+
+    `(image float32 [B, H, W, 3] in [-1, 1], mask [B, H, W, 1]) -> composite [B, H, W, 3]`
+    with the weights baked in. B is symbolic; with `spatial="any"` (default) H and W are
+    too (any multiples of 8: pad other sizes, as `jattn inpaint` does), with "fixed" they
+    are the config's data.image_size. With `verify` (and "cpu" in `platforms`), the
+    deserialized artifact is run on a probe batch at the trained size (and, for "any", at
+    another size) against the in-process model before `output` is written. Writes
+    `output` and `output.json` (the metadata, which is returned), each atomically.
+    """
+    if spatial not in ("any", "fixed"):
+        raise ExportError(f"spatial must be 'any' or 'fixed', got {spatial!r}")
+    saved, restored_step, (h, w), inpaint, params = _inpainting_export(workdir, step, None)
+    fn = jax.jit(functools.partial(inpaint, params))
+    try:
+        exported = jax.export.export(fn, platforms=tuple(platforms))(*_symbolic_specs(spatial, h, w))
+    except Exception as err:  # noqa: BLE001 - shape-polymorphism errors name the operation
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = " (try spatial='fixed': --spatial fixed)" if spatial == "any" else ""
+        raise ExportError(f"jax.export could not export the model{hint}: {type(err).__name__}: {first}") from err
+    data = bytes(exported.serialize())
+    meta = {"format": "jax-export", "step": restored_step, "image_size": [h, w], "spatial": spatial,
+            "multiple": SPATIAL_MULTIPLE if spatial == "any" else None, "platforms": list(platforms),
+            "signature": "(image [B, H, W, 3], mask [B, H, W, 1]) -> output [B, H, W, 3]",
+            "jax": jax.__version__, "model": saved.get("model"), "jattn": saved.get("jattn")}
+    if verify and "cpu" in platforms:
+        loaded = jax.export.deserialize(bytearray(data))
+        sizes = [(h, w)] + ([(h + SPATIAL_MULTIPLE, w + 2 * SPATIAL_MULTIPLE)] if spatial == "any" else [])
+        meta["verified_max_abs_diff"] = max(
+            _verify(loaded.call, inpaint, params, 2, ph, pw, "jax.export (deserialized)") for ph, pw in sizes)
+    _write_atomic(output, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+    _write_atomic(str(output) + ".json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(meta, indent=2)))
     return meta
 
 

@@ -1,8 +1,8 @@
 """Inpainting with a trained checkpoint: images in, completed images out.
 
-`Inpainter.from_checkpoint(path)` takes a training workdir (its latest checkpoint) or one
-checkpoint folder (`WORKDIR/checkpoints/<step>`); the model config is the one saved with
-the checkpoint. Images of any size are padded by reflection to the model's multiple (8)
+`Inpainter.from_checkpoint(path)` takes a training workdir (its latest checkpoint), one
+checkpoint folder (`WORKDIR/checkpoints/<step>`; the model config is the one saved with
+the checkpoint) or a `jattn export --format jax-export` file (no jattn model code runs). Images of any size are padded by reflection to the model's multiple (8)
 and cropped back; the result keeps every known pixel of the input exactly (prediction in
 the hole, the input's own values elsewhere). Files are read as RGB (RGBA drops alpha,
 grayscale and palette images are converted, 16-bit images scaled to 8 bits) and written
@@ -146,33 +146,98 @@ def restore_trained(path: str | pathlib.Path, config=None, error=InpaintError):
     return task, state, config
 
 
-class Inpainter:
-    """A restored generator: `inpainter(image uint8 [H, W, 3], hole bool [H, W]) -> uint8 [H, W, 3]`."""
+def _export_metadata(path: pathlib.Path) -> dict:
+    """The `<export>.json` written beside a jax-export artifact ({} if absent)."""
+    import json
 
-    def __init__(self, task, params: dict, variables: dict, config):
-        self.config = config
-        self._params, self._variables = params, variables
-        self._predict = jax.jit(task.predict)
+    meta_path = pathlib.Path(str(path) + ".json")
+    if not meta_path.is_file():
+        return {}
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise InpaintError(f"{meta_path}: unreadable export metadata ({err})") from None
+
+
+class Inpainter:
+    """A restored generator: `inpainter(image uint8 [H, W, 3], hole bool [H, W]) -> uint8 [H, W, 3]`.
+
+    `run(image [N, H', W', 3] in [-1, 1], mask [N, H', W', 1]) -> {name: [N, h, w, C]}`
+    is the model at a padded size: H', W' multiples of `multiple`, or exactly `fixed_size`
+    (an export of one size). "output" is the composite; a checkpoint also gives "flow",
+    "coarse", ... (the task's outputs), an export only "output". `params` / `variables`:
+    the restored networks (None for an export).
+    """
+
+    def __init__(self, run, config, *, multiple: int = MULTIPLE, fixed_size: tuple[int, int] | None = None,
+                 source: str = "", params: dict | None = None, variables: dict | None = None):
+        self.config, self.params, self.variables = config, params, variables
+        self.multiple, self.fixed_size, self.source = multiple, fixed_size, source
+        self._run = run
 
     @classmethod
     def from_checkpoint(cls, path: str | pathlib.Path, config=None) -> Inpainter:
-        """From a workdir or checkpoint folder; `config` (optional) replaces the saved one."""
+        """From a workdir, a checkpoint folder or a jax-export file (`jattn export --format
+        jax-export`); `config` (optional, not for exports) replaces the saved one."""
+        if pathlib.Path(path).is_file():
+            if config is not None:
+                raise InpaintError(f"{path}: an export carries its model; --config applies to checkpoints only")
+            return cls.from_export(path)
         task, state, config = restore_trained(path, config, InpaintError)
         if "mask" not in task.fields:
             raise InpaintError(f"{path}: model {config.model.name!r} is not an inpainting model")
-        return cls(task, state.params, state.variables, config)
+        predict = jax.jit(task.predict)
+        params, variables = state.params, state.variables
+        return cls(lambda x, m: predict(params, variables, {"image": x, "mask": m}), config, source=str(path),
+                   params=params, variables=variables)
+
+    @classmethod
+    def from_export(cls, path: str | pathlib.Path) -> Inpainter:
+        """From a `jax.export` artifact of the inpainting function (symbolic or fixed H, W)."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise InpaintError(f"{path}: export not found")
+        try:
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        except Exception as err:  # noqa: BLE001 - any failure here means "not a jax-export file"
+            raise InpaintError(f"{path}: not a jattn workdir, checkpoint folder or jax-export file "
+                               f"({type(err).__name__})") from None
+        meta = _export_metadata(path)
+        avals = exported.in_avals
+        if len(avals) != 2 or len(avals[0].shape) != 4 or avals[0].shape[-1] != 3 or avals[1].shape[-1] != 1:
+            raise InpaintError(f"{path}: a jax-export, but not of an inpainting function (image, mask) -> output "
+                               f"(its inputs: {', '.join(str(a) for a in avals)})")
+        if jax.default_backend() not in exported.platforms:
+            raise InpaintError(f"{path}: exported for {', '.join(exported.platforms)}, not for this "
+                               f"{jax.default_backend()} backend")
+        _, h, w, _ = avals[0].shape
+        fixed = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        multiple = int(meta.get("multiple") or MULTIPLE)
+        config = ml_collections.ConfigDict({"model": meta.get("model") or {}, "export": {**meta, "path": str(path)}})
+        return cls(lambda x, m: {"output": exported.call(x, m)}, config, multiple=multiple, fixed_size=fixed,
+                   source=str(path))
+
+    def _padded_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.fixed_size is None:
+            return h + (-h) % self.multiple, w + (-w) % self.multiple
+        fh, fw = self.fixed_size
+        if h > fh or w > fw:
+            raise InpaintError(f"{self.source}: this export takes images of at most {fw}x{fh} (fixed size), "
+                               f"got {w}x{h}; export with spatial='any' or use the workdir")
+        return fh, fw
 
     def predict_batch(self, images: np.ndarray, holes: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs of the model for same-size images: uint8 [N, H, W, 3], bool [N, H, W]
-        -> name -> [N, h, w, C] float in [-1, 1], padded to the model's multiple by
-        reflection and cropped back."""
+        -> name -> [N, h, w, C] float in [-1, 1], padded by reflection to the model's size
+        and cropped back."""
         n, h, w = holes.shape
-        ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
+        th, tw = self._padded_size(h, w)
+        ph, pw = th - h, tw - w
         mode = "reflect" if min(h, w) > max(ph, pw) else "symmetric"
         x = np.pad(images.astype(np.float32) / 127.5 - 1.0, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
         m = np.pad(holes.astype(np.float32), ((0, 0), (0, ph), (0, pw)))[..., None]
-        out = self._predict(self._params, self._variables, {"image": jnp.asarray(x), "mask": jnp.asarray(m)})
-        return {k: np.asarray(v)[:, : h * v.shape[1] // (h + ph), : w * v.shape[2] // (w + pw)] for k, v in out.items()}
+        out = self._run(jnp.asarray(x), jnp.asarray(m))
+        return {k: np.asarray(v)[:, : h * v.shape[1] // th, : w * v.shape[2] // tw] for k, v in out.items()}
 
     def predict(self, image: np.ndarray, hole: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs of the model for one image ([H, W, C] float in [-1, 1]), unpadded."""
@@ -214,6 +279,9 @@ def inpaint_files(inpainter: Inpainter, triples, *, save_flow: bool = False, bat
             images = np.stack([c[0] for c in chunk])
             holes = np.stack([c[1] for c in chunk])
             outputs = inpainter.predict_batch(images, holes)
+            if save_flow and "flow" not in outputs:  # found before anything is written
+                raise InpaintError(f"{inpainter.source}: gives no attention flow picture (an export holds only "
+                                   "the composite; models without contextual attention have none): drop --save-flow")
             pred = _to_uint8(outputs["output"])
             completed = np.where(holes[..., None], pred, images)
             for i, (_, _, out) in enumerate(chunk):

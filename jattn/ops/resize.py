@@ -56,12 +56,29 @@ def nearest_align_corners_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(src.astype(np.int64), in_size - 1).astype(np.int32)
 
 
+def _symbolic_nearest_indices(in_size, out_size) -> jax.Array:
+    """`nearest_align_corners_indices` computed in the graph, for symbolic sizes (`jax.export`
+    shape polymorphism): the same float32 arithmetic, so the same indices. `out_size` > 1."""
+    scale = jnp.asarray(in_size - 1, jnp.float32) / jnp.asarray(out_size - 1, jnp.float32)
+    src = jnp.arange(out_size, dtype=jnp.float32) * scale
+    whole = jnp.trunc(src)
+    src = jnp.where(src - whole >= jnp.float32(0.5), whole + 1, whole)
+    return jnp.minimum(src.astype(jnp.int32), jnp.asarray(in_size - 1, jnp.int32))
+
+
+def _nearest_indices(in_size, out_size):
+    if isinstance(in_size, int) and isinstance(out_size, int):
+        return nearest_align_corners_indices(in_size, out_size)
+    return _symbolic_nearest_indices(in_size, out_size)
+
+
 def resize_nearest_align_corners(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
     """TF1 ``resize_nearest_neighbor(x, (out_h, out_w), align_corners=True)``.
 
     Args:
-      x: ``[B, H, W, C]`` (static H, W).
-      out_h, out_w: output size (static ints).
+      x: ``[B, H, W, C]``.
+      out_h, out_w: output size. Static ints use exact numpy indices; symbolic sizes
+        (a `jax.export` with polymorphic H, W) compute the same float32 indices in the graph.
 
     Returns:
       ``[B, out_h, out_w, C]``, same dtype as ``x``.
@@ -69,17 +86,24 @@ def resize_nearest_align_corners(x: jax.Array, out_h: int, out_w: int) -> jax.Ar
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"x must be [B, H, W, C], got shape {tuple(x.shape)}")
-    rows = nearest_align_corners_indices(x.shape[1], int(out_h))
-    cols = nearest_align_corners_indices(x.shape[2], int(out_w))
+    rows = _nearest_indices(x.shape[1], out_h)
+    cols = _nearest_indices(x.shape[2], out_w)
     return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
 
 
-def _bilinear_axis(in_size: int, out_size: int):
-    """(lower index, upper index, float32 weight of the upper) along one axis, TF1 legacy scaler."""
-    pos = _source_positions(in_size, out_size)
-    lower = np.floor(pos).astype(np.int32)
-    upper = np.minimum(lower + 1, in_size - 1)
-    return lower, upper, (pos - lower.astype(np.float32)).astype(np.float32)
+def _bilinear_axis(in_size, out_size):
+    """(lower index, upper index, float32 weight of the upper) along one axis, TF1 legacy
+    scaler; in the graph (same float32 arithmetic) for symbolic sizes, `out_size` > 1."""
+    if isinstance(in_size, int) and isinstance(out_size, int):
+        pos = _source_positions(in_size, out_size)
+        lower = np.floor(pos).astype(np.int32)
+        upper = np.minimum(lower + 1, in_size - 1)
+        return lower, upper, (pos - lower.astype(np.float32)).astype(np.float32)
+    scale = jnp.asarray(in_size - 1, jnp.float32) / jnp.asarray(out_size - 1, jnp.float32)
+    pos = jnp.arange(out_size, dtype=jnp.float32) * scale
+    lower = jnp.floor(pos)
+    upper = jnp.minimum(lower.astype(jnp.int32) + 1, jnp.asarray(in_size - 1, jnp.int32))
+    return lower.astype(jnp.int32), upper, pos - lower
 
 
 def resize_bilinear_align_corners(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
