@@ -253,6 +253,7 @@ def deepfill_v1_losses(
     wgan_gp_lambda: float = 10.0,
     global_wgan_loss_alpha: float = 1.0,
     gamma: float = 0.9,
+    generator_only: bool = False,
 ) -> dict[str, jax.Array]:
     """The official DeepFill v1 losses (``build_graph_with_losses``, WGAN-GP, stage 2 on).
 
@@ -269,6 +270,10 @@ def deepfill_v1_losses(
       l1_alpha: COARSE_L1_ALPHA; l1_loss_alpha, ae_loss_alpha, gan_loss_alpha,
         wgan_gp_lambda, global_wgan_loss_alpha: the official config weights; gamma:
         SPATIAL_DISCOUNTING_GAMMA.
+      generator_only: only what the generator's update needs: the critics score the
+        completed images alone (not the real ones, no gradient penalty), the same
+        ``g_loss`` at half the critics' cost; returns ``l1_loss``, ``ae_loss``,
+        ``g_loss``, ``g_loss_local``, ``g_loss_global``, ``batch_complete``.
 
     Returns:
       dict with the official entries ``l1_loss``, ``ae_loss``, ``g_loss`` (total generator
@@ -281,7 +286,7 @@ def deepfill_v1_losses(
     Gradients flow to everything; a training step takes the grad of ``g_loss`` w.r.t. the
     generator and of ``d_loss`` w.r.t. the critics (stop-gradient x1 / x2 for the latter).
     """
-    if alpha_local is None or alpha_global is None:
+    if not generator_only and (alpha_local is None or alpha_global is None):
         if key is None:
             raise ValueError("deepfill_v1_losses: pass alpha_local and alpha_global, or a PRNG key")
         k_local, k_global = jax.random.split(key)
@@ -300,6 +305,15 @@ def deepfill_v1_losses(
     l1 = deepfill_v1_l1_loss(pos_crop, x1_crop, x2_crop, coarse_alpha=l1_alpha, gamma=gamma)
     ae = deepfill_v1_ae_loss(batch_pos, x1, x2, mask, coarse_alpha=l1_alpha)
 
+    def generator_total(g_local, g_global):
+        g_gan = gan_loss_alpha * (global_wgan_loss_alpha * g_global + g_local)
+        return g_gan + l1_loss_alpha * l1 + ae_loss_alpha * ae
+
+    if generator_only:
+        g_local, g_global = wgan_g_loss(critic_local(complete_crop)), wgan_g_loss(critic_global(batch_complete))
+        return {"l1_loss": l1, "ae_loss": ae, "g_loss": generator_total(g_local, g_global), "g_loss_local": g_local,
+                "g_loss_global": g_global, "batch_complete": batch_complete}
+
     d_local = critic_local(jnp.concatenate([pos_crop, complete_crop], axis=0))
     d_global = critic_global(jnp.concatenate([batch_pos, batch_complete], axis=0))
     pos_local, neg_local = jnp.split(d_local, 2)
@@ -315,12 +329,10 @@ def deepfill_v1_losses(
     )
     gp = wgan_gp_lambda * (gp_local + gp_global)
 
-    g_loss = gan_loss_alpha * (global_wgan_loss_alpha * g_global + g_local)
-    g_loss = g_loss + l1_loss_alpha * l1 + ae_loss_alpha * ae
     return {
         "l1_loss": l1,
         "ae_loss": ae,
-        "g_loss": g_loss,
+        "g_loss": generator_total(g_local, g_global),
         "d_loss": dl_global + dl_local + gp,
         "gp_loss": gp,
         "g_loss_local": g_local,

@@ -197,3 +197,11 @@ def test_deepfill_v1_losses_per_image_masks_and_key():
     assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
     with pytest.raises(ValueError, match="PRNG key"):
         L.deepfill_v1_losses(local, glob, gt, x1, x2, mask, boxes)
+    # the generator's part: the same losses with the critics on the completed images only
+    calls = []
+    counted = lambda critic: lambda x: calls.append(x.shape[0]) or critic(x)  # noqa: E731
+    part = L.deepfill_v1_losses(counted(local), counted(glob), gt, x1, x2, mask, boxes, generator_only=True)
+    assert calls == [b, b] and set(part) == {"l1_loss", "ae_loss", "g_loss", "g_loss_local", "g_loss_global",
+                                             "batch_complete"}
+    for name in part:
+        np.testing.assert_allclose(part[name], out[name], rtol=1e-6, atol=1e-7)

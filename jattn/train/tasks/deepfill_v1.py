@@ -62,6 +62,7 @@ def deepfill_v1_task(config) -> Task:
             hole_boxes(batch["mask"], (local, local)),
             (local, local),
             key=key,
+            generator_only=not critic_update,
             **weights,
         )
 
