@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jattn  # noqa: F401  (jattn's XLA:CPU flags, before the first computation)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOMINAL_GFLOP_PER_IMAGE = 256.0  # 3x the generator's 52 GFLOP forward + the critics with GP
 

@@ -5,7 +5,11 @@ Layout: `jattn.ops` (pure functions on arrays), `jattn.nn` (Flax Linen modules),
 TensorFlow / grain), `jattn.train`, `jattn.export`, and the `jattn` command line.
 """
 
+from jattn._xla import apply_cpu_defaults as _apply_cpu_defaults
+
 __version__ = "0.1.0"
+
+_apply_cpu_defaults()  # XLA:CPU flags, before JAX starts its backends (see jattn/_xla.py)
 
 
 def inpaint(params_or_path, image, mask):

@@ -19,6 +19,8 @@ import pathlib
 import jax
 import pytest
 
+import jattn  # noqa: F401  (adds jattn's XLA:CPU flags: before JAX starts its backends below)
+
 GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 
