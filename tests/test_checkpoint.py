@@ -38,6 +38,15 @@ def test_round_trip_is_exact_with_config(tmp_path):
     assert ckpt.restore_config() == {"lr": 1e-4, "model": "deepfill_v1"}
 
 
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # orbax itself wants absolute paths
+    ckpt = Checkpointer("workdirs/run/checkpoints")
+    ckpt.save(1, _state(1))
+    ckpt.wait()
+    _assert_equal(ckpt.restore(jax.tree_util.tree_map(jnp.zeros_like, _state(1))).state, _state(1))
+    assert (tmp_path / "workdirs" / "run" / "checkpoints" / "1").is_dir()
+
+
 def test_empty_directory_restores_none(tmp_path):
     assert Checkpointer(tmp_path / "none").restore(_state()) is None
 

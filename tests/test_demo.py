@@ -27,8 +27,9 @@ TINY = [
 ]
 
 
-def test_demo_trains_deepfill_then_inpaints(tmp_path, capsys):
-    args = ["demo", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "out")]
+def test_demo_trains_deepfill_then_inpaints(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths, as the README's `jattn demo` (workdirs/demo, demo_out)
+    args = ["demo", "--workdir", "run", "--output", "out"]
     for item in TINY:
         args += ["--set", item]
     assert main(args) == 0

@@ -92,7 +92,8 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"Checkpointer: best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.directory = pathlib.Path(directory) if "://" not in str(directory) else directory
+        # orbax refuses relative paths (e.g. the default `jattn demo` workdir): make local ones absolute
+        self.directory = pathlib.Path(directory).absolute() if "://" not in str(directory) else directory
         self.best_metric = best_metric
         policies = [checkpoint_managers.LatestN(n=keep)]
         best_fn = None
@@ -113,7 +114,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(str(directory), options=options)
+        self._manager = ocp.CheckpointManager(str(self.directory), options=options)
 
     # ----------------------------------------------------------------------- queries
 
