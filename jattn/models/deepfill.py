@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jattn.nn._util import Dtype
 from jattn.nn.contextual import ContextualAttention
 from jattn.nn.conv import GenConv, GenDeconv
+from jattn.ops.activations import elu
 from jattn.ops.flow import flow_to_color
 from jattn.ops.conv import conv2d_im2col
 from jattn.ops.resize import resize_nearest_align_corners
@@ -102,7 +103,7 @@ class DeepFillV1Generator(nn.Module):
     ca_block_size: int | None = None
     ca_precision: Any = None
 
-    def _conv(self, x, features, ksize, stride=1, rate=1, activation=nn.elu, *, name):
+    def _conv(self, x, features, ksize, stride=1, rate=1, activation=elu, *, name):
         return GenConv(
             features, ksize, stride, rate, activation=activation, dtype=self.dtype,
             param_dtype=self.param_dtype, name=name,

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jattn.models.deepfill import CA_RATE, DeepFillV1Generator
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
 from jattn.nn.conv import GatedConv, GenDeconv
+from jattn.ops.activations import elu
 from jattn.ops.flow import flow_to_color
 
 __all__ = [
@@ -95,7 +96,7 @@ class DeepFillV2Generator(DeepFillV1Generator):
             )
         super().__post_init__()
 
-    def _conv(self, x, features, ksize, stride=1, rate=1, activation=nn.elu, *, name):
+    def _conv(self, x, features, ksize, stride=1, rate=1, activation=elu, *, name):
         if name in self._COMPOSITE_ONLY:
             x = x[..., :3]
         output = activation is None

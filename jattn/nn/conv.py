@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
+from jattn.ops.activations import elu
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = ["GenConv", "GatedConv", "GenDeconv", "SNConv", "SNDense"]
@@ -82,7 +83,7 @@ class _ConvAttributes(nn.Module):
     ksize: int
     stride: int = 1
     rate: int = 1
-    activation: Activation = nn.elu
+    activation: Activation = elu
     padding: str = "SAME"
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: Initializer = nn.initializers.zeros_init()
@@ -158,7 +159,7 @@ class GenDeconv(nn.Module):
     """
 
     features: int
-    activation: Activation = nn.elu
+    activation: Activation = elu
     padding: str = "SAME"
     gated: bool = False
     dtype: Dtype | None = None
