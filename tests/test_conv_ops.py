@@ -42,3 +42,39 @@ def test_same_padding_and_errors():
     assert same_padding(256, 5, 2) == (1, 2) and same_padding(64, 4, 2) == (1, 1) and same_padding(64, 3, 1) == (1, 1)
     with pytest.raises(ValueError, match="does not fit"):
         conv2d_im2col(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 4, 2)))
+
+
+@pytest.mark.parametrize("size,ksize,stride,padding", [
+    ((16, 16), 3, 2, "SAME"), ((15, 17), 3, 2, "SAME"), ((16, 16), 5, 2, "SAME"), ((12, 12), 4, 2, "SAME"),
+    ((13, 11), 3, 2, "VALID"), ((16, 16), 1, 2, "SAME"), ((18, 18), 3, 3, "SAME"), ((10, 12), 3, 2, ((1, 2), (0, 1))),
+])
+def test_strided_conv2d_equals_xla_in_value_and_gradients(size, ksize, stride, padding):
+    from jattn.ops.conv import strided_conv2d
+
+    rng = np.random.default_rng(ksize + stride)
+    x = jnp.asarray(rng.standard_normal((2, *size, 3)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((ksize, ksize, 3, 4)), jnp.float32)
+    ref_conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(np.asarray(strided_conv2d(x, k, stride, padding)), np.asarray(ref_conv(x, k)))
+    loss = lambda conv: lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) * 1.3)  # noqa: E731
+    got = jax.jit(jax.grad(loss(lambda x, k: strided_conv2d(x, k, stride, padding)), (0, 1)))(x, k)
+    ref = jax.grad(loss(ref_conv), (0, 1))(x, k)
+    for a, b in zip(got, ref):  # the input gradient sums in another order: float32 rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-6)
+
+
+def test_strided_conv2d_bfloat16_and_errors():
+    from jattn.ops.conv import strided_conv2d
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((3, 3, 4, 6)) * 0.3, jnp.bfloat16)
+    gx = jax.grad(lambda x: jnp.sum(strided_conv2d(x, k, 2, preferred_element_type=jnp.float32) ** 2))(x)
+    assert gx.dtype == jnp.bfloat16 and gx.shape == x.shape
+    ref = jax.grad(lambda x: jnp.sum(jax.lax.conv_general_dilated(
+        x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32) ** 2))(x)
+    ref = np.asarray(ref, np.float32)
+    np.testing.assert_allclose(np.asarray(gx, np.float32), ref, atol=1e-2 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="does not fit"):
+        strided_conv2d(x, k[:, :, :3], 2)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
 from jattn.ops.activations import elu
+from jattn.ops.conv import strided_conv2d
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = ["GenConv", "GatedConv", "GenDeconv", "SNConv", "SNDense"]
@@ -65,6 +66,9 @@ def _gen_conv(
         x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=padding.lower())
         padding = "VALID"
     acc = jnp.promote_types(dtype, jnp.float32)
+    if module.stride > 1 and module.rate == 1:  # its input gradient as polyphase stride-1 convs on CPU
+        y = strided_conv2d(x, kernel.astype(dtype), module.stride, padding, preferred_element_type=acc)
+        return y + bias.astype(acc)
     y = jax.lax.conv_general_dilated(
         x, kernel.astype(dtype),
         window_strides=(module.stride, module.stride),

@@ -1,4 +1,10 @@
-"""TF 'SAME' patches and convolution as patches + one matrix product (im2col).
+"""Convolutions whose derivatives XLA:CPU runs slowly, written so that they run fast.
+
+`strided_conv2d`: a stride > 1 convolution whose input gradient on CPU is its polyphase
+parts, stride**2 stride-1 convolutions (2.2-2.8x faster than XLA's for DeepFill's
+stride-2 layers, `docs/benchmarks.md`).
+
+TF 'SAME' patches and convolution as patches + one matrix product (im2col):
 
 `conv2d_im2col` equals `jax.lax.conv_general_dilated(..., "SAME")` (TF padding), but its
 derivatives are matrix products, slices and pads. On XLA:CPU that makes second-order
@@ -10,11 +16,15 @@ the input, fine for DeepFill's critics.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-__all__ = ["same_padding", "extract_patches", "conv2d_im2col"]
+__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d"]
+
+DN = ("NHWC", "HWIO", "NHWC")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -53,3 +63,87 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int = 1, *, precision
         "bhwk,ko->bhwo", patches, kernel.reshape(-1, kernel.shape[-1]),
         precision=precision, preferred_element_type=preferred_element_type,
     )
+
+
+# --------------------------------------------------------------------------- strided conv
+
+
+def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], stride: int, pads) -> jax.Array:
+    """dL/dx of a stride-`stride` conv (rate 1) as stride x stride phases of stride-1 convs.
+
+    Input position i (per axis) with u = i + pad_lo gets sum_m g[u // s - m] * w[u % s + s*m]:
+    for each phase p = u % s, a stride-1 convolution of g with the flipped sub-kernel
+    w[p::s]. XLA instead convolves g dilated by s (zeros between its pixels), s*s times
+    the FLOPs, which XLA:CPU runs at a quarter of the forward rate.
+
+    g: [B, Ho, Wo, O]; kernel: [kh, kw, C, O]; x_hw: (H, W); pads: ((top, bottom), (left,
+    right)). Returns [B, H, W, C] in g's dtype promoted with the kernel's.
+    """
+    s = stride
+    (h, w), (pad_t, _), (pad_l, _) = x_hw, pads[0], pads[1]
+    q_h, q_w = -(-(h + pad_t) // s), -(-(w + pad_l) // s)
+    kernel_t = jnp.swapaxes(kernel, 2, 3)[::-1, ::-1]  # [kh, kw, O, C], flipped
+    kh, kw = kernel.shape[:2]
+    dtype = jnp.promote_types(g.dtype, kernel.dtype)
+    phases = []
+    for py in range(s):
+        row = []
+        for px in range(s):
+            # sub-kernel w[py::s, px::s] flipped = the flipped kernel's taps ending at the phase
+            sub = kernel_t[(kh - 1 - py) % s :: s, (kw - 1 - px) % s :: s] if py < kh and px < kw else None
+            if sub is None or sub.shape[0] == 0 or sub.shape[1] == 0:
+                row.append(jnp.zeros((g.shape[0], q_h, q_w, kernel.shape[2]), dtype))
+                continue
+            mh, mw = sub.shape[:2]
+            gp = jnp.pad(g, ((0, 0), (mh - 1, max(0, q_h - g.shape[1])), (mw - 1, max(0, q_w - g.shape[2])), (0, 0)))
+            out = jax.lax.conv_general_dilated(gp, sub.astype(g.dtype), (1, 1), "VALID", dimension_numbers=DN,
+                                               preferred_element_type=dtype)
+            row.append(out[:, :q_h, :q_w])
+        phases.append(jnp.stack(row, axis=3))  # [B, Qh, Qw, s(px), C]
+    full = rearrange(jnp.stack(phases, axis=2), "b qh py qw px c -> b (qh py) (qw px) c")
+    return full[:, pad_t : pad_t + h, pad_l : pad_l + w]
+
+
+def _conv(x, kernel, stride, padding, preferred_element_type):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=DN,
+                                        preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _strided_conv(x, kernel, stride, padding, preferred_element_type):
+    return _conv(x, kernel, stride, padding, preferred_element_type)
+
+
+def _strided_conv_fwd(x, kernel, stride, padding, preferred_element_type):
+    return _conv(x, kernel, stride, padding, preferred_element_type), (x, kernel)
+
+
+def _strided_conv_bwd(stride, padding, preferred_element_type, residuals, g):
+    x, kernel = residuals
+    conv = functools.partial(_conv, stride=stride, padding=padding, preferred_element_type=preferred_element_type)
+    window = kernel.shape[:2]
+    pads = padding if not isinstance(padding, str) else tuple(
+        jax.lax.padtype_to_pads(x.shape[1:3], window, (stride, stride), padding))
+    dx = jax.lax.platform_dependent(
+        g, kernel,
+        cpu=lambda g_, k_: _polyphase_input_grad(g_, k_, x.shape[1:3], stride, pads).astype(x.dtype),
+        default=lambda g_, k_: jax.vjp(lambda x_: conv(x_, k_), x)[1](g_)[0],
+    )
+    dw = jax.vjp(lambda k_: conv(x, k_), kernel)[1](g)[0]
+    return dx, dw
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def strided_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding="SAME", *, preferred_element_type=None):
+    """`jax.lax.conv_general_dilated` (NHWC, HWIO, rate 1) with stride > 1 whose input
+    gradient on CPU is `stride**2` stride-1 convolutions of the output gradient (its
+    polyphase parts) instead of XLA's convolution of the zero-dilated gradient. The value
+    and the kernel gradient are XLA's; on GPU and TPU the input gradient is XLA's too.
+    padding: "SAME" / "VALID" (TF's) or ((top, bottom), (left, right))."""
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"strided_conv2d: kernel {tuple(kernel.shape)} does not fit input {tuple(x.shape)}")
+    if not isinstance(padding, str):
+        padding = tuple(tuple(int(v) for v in p) for p in padding)
+    return _strided_conv(x, kernel, int(stride), padding, preferred_element_type)
