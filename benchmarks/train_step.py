@@ -5,7 +5,7 @@ widths (cnum 32, critics 64) and 256x256 images, on the local devices, as `jattn
 runs them (`jattn.train.steps.jit_update` over a mesh). Prints, per batch size:
 compile time, median seconds per iteration, images/s, XLA's FLOP count of the two
 compiled updates and its rate, the issue's nominal rate (256 GFLOP per image and
-iteration), next to a float32 `jnp.matmul` rate measured in the same run; and XLA's
+iteration), next to a `jnp.matmul` rate in the run's compute dtype measured in the same run; and XLA's
 memory analysis of each update plus the process's peak RSS.
 
     python benchmarks/train_step.py [--batch 4 16] [--repeats 3]
@@ -32,10 +32,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOMINAL_GFLOP_PER_IMAGE = 256.0  # 3x the generator's 52 GFLOP forward + the critics with GP
 
 
-def _matmul_rate(repeats: int) -> float:
-    n = 2048
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(jnp.matmul)
+def _matmul_rate(repeats: int, n: int, dtype) -> float:
+    """GFLOP/s of an [n, n] x [n, n] `jnp.matmul` in `dtype` (float32 accumulation)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     jax.block_until_ready(f(a, a))
     times = []
     for _ in range(repeats + 2):
@@ -115,6 +115,7 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    parser.add_argument("--matmul-size", type=int, default=None, help="baseline matmul size (default 2048 CPU, 8192 else)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     info = {
@@ -125,8 +126,13 @@ def main():
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     print(json.dumps(info))
-    info["matmul_gflops"] = round(_matmul_rate(args.repeats), 1)
-    print(json.dumps({"matmul_gflops_float32_2048": info["matmul_gflops"]}))
+    # the baseline matmul: in the run's compute dtype; 2048 on CPU, 8192 on accelerators (a
+    # 2048 matmul is too small to reach a GPU's rate)
+    dtype = next((o.split("=", 1)[1] for o in args.set if o.startswith("compute_dtype=")), "float32")
+    n = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
+    info["matmul_gflops"] = round(_matmul_rate(args.repeats, n, jnp.dtype(dtype)), 1)
+    info["matmul"] = f"{dtype} {n}x{n}"
+    print(json.dumps({f"matmul_gflops_{dtype}_{n}": info["matmul_gflops"]}))
     info["results"] = []
     for batch in args.batch:
         result = bench(batch, args.repeats, args.set)
