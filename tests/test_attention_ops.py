@@ -282,3 +282,19 @@ def test_resize_nearest_align_corners():
     assert jax.jit(resize_nearest_align_corners, static_argnums=(1, 2))(x, 16, 32).shape == y.shape
     with pytest.raises(ValueError, match="NHWC|\\[B, H, W, C\\]"):
         resize_nearest_align_corners(x[0], 4, 4)
+
+
+def test_exact_doubling_is_a_repeat_and_its_gradient_sums_blocks():
+    """n -> 2n picks i // 2 (so it is computed as a repeat): every n up to 2048 here, the
+    module checked up to its stated bound; one axis doubled and one not match the indices."""
+    from jattn.ops import resize
+
+    for n in range(1, 2049):
+        np.testing.assert_array_equal(nearest_align_corners_indices(n, 2 * n), np.arange(2 * n) // 2)
+    assert resize._REPEAT_CHECKED_UP_TO >= 2048
+    x = jnp.asarray(_rand(41, 2, 12, 9, 3))
+    y = resize_nearest_align_corners(x, 24, 14)  # rows doubled, columns gathered
+    np.testing.assert_array_equal(y, np.asarray(x)[:, np.arange(24) // 2][:, :, nearest_align_corners_indices(9, 14)])
+    g = jax.grad(lambda x: jnp.sum(resize_nearest_align_corners(x, 24, 18) * jnp.arange(18.0)[:, None]))(x)
+    # column j feeds output columns 2j, 2j+1 of two output rows each: 2 (2j + 2j + 1)
+    np.testing.assert_allclose(np.asarray(g), np.broadcast_to((8.0 * np.arange(9) + 2)[:, None], x.shape))

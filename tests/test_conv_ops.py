@@ -48,12 +48,14 @@ def test_same_padding_and_errors():
     ((16, 16), 3, 2, "SAME"), ((15, 17), 3, 2, "SAME"), ((16, 16), 5, 2, "SAME"), ((12, 12), 4, 2, "SAME"),
     ((13, 11), 3, 2, "VALID"), ((16, 16), 1, 2, "SAME"), ((18, 18), 3, 3, "SAME"), ((10, 12), 3, 2, ((1, 2), (0, 1))),
 ])
-def test_strided_conv2d_equals_xla_in_value_and_gradients(size, ksize, stride, padding):
-    from jattn.ops.conv import strided_conv2d
+@pytest.mark.parametrize("channels", [3, 17])  # merged phases below 16 input channels, separate above
+def test_strided_conv2d_equals_xla_in_value_and_gradients(size, ksize, stride, padding, channels):
+    from jattn.ops.conv import MERGE_PHASES_BELOW_CHANNELS, strided_conv2d
 
+    assert 3 < MERGE_PHASES_BELOW_CHANNELS <= 17
     rng = np.random.default_rng(ksize + stride)
-    x = jnp.asarray(rng.standard_normal((2, *size, 3)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((ksize, ksize, 3, 4)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, *size, channels)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((ksize, ksize, channels, 4)), jnp.float32)
     ref_conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
         x, k, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_array_equal(np.asarray(strided_conv2d(x, k, stride, padding)), np.asarray(ref_conv(x, k)))
@@ -62,6 +64,35 @@ def test_strided_conv2d_equals_xla_in_value_and_gradients(size, ksize, stride, p
     ref = jax.grad(loss(ref_conv), (0, 1))(x, k)
     for a, b in zip(got, ref):  # the input gradient sums in another order: float32 rounding
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-6)
+
+
+@pytest.mark.parametrize("channels", [3, 17])
+def test_strided_conv2d_second_order_equals_xla(channels):
+    """The WGAN-GP penalty's gradient (grad of a function of the input gradient) through
+    the custom VJP equals XLA's native convolution differentiated twice."""
+    from jattn.ops.conv import strided_conv2d
+
+    rng = np.random.default_rng(channels)
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, channels)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((5, 5, channels, 8)) * 0.2, jnp.float32)
+    ref_conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def penalty(conv):
+        def critic(k, x):
+            y = jax.nn.leaky_relu(conv(x, k), 0.2)
+            return jnp.sum(jnp.sin(y) * y)
+
+        def gp(k, x):
+            g = jax.grad(critic, argnums=1)(k, x)
+            return jnp.mean((jnp.sqrt(jnp.sum(g**2, axis=(1, 2, 3))) - 1.0) ** 2)
+
+        return gp
+
+    got = jax.jit(jax.grad(penalty(lambda x, k: strided_conv2d(x, k, 2)), (0, 1)))(k, x)
+    ref = jax.jit(jax.grad(penalty(ref_conv), (0, 1)))(k, x)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(jnp.max(jnp.abs(b))) + 1e-6)
 
 
 def test_strided_conv2d_bfloat16_and_errors():
@@ -78,3 +109,39 @@ def test_strided_conv2d_bfloat16_and_errors():
     np.testing.assert_allclose(np.asarray(gx, np.float32), ref, atol=1e-2 * np.abs(ref).max())
     with pytest.raises(ValueError, match="does not fit"):
         strided_conv2d(x, k[:, :, :3], 2)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", "SYMMETRIC", "REFLECT"])
+@pytest.mark.parametrize("size", [(5, 7), (8, 8)])
+def test_upsample_conv3x3_equals_resize_then_conv(padding, size):
+    """Four 2x2 convolutions of the input equal TF1 2x nearest upsampling followed by the
+    3x3 conv (with that padding of the upsampled image), in value and both gradients."""
+    from jattn.ops.conv import upsample_conv3x3
+    from jattn.ops.resize import resize_nearest_align_corners
+
+    rng = np.random.default_rng(len(padding) + size[0])
+    x = jnp.asarray(rng.standard_normal((2, *size, 5)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 5, 6)), jnp.float32)
+
+    def ref(x, k):
+        up = resize_nearest_align_corners(x, 2 * x.shape[1], 2 * x.shape[2])
+        if padding in ("SYMMETRIC", "REFLECT"):
+            up = jnp.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=padding.lower())
+        return jax.lax.conv_general_dilated(up, k, (1, 1), "VALID" if padding != "SAME" else "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    got, want = upsample_conv3x3(x, k, padding), ref(x, k)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    for a, b in zip(jax.vjp(lambda x, k: upsample_conv3x3(x, k, padding), x, k)[1](g), jax.vjp(ref, x, k)[1](g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_upsample_conv3x3_errors():
+    from jattn.ops.conv import upsample_conv3x3
+
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        upsample_conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((5, 5, 3, 2)))
+    with pytest.raises(ValueError, match="padding"):
+        upsample_conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)), "CIRCULAR")

@@ -396,7 +396,9 @@ def test_gen_deconv(gated):
     assert y.shape == (B, 2 * H, 2 * W, 8)
     layer = GatedConv(8, 3) if gated else GenConv(8, 3)
     up = resize_nearest_align_corners(X, 2 * H, 2 * W)
-    np.testing.assert_allclose(y, _apply(layer, {"params": v["params"]["conv"]}, up), atol=1e-6)
+    # GenDeconv convolves X itself with sums of the kernel's taps (upsample_conv3x3):
+    # the same values up to float32 rounding of the re-associated sums
+    np.testing.assert_allclose(y, _apply(layer, {"params": v["params"]["conv"]}, up), rtol=2e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- spectral norm

@@ -31,7 +31,7 @@ from jattn.nn.contextual import ContextualAttention
 from jattn.nn.conv import GenConv, GenDeconv
 from jattn.ops.activations import elu
 from jattn.ops.flow import flow_to_color
-from jattn.ops.conv import conv2d_im2col
+from jattn.ops.conv import strided_conv2d
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = [
@@ -211,9 +211,10 @@ class DisConv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         acc = jnp.promote_types(dtype, jnp.float32)
-        # im2col rather than the native conv: the gradient penalty differentiates the critics
-        # twice, and XLA:CPU's second-order conv derivatives are ~9x slower (docs/benchmarks.md).
-        y = conv2d_im2col(x.astype(dtype), kernel.astype(dtype), self.stride, preferred_element_type=acc)
+        # The gradient penalty differentiates the critics twice. XLA:CPU's second derivative
+        # of a native stride-2 conv is ~20x slower than strided_conv2d's, whose input
+        # gradient is stride-1 (polyphase) convolutions on CPU (docs/benchmarks.md).
+        y = strided_conv2d(x.astype(dtype), kernel.astype(dtype), self.stride, preferred_element_type=acc)
         return nn.leaky_relu(y + bias.astype(acc), 0.2).astype(dtype)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
 from jattn.ops.activations import elu
-from jattn.ops.conv import strided_conv2d
+from jattn.ops.conv import strided_conv2d, upsample_conv3x3
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = ["GenConv", "GatedConv", "GenDeconv", "SNConv", "SNDense"]
@@ -36,10 +36,12 @@ def _gen_conv(
 ) -> jax.Array:
     """Declares ``kernel``/``bias`` in ``module``'s scope and convolves ``x`` with them.
 
-    Uses ``module.ksize``, ``stride``, ``rate`` (dilation), ``padding``,
+    Uses ``module.ksize``, ``stride``, ``rate`` (dilation), ``padding``, ``upsample``,
     ``kernel_init``, ``bias_init``, ``param_dtype``. Padding "SAME" / "VALID" is
     TF's; "SYMMETRIC" / "REFLECT" pad ``rate * (ksize - 1) // 2`` on each side
-    with that mode, then convolve "VALID" (as DeepFill's gen_conv does).
+    with that mode, then convolve "VALID" (as DeepFill's gen_conv does). With
+    ``upsample`` the conv reads ``x`` 2x nearest-upsampled (TF1 align corners); a 3x3
+    stride-1 conv then runs on ``x`` itself (:func:`jattn.ops.conv.upsample_conv3x3`).
 
     Args:
       x: ``[B, H, W, Cin]`` (already in ``dtype``).
@@ -61,11 +63,16 @@ def _gen_conv(
     )
     bias = module.param("bias", module.bias_init, (out_features,), module.param_dtype)
     padding = module.padding
+    acc = jnp.promote_types(dtype, jnp.float32)
+    if module.upsample:
+        if k == 3 and module.stride == 1 and module.rate == 1:
+            y = upsample_conv3x3(x, kernel.astype(acc), padding, preferred_element_type=acc)
+            return y + bias.astype(acc)
+        x = resize_nearest_align_corners(x, 2 * x.shape[1], 2 * x.shape[2])
     if padding in ("SYMMETRIC", "REFLECT"):
         p = module.rate * (k - 1) // 2
         x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=padding.lower())
         padding = "VALID"
-    acc = jnp.promote_types(dtype, jnp.float32)
     if module.stride > 1 and module.rate == 1:  # its input gradient as polyphase stride-1 convs on CPU
         y = strided_conv2d(x, kernel.astype(dtype), module.stride, padding, preferred_element_type=acc)
         return y + bias.astype(acc)
@@ -89,6 +96,7 @@ class _ConvAttributes(nn.Module):
     rate: int = 1
     activation: Activation = elu
     padding: str = "SAME"
+    upsample: bool = False
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: Initializer = nn.initializers.zeros_init()
     dtype: Dtype | None = None
@@ -108,10 +116,13 @@ class GenConv(_ConvAttributes):
       rate: dilation (1).
       activation: default ELU; None for none.
       padding: "SAME" (TF semantics, dilation aware), "VALID", "SYMMETRIC", "REFLECT".
+      upsample: convolve ``x`` 2x nearest-upsampled (as :class:`GenDeconv`), without
+        building the upsampled image when the conv is 3x3 stride 1.
       kernel_init: glorot uniform (TF ``conv2d`` default); bias_init: zeros.
 
     Call: ``x [B, H, W, Cin] -> [B, ceil(H / stride), ceil(W / stride), features]``
-    for "SAME". Params: ``kernel [ksize, ksize, Cin, features]``, ``bias [features]``.
+    for "SAME" (``2H, 2W`` in place of ``H, W`` with ``upsample``).
+    Params: ``kernel [ksize, ksize, Cin, features]``, ``bias [features]``.
     """
 
     @nn.compact
@@ -156,7 +167,10 @@ class GenDeconv(nn.Module):
     ``(2H, 2W)`` (:func:`jattn.ops.resize.resize_nearest_align_corners`); the conv
     is a :class:`GenConv` (v1) or, with ``gated=True``, a :class:`GatedConv` (v2),
     named ``f"{name}_conv"`` as in the official code (``conv13_upsample`` holds
-    ``conv13_upsample_conv``), or ``conv`` when the module has no name.
+    ``conv13_upsample_conv``), or ``conv`` when the module has no name. The upsampled
+    image is never built: the conv runs on the input as four 2x2 convolutions
+    (:func:`jattn.ops.conv.upsample_conv3x3`, 2.25x fewer FLOPs, the same values up to
+    float rounding).
 
     Call: ``x [B, H, W, Cin] -> [B, 2H, 2W, features]``.
     Params: ``{f"{name}_conv": {"kernel", "bias"}}`` (``{"conv": ...}`` when unnamed).
@@ -172,10 +186,9 @@ class GenDeconv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = check_nhwc("x", x)
-        x = resize_nearest_align_corners(x, 2 * x.shape[1], 2 * x.shape[2])
         layer = GatedConv if self.gated else GenConv
         return layer(
-            self.features, 3, 1, activation=self.activation, padding=self.padding,
+            self.features, 3, 1, activation=self.activation, padding=self.padding, upsample=True,
             dtype=self.dtype, param_dtype=self.param_dtype,
             name=f"{self.name}_conv" if self.name else "conv",
         )(x)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d"]
+__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d", "upsample_conv3x3"]
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -68,6 +68,23 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int = 1, *, precision
 # --------------------------------------------------------------------------- strided conv
 
 
+# Below this many input channels the phases are merged into one convolution (see
+# `_polyphase_input_grad`); measured on DeepFill's layers (docs/benchmarks.md).
+MERGE_PHASES_BELOW_CHANNELS = 16
+
+
+def _phase_kernels(kernel: jax.Array, stride: int) -> jax.Array:
+    """HWIO kernel [kh, kw, C, O] -> [M, M', O, s*s*C] with M = ceil(kh / s), M' = ceil(kw / s):
+    for every phase (py, px) (channel block py*s + px) the flipped sub-kernel w[py::s, px::s],
+    zero-padded in front to M x M' taps."""
+    s = stride
+    kh, kw = kernel.shape[:2]
+    mh, mw = -(-kh // s), -(-kw // s)
+    kt = jnp.swapaxes(kernel, 2, 3)  # [kh, kw, O, C]
+    kt = jnp.pad(kt, ((0, s * mh - kh), (0, s * mw - kw), (0, 0), (0, 0)))  # tap p + s*m -> [m, p]
+    return rearrange(kt, "(m p) (n q) o c -> m n o (p q c)", p=s, q=s)[::-1, ::-1]
+
+
 def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], stride: int, pads) -> jax.Array:
     """dL/dx of a stride-`stride` conv (rate 1) as stride x stride phases of stride-1 convs.
 
@@ -76,15 +93,33 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
     w[p::s]. XLA instead convolves g dilated by s (zeros between its pixels), s*s times
     the FLOPs, which XLA:CPU runs at a quarter of the forward rate.
 
+    With fewer than `MERGE_PHASES_BELOW_CHANNELS` input channels C the s*s phases are one
+    convolution with s*s*C output channels (sub-kernels zero-padded to ceil(k/s) taps):
+    more FLOPs (36 / 25 taps at k = 5, s = 2), but a conv with 3 output channels runs far
+    below the machine's rate (3x faster for DeepFill's critics' first layer), and under a
+    second derivative (the WGAN-GP penalty) one conv is one layout transpose of g, not s*s.
+
     g: [B, Ho, Wo, O]; kernel: [kh, kw, C, O]; x_hw: (H, W); pads: ((top, bottom), (left,
     right)). Returns [B, H, W, C] in g's dtype promoted with the kernel's.
     """
     s = stride
     (h, w), (pad_t, _), (pad_l, _) = x_hw, pads[0], pads[1]
     q_h, q_w = -(-(h + pad_t) // s), -(-(w + pad_l) // s)
-    kernel_t = jnp.swapaxes(kernel, 2, 3)[::-1, ::-1]  # [kh, kw, O, C], flipped
-    kh, kw = kernel.shape[:2]
+    kh, kw, channels = kernel.shape[:3]
     dtype = jnp.promote_types(g.dtype, kernel.dtype)
+
+    def phase_conv(sub):  # sub: flipped [mh, mw, O, C'] -> [B, Qh, Qw, C']
+        mh, mw = sub.shape[:2]
+        gp = jnp.pad(g, ((0, 0), (mh - 1, max(0, q_h - g.shape[1])), (mw - 1, max(0, q_w - g.shape[2])), (0, 0)))
+        out = jax.lax.conv_general_dilated(gp, sub.astype(g.dtype), (1, 1), "VALID", dimension_numbers=DN,
+                                           preferred_element_type=dtype)
+        return out[:, :q_h, :q_w]
+
+    if channels < MERGE_PHASES_BELOW_CHANNELS:
+        full = rearrange(phase_conv(_phase_kernels(kernel, s)), "b qh qw (py px c) -> b (qh py) (qw px) c", py=s, px=s)
+        return full[:, pad_t : pad_t + h, pad_l : pad_l + w]
+
+    kernel_t = jnp.swapaxes(kernel, 2, 3)[::-1, ::-1]  # [kh, kw, O, C], flipped
     phases = []
     for py in range(s):
         row = []
@@ -92,13 +127,9 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
             # sub-kernel w[py::s, px::s] flipped = the flipped kernel's taps ending at the phase
             sub = kernel_t[(kh - 1 - py) % s :: s, (kw - 1 - px) % s :: s] if py < kh and px < kw else None
             if sub is None or sub.shape[0] == 0 or sub.shape[1] == 0:
-                row.append(jnp.zeros((g.shape[0], q_h, q_w, kernel.shape[2]), dtype))
+                row.append(jnp.zeros((g.shape[0], q_h, q_w, channels), dtype))
                 continue
-            mh, mw = sub.shape[:2]
-            gp = jnp.pad(g, ((0, 0), (mh - 1, max(0, q_h - g.shape[1])), (mw - 1, max(0, q_w - g.shape[2])), (0, 0)))
-            out = jax.lax.conv_general_dilated(gp, sub.astype(g.dtype), (1, 1), "VALID", dimension_numbers=DN,
-                                               preferred_element_type=dtype)
-            row.append(out[:, :q_h, :q_w])
+            row.append(phase_conv(sub))
         phases.append(jnp.stack(row, axis=3))  # [B, Qh, Qw, s(px), C]
     full = rearrange(jnp.stack(phases, axis=2), "b qh py qw px c -> b (qh py) (qw px) c")
     return full[:, pad_t : pad_t + h, pad_l : pad_l + w]
@@ -147,3 +178,51 @@ def strided_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding="SAME",
     if not isinstance(padding, str):
         padding = tuple(tuple(int(v) for v in p) for p in padding)
     return _strided_conv(x, kernel, int(stride), padding, preferred_element_type)
+
+
+# --------------------------------------------------------------------------- upsample + conv
+
+
+def _phase_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """A 3-tap kernel axis seen from a 2x nearest-upsampled input, per output phase:
+    phase 0 reads input offsets (-1, 0) with taps (w0, w1 + w2), phase 1 reads (0, +1)
+    with taps (w0 + w1, w2). Returns the two 2-tap kernels (axis `axis` has length 2)."""
+    w0, w1, w2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+    return jnp.stack([w0, w1 + w2], axis=axis), jnp.stack([w0 + w1, w2], axis=axis)
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, padding: str = "SAME", *, preferred_element_type=None) -> jax.Array:
+    """2x nearest upsampling (TF1 align-corners, which for exact doubling repeats each
+    pixel, `jattn.ops.resize`) then a 3x3 stride-1 convolution, computed on the input.
+
+    Each of the four output phases (row parity, column parity) of the convolution of the
+    upsampled image is a 2x2 convolution of the input with sums of the kernel's taps: 16
+    taps per input pixel instead of 36 (2.25x fewer FLOPs), and no upsampled intermediate
+    (nor its gradient). Padding of the upsampled image maps onto the input: "SAME" zeros
+    are zeros, "SYMMETRIC" and "REFLECT" by one pixel repeat the edge pixel, "VALID" is
+    "SAME" without its border.
+
+    x: [B, H, W, C]; kernel: [3, 3, C, O] (HWIO). Returns [B, 2H, 2W, O] ("VALID":
+    [B, 2H - 2, 2W - 2, O]), equal to `conv(resize_nearest_align_corners(x, 2H, 2W))` up to
+    float rounding (the taps are summed first).
+    """
+    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"upsample_conv3x3: kernel {tuple(kernel.shape)} is not a 3x3 kernel for input {tuple(x.shape)}")
+    modes = {"SAME": "constant", "VALID": "constant", "SYMMETRIC": "edge", "REFLECT": "edge"}
+    if padding not in modes:
+        raise ValueError(f"upsample_conv3x3: padding must be one of {tuple(modes)}, got {padding!r}")
+    b, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=modes[padding])
+    rows = []
+    for py, k_rows in enumerate(_phase_taps(kernel, 0)):
+        cols = [
+            jax.lax.conv_general_dilated(
+                xp[:, py : py + h + 1, px : px + w + 1], k_phase.astype(x.dtype), (1, 1), "VALID",
+                dimension_numbers=DN, preferred_element_type=preferred_element_type,
+            )
+            for px, k_phase in enumerate(_phase_taps(k_rows, 1))
+        ]
+        rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (px), O]
+    y = jnp.stack(rows, axis=2)  # [B, H, 2 (py), W, 2 (px), O]
+    y = y.reshape(b, 2 * h, 2 * w, y.shape[-1])
+    return y[:, 1:-1, 1:-1] if padding == "VALID" else y

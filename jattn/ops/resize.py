@@ -10,6 +10,11 @@ computed in float32. Neither ``jax.image.resize`` (half-pixel centres) nor
 ``jnp.repeat`` reproduce it (e.g. 32 -> 16 picks rows 0, 2, ..., 14, 17, 19,
 ..., 31), so the indices are computed here with numpy float32 arithmetic and
 applied with ``jnp.take``.
+
+Exact 2x upsampling (in -> 2 in, DeepFill's decoders) picks ``i // 2``: checked for every
+``in`` up to `_REPEAT_CHECKED_UP_TO`. There it is a broadcast and a reshape, whose
+gradient is a sum over 2x2 blocks, rather than a gather (and a scatter-add in the
+gradient), which XLA:CPU runs as several slower copies.
 """
 from __future__ import annotations
 
@@ -72,6 +77,24 @@ def _nearest_indices(in_size, out_size):
     return _symbolic_nearest_indices(in_size, out_size)
 
 
+# nearest_align_corners_indices(n, 2 n) == arange(2 n) // 2 for every n up to here (checked).
+_REPEAT_CHECKED_UP_TO = 40_000
+
+
+def _is_exact_double(in_size, out_size) -> bool:
+    return isinstance(in_size, int) and isinstance(out_size, int) and out_size == 2 * in_size <= 2 * _REPEAT_CHECKED_UP_TO
+
+
+def _nearest_along(x: jax.Array, axis: int, out_size) -> jax.Array:
+    """Nearest align-corners resize of one axis of x."""
+    in_size = x.shape[axis]
+    if _is_exact_double(in_size, out_size):
+        shape = x.shape[: axis + 1] + (2,) + x.shape[axis + 1 :]
+        doubled = jnp.broadcast_to(jnp.expand_dims(x, axis + 1), shape)
+        return doubled.reshape(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :])
+    return jnp.take(x, _nearest_indices(in_size, out_size), axis=axis)
+
+
 def resize_nearest_align_corners(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
     """TF1 ``resize_nearest_neighbor(x, (out_h, out_w), align_corners=True)``.
 
@@ -86,9 +109,7 @@ def resize_nearest_align_corners(x: jax.Array, out_h: int, out_w: int) -> jax.Ar
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"x must be [B, H, W, C], got shape {tuple(x.shape)}")
-    rows = _nearest_indices(x.shape[1], out_h)
-    cols = _nearest_indices(x.shape[2], out_w)
-    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+    return _nearest_along(_nearest_along(x, 1, out_h), 2, out_w)
 
 
 def _bilinear_axis(in_size, out_size):
