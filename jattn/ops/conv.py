@@ -212,12 +212,20 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, padding: str = "SAME", *, 
     if padding not in modes:
         raise ValueError(f"upsample_conv3x3: padding must be one of {tuple(modes)}, got {padding!r}")
     b, h, w, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=modes[padding])
+    # Phase (py, px) reads the input padded by one pixel, rows py .. py + H, columns
+    # px .. px + W. Zero padding is the convolution's own; edge padding is padded once.
+    # Expressed as each conv's padding of one shared operand (negative = cropping), so
+    # that the four kernel gradients share one layout transpose of it on CPU.
+    if modes[padding] == "edge":
+        operand, base = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"), 0
+    else:
+        operand, base = x, 1
     rows = []
     for py, k_rows in enumerate(_phase_taps(kernel, 0)):
         cols = [
             jax.lax.conv_general_dilated(
-                xp[:, py : py + h + 1, px : px + w + 1], k_phase.astype(x.dtype), (1, 1), "VALID",
+                operand, k_phase.astype(x.dtype), (1, 1),
+                ((base - py, base + py - 1), (base - px, base + px - 1)),
                 dimension_numbers=DN, preferred_element_type=preferred_element_type,
             )
             for px, k_phase in enumerate(_phase_taps(k_rows, 1))
