@@ -2,16 +2,18 @@
 
 `strided_conv2d`: a stride > 1 convolution whose input gradient on CPU is its polyphase
 parts, stride**2 stride-1 convolutions (2.2-2.8x faster than XLA's for DeepFill's
-stride-2 layers, `docs/benchmarks.md`).
+stride-2 layers, `docs/benchmarks.md`). Its second derivative is made of stride-1
+convolutions too, which is why DeepFill v1's critics use it: the WGAN-GP penalty
+differentiates them twice, and XLA:CPU's second derivative of a native strided
+convolution is ~20x slower.
 
-TF 'SAME' patches and convolution as patches + one matrix product (im2col):
+`upsample_conv3x3`: 2x nearest upsampling then a 3x3 convolution (DeepFill's
+`gen_deconv`) as four 2x2 convolutions of the input, 2.25x fewer FLOPs.
 
-`conv2d_im2col` equals `jax.lax.conv_general_dilated(..., "SAME")` (TF padding), but its
-derivatives are matrix products, slices and pads. On XLA:CPU that makes second-order
-gradients (the WGAN-GP penalty differentiates the critic w.r.t. its input, then the
-result w.r.t. the critic's weights) about 9x faster than differentiating the native
-convolution twice (measured: `docs/benchmarks.md`). Memory: the patches are k*k times
-the input, fine for DeepFill's critics.
+`conv2d_im2col`: TF 'SAME' convolution as patches + one matrix product, equal to
+`jax.lax.conv_general_dilated(..., "SAME")`; its derivatives are matrix products, slices
+and pads (DeepFill v1's critics used it before `strided_conv2d`, which is faster).
+`extract_patches` is TF's `extract_image_patches` (contextual attention uses it).
 """
 
 from __future__ import annotations
