@@ -7,7 +7,8 @@ compile time, median seconds per iteration, images/s, XLA's FLOP count of the tw
 compiled updates and its rate, the issue's nominal rate (256 GFLOP per image and
 iteration), next to a `jnp.matmul` rate in the run's compute dtype measured in the same run
 (best of 20 calls before and 20 after the iterations); and XLA's
-memory analysis of each update plus the process's peak RSS.
+memory analysis of each update plus the process's peak RSS. Like the `jattn` command, it
+runs under tcmalloc when the machine has it (`jattn/_alloc.py`; `JATTN_TCMALLOC=0` not to).
 
     python benchmarks/train_step.py [--batch 4 16] [--repeats 3]
     taskset -c 0 python benchmarks/train_step.py --batch 4   # pinned to one core
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jattn  # noqa: F401  (jattn's XLA:CPU flags, before the first computation)
+from jattn._alloc import reexec_with_tcmalloc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOMINAL_GFLOP_PER_IMAGE = 256.0  # 3x the generator's 52 GFLOP forward + the critics with GP
@@ -61,11 +63,13 @@ def _batch(batch: int, size: int):
     return {"image": image, "mask": mask}
 
 
-def bench(batch: int, repeats: int, overrides: list[str]) -> dict:
+def setup(batch: int, overrides: list[str] = ()):
+    """The DeepFill v1 task at the official widths, its initial state and one batch, on a
+    mesh of the local devices. Returns `(task, mesh, state, data)`; `task.updates` are
+    the critic and generator updates."""
     from jattn.config import load_config
     from jattn.train.loop import _state_init_fn
     from jattn.train.sharding import make_mesh, replicated, to_global_array
-    from jattn.train.steps import jit_update
     from jattn.train.task import build_task
 
     config = load_config(REPO / "configs" / "deepfill_v1_base.py", [f"batch_size={batch}", "n_critic=1", *overrides])
@@ -73,9 +77,15 @@ def bench(batch: int, repeats: int, overrides: list[str]) -> dict:
     task = build_task(config)
     state = jax.jit(_state_init_fn(task, config), out_shardings=replicated(mesh))(jax.random.key(0))
     data = to_global_array(_batch(batch, config.data.image_size), mesh)
-    d_update, g_update = task.updates
+    return task, mesh, state, data
+
+
+def bench(batch: int, repeats: int, overrides: list[str]) -> dict:
+    from jattn.train.steps import jit_update
+
+    task, mesh, state, data = setup(batch, overrides)
     fns, compile_s, flops, memory = [], 0.0, 0.0, {}
-    for name, update in (("critic", d_update), ("generator", g_update)):
+    for name, update in zip(("critic", "generator"), task.updates):
         fn = jit_update(update, mesh, donate=False)
         t0 = time.perf_counter()
         compiled = fn.lower(state, data, 0).compile()
@@ -128,6 +138,7 @@ def main():
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.local_devices()],
         "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "allocator": os.environ.get("JATTN_TCMALLOC_ACTIVE") or "the C library's malloc",
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
@@ -154,4 +165,5 @@ def main():
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()  # as the `jattn` command does (jattn/_alloc.py); JATTN_TCMALLOC=0 to compare
     main()

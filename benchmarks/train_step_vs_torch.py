@@ -4,7 +4,9 @@ Runs `benchmarks/train_step.py` (jattn, this interpreter) and `benchmarks/torch_
 (PyTorch, `--torch-python`, a separate virtualenv: PyTorch is not a jattn dependency) one
 after the other in one invocation, on one core (`taskset -c 0`, PyTorch with 1 thread) and
 on every allowed core, and prints one JSON line per run and a table of seconds per
-iteration with the ratios. Nothing else should run on the machine meanwhile.
+iteration with the ratios. Nothing else should run on the machine meanwhile. Where the
+machine has tcmalloc, both libraries run under it (`jattn/_alloc.py`); `JATTN_TCMALLOC=0`
+runs both under the C library's malloc.
 
     python benchmarks/train_step_vs_torch.py --torch-python /tmp/torchvenv/bin/python [--batch 4] [--repeats 3]
 """
@@ -21,12 +23,14 @@ import sys
 import tempfile
 import time
 
+from jattn._alloc import preload_environment
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _run(cmd: list[str], out: pathlib.Path) -> dict:
+def _run(cmd: list[str], out: pathlib.Path, env: dict | None = None) -> dict:
     print("$", " ".join(cmd), flush=True)
-    subprocess.run([*cmd, "--json", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([*cmd, "--json", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return json.loads(out.read_text())
 
 
@@ -42,6 +46,11 @@ def main() -> None:
     jattn_cmd = [sys.executable, str(HERE / "train_step.py"), "--batch", str(args.batch), "--repeats", str(args.repeats)]
     torch_cmd = [args.torch_python, str(HERE / "torch_reference.py"), "--batch", str(args.batch),
                  "--repeats", str(args.repeats), "--no-flop-count"]
+    # train_step.py runs under tcmalloc when the machine has it, as `jattn` does; PyTorch gets
+    # the same allocator so that the comparison is between the libraries, not the mallocs.
+    torch_env = preload_environment(os.environ)
+    if torch_env is not None:
+        print(f"both libraries under {torch_env['LD_PRELOAD']}", flush=True)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -51,7 +60,7 @@ def main() -> None:
             (f"jattn, {cores} cores", jattn_cmd),
             (f"PyTorch, {cores} cores, {cores} threads", torch_cmd + ["--threads", str(cores)]),
         ):
-            result = _run(cmd, tmp / "out.json")
+            result = _run(cmd, tmp / "out.json", None if "jattn" in label else torch_env)
             runs[label] = {"seconds_per_iteration": result["results"][0]["seconds_per_iteration"],
                            "matmul_gflops": result.get("matmul_gflops"), "raw": result}
             print(json.dumps({label: {k: v for k, v in runs[label].items() if k != "raw"}}), flush=True)

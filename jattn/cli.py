@@ -340,6 +340,10 @@ def _config_flags(extra: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as the `jattn` program, not called from Python
+        from jattn._alloc import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()  # under tcmalloc when the machine has it (see jattn/_alloc.py)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides, rest = _config_flags(extra)
