@@ -145,3 +145,100 @@ def test_upsample_conv3x3_errors():
         upsample_conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((5, 5, 3, 2)))
     with pytest.raises(ValueError, match="padding"):
         upsample_conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)), "CIRCULAR")
+
+
+# --------------------------------------------------------------------------- Winograd / conv3x3
+
+
+def _dilated(x, w, rate, padding="VALID"):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=(rate, rate),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+
+
+def _relmax(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+@pytest.mark.parametrize("shape,rate", [
+    ((2, 18, 18, 5), 1),     # output 16: whole tiles
+    ((1, 13, 11, 3), 1),     # output 11 x 9: partial tiles, cropped
+    ((2, 21, 20, 4), 3),     # dilated, sizes not multiples of the rate
+    ((1, 40, 40, 6), 16),    # DeepFill's largest rate: one tile per sub-grid
+    ((1, 7, 9, 2), 2),
+])
+def test_winograd_conv3x3_matches_the_convolution(shape, rate):
+    from jattn.ops.conv import winograd_conv3x3
+
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, (3, 3, shape[-1], 7)) / np.sqrt(9 * shape[-1])
+    ref = _dilated(x, w, rate)
+    y = winograd_conv3x3(x, w, rate)
+    assert y.shape == ref.shape
+    assert _relmax(ref, y) < 2e-5
+    g = jax.random.normal(kg, ref.shape)
+    dx_ref, dw_ref = jax.vjp(lambda a, b: _dilated(a, b, rate), x, w)[1](g)
+    dx, dw = jax.vjp(lambda a, b: winograd_conv3x3(a, b, rate), x, w)[1](g)
+    assert _relmax(dx_ref, dx) < 2e-5
+    assert _relmax(dw_ref, dw) < 2e-5
+
+
+def test_winograd_conv3x3_errors():
+    from jattn.ops.conv import winograd_conv3x3
+
+    with pytest.raises(ValueError, match="not a 3x3 kernel"):
+        winograd_conv3x3(jnp.zeros((1, 8, 8, 3)), jnp.zeros((5, 5, 3, 4)))
+    with pytest.raises(ValueError, match="rate must be >= 1"):
+        winograd_conv3x3(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)), 0)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        winograd_conv3x3(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)), 4)
+
+
+@pytest.mark.parametrize("padding,rate", [("SAME", 1), ("SAME", 4), ("VALID", 2)])
+def test_conv3x3_value_is_the_convolution_and_its_cpu_gradients_are_winograds(padding, rate):
+    from jattn.ops.conv import WINOGRAD_MIN_CHANNELS, conv3x3
+
+    c = WINOGRAD_MIN_CHANNELS
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (2, 20, 20, c))
+    w = jax.random.normal(kw, (3, 3, c, c)) / np.sqrt(9 * c)
+    ref = _dilated(x, w, rate, padding)
+    y = jax.jit(lambda a, b: conv3x3(a, b, rate, padding))(x, w)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
+    g = jax.random.normal(kg, ref.shape)
+    grads = jax.jit(lambda a, b: jax.vjp(lambda p, q: conv3x3(p, q, rate, padding), a, b)[1](g))
+    for exact, got in zip(jax.vjp(lambda a, b: _dilated(a, b, rate, padding), x, w)[1](g), grads(x, w)):
+        assert _relmax(exact, got) < 2e-5
+    # On CPU the gradients are Winograd's: the compiled backward pass has no convolution.
+    hlo = grads.lower(x, w).compile().as_text()
+    assert jax.default_backend() != "cpu" or " convolution(" not in hlo
+
+
+def test_conv3x3_falls_back_to_xla_for_small_or_bfloat16_layers():
+    from jattn.ops.conv import conv3x3
+
+    x = jax.random.normal(jax.random.key(2), (1, 12, 12, 8))
+    w = jax.random.normal(jax.random.key(3), (3, 3, 8, 8))
+    g = jnp.ones((1, 12, 12, 8))
+    for xs, ws in ((x, w), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))):
+        grads = jax.jit(lambda a, b: jax.vjp(lambda p, q: conv3x3(p, q), a, b)[1](g.astype(a.dtype)))
+        assert " convolution(" in grads.lower(xs, ws).compile().as_text()
+        exact = jax.vjp(lambda a, b: _dilated(a, b, 1, "SAME"), xs, ws)[1](g.astype(xs.dtype))
+        for e, got in zip(exact, grads(xs, ws)):
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(e, np.float32), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="padding must be 'SAME' or 'VALID'"):
+        conv3x3(x, w, padding="SYMMETRIC")
+    with pytest.raises(ValueError, match="not a 3x3 kernel"):
+        conv3x3(x, jnp.zeros((5, 5, 8, 8)))
+
+
+def test_conv3x3_exports_with_symbolic_sizes():
+    from jattn.ops.conv import WINOGRAD_MIN_CHANNELS, conv3x3
+
+    c = WINOGRAD_MIN_CHANNELS
+    w = jax.random.normal(jax.random.key(4), (3, 3, c, c)) / np.sqrt(9 * c)
+    b, h, wd = jax.export.symbolic_shape("b, h, w")
+    exp = jax.export.export(jax.jit(lambda x: conv3x3(x, w, 2)))(jax.ShapeDtypeStruct((b, h, wd, c), jnp.float32))
+    x = jax.random.normal(jax.random.key(5), (1, 12, 10, c))
+    np.testing.assert_allclose(exp.call(x), _dilated(x, w, 2, "SAME"), rtol=0, atol=1e-5 * float(jnp.abs(x).max()))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
 from jattn.ops.activations import elu
-from jattn.ops.conv import strided_conv2d, upsample_conv3x3
+from jattn.ops.conv import conv3x3, strided_conv2d, upsample_conv3x3
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = ["GenConv", "GatedConv", "GenDeconv", "SNConv", "SNDense"]
@@ -42,6 +42,8 @@ def _gen_conv(
     with that mode, then convolve "VALID" (as DeepFill's gen_conv does). With
     ``upsample`` the conv reads ``x`` 2x nearest-upsampled (TF1 align corners); a 3x3
     stride-1 conv then runs on ``x`` itself (:func:`jattn.ops.conv.upsample_conv3x3`).
+    Other 3x3 stride-1 convs go through :func:`jattn.ops.conv.conv3x3` (Winograd
+    gradients on CPU for wide float32 layers); stride > 1 through ``strided_conv2d``.
 
     Args:
       x: ``[B, H, W, Cin]`` (already in ``dtype``).
@@ -75,6 +77,9 @@ def _gen_conv(
         padding = "VALID"
     if module.stride > 1 and module.rate == 1:  # its input gradient as polyphase stride-1 convs on CPU
         y = strided_conv2d(x, kernel.astype(dtype), module.stride, padding, preferred_element_type=acc)
+        return y + bias.astype(acc)
+    if k == 3 and module.stride == 1:  # Winograd on CPU where it is faster (jattn.ops.conv.conv3x3)
+        y = conv3x3(x, kernel.astype(dtype), module.rate, padding, preferred_element_type=acc)
         return y + bias.astype(acc)
     y = jax.lax.conv_general_dilated(
         x, kernel.astype(dtype),

@@ -10,6 +10,10 @@ convolution is ~20x slower.
 `upsample_conv3x3`: 2x nearest upsampling then a 3x3 convolution (DeepFill's
 `gen_deconv`) as four 2x2 convolutions of the input, 2.25x fewer FLOPs.
 
+`conv3x3`: a 3x3 stride-1 convolution (any dilation) whose gradients on CPU are those of
+`winograd_conv3x3` (Winograd's F(4x4, 3x3)): no convolution, hence none of XLA:CPU's
+layout transposes for the kernel gradient (DeepFill's generators use it).
+
 `conv2d_im2col`: TF 'SAME' convolution as patches + one matrix product, equal to
 `jax.lax.conv_general_dilated(..., "SAME")`; its derivatives are matrix products, slices
 and pads (DeepFill v1's critics used it before `strided_conv2d`, which is faster).
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d", "upsample_conv3x3"]
+__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d", "upsample_conv3x3", "winograd_conv3x3", "conv3x3"]
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -236,3 +240,167 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, padding: str = "SAME", *, 
     y = jnp.stack(rows, axis=2)  # [B, H, 2 (py), W, 2 (px), O]
     y = y.reshape(b, 2 * h, 2 * w, y.shape[-1])
     return y[:, 1:-1, 1:-1] if padding == "VALID" else y
+
+
+# --------------------------------------------------------------------------- Winograd
+
+# Winograd F(4x4, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+# 2016), interpolation points 0, +-1, +-2 and infinity: a 6x6 input tile d gives the 4x4
+# output tile A^T [(G w G^T) * (B^T d B)] A of the 3x3 correlation with w.
+_WINO_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+            (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_WINO_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+           (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_WINO_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+WINOGRAD_TILE = 4
+
+
+def _lincomb(coefficients, parts):
+    """sum(c * p) over the nonzero coefficients, as adds (XLA fuses them into one loop)."""
+    total = None
+    for c, p in zip(coefficients, parts):
+        if c == 0:
+            continue
+        term = p if c == 1 else -p if c == -1 else p * jnp.asarray(c, p.dtype)
+        total = term if total is None else total + term
+    return total
+
+
+def _tile_elements(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
+    """The 6 elements of every input tile along `axis` (tile t starts at 4 t): six
+    stride-4 slices, each `tiles` long."""
+    return [jax.lax.slice_in_dim(x, a, a + WINOGRAD_TILE * (tiles - 1) + 1, WINOGRAD_TILE, axis=axis) for a in range(6)]
+
+
+def _winograd(x: jax.Array, kernel: jax.Array, preferred_element_type) -> jax.Array:
+    """`winograd_conv3x3` at rate 1."""
+    b, h, w, _ = x.shape
+    out_h, out_w = h - 2, w - 2
+    tiles_h, tiles_w = -(-out_h // WINOGRAD_TILE), -(-out_w // WINOGRAD_TILE)
+    x = jnp.pad(x, ((0, 0), (0, tiles_h * WINOGRAD_TILE + 2 - h), (0, tiles_w * WINOGRAD_TILE + 2 - w), (0, 0)))
+    # Input transform B^T d B: rows (one [6, B, tiles_h, W', C] array), then columns.
+    # (Stacking each stage into one array lets XLA:CPU fuse its derivative into a few
+    # loops: building it per row instead made the backward pass twice as slow.)
+    rows = _tile_elements(x, 1, tiles_h)
+    r = jnp.stack([_lincomb(_WINO_BT[p], rows) for p in range(6)])
+    cols = _tile_elements(r, 3, tiles_w)
+    v = jnp.stack([_lincomb(_WINO_BT[q], cols) for q in range(6)], axis=1)  # [6, 6, B, th, tw, C]
+    v = v.reshape(36, -1, x.shape[-1])
+    g = jnp.asarray(_WINO_G, kernel.dtype)
+    u = jnp.einsum("pi,ijco,qj->pqco", g, kernel, g).reshape(36, *kernel.shape[2:])
+    m = jnp.einsum("ptc,pco->pto", v, u, preferred_element_type=preferred_element_type)
+    m = m.reshape(6, 6, b, tiles_h, tiles_w, m.shape[-1])
+    # Output transform A^T m A as two small matrix products (their derivatives are matrix
+    # products too; sums of indexed slices made derivative loops that re-read the whole
+    # gradient once per slice), then the tiles into place.
+    a = jnp.asarray(_WINO_AT, m.dtype)
+    y = jnp.einsum("ip,jq,pqbhwo->bhiwjo", a, a, m)
+    y = y.reshape(b, tiles_h * WINOGRAD_TILE, tiles_w * WINOGRAD_TILE, -1)
+    return y[:, :out_h, :out_w]
+
+
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, *, preferred_element_type=None) -> jax.Array:
+    """A "VALID" 3x3 stride-1 convolution (dilation `rate`) by Winograd's F(4x4, 3x3).
+
+    Each 4x4 output tile takes 36 products per channel pair instead of 144 (4x fewer
+    FLOPs); the tile transforms are sums of slices that XLA fuses, and the 36 products
+    are one batched matrix product. A dilated convolution tiles each of its rate x rate
+    sub-grids. Its derivatives are those of these linear maps (transposed transforms and
+    matrix products): no convolution, hence none of XLA:CPU's layout transposes for the
+    kernel gradient.
+
+    The result equals `jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+    rhs_dilation=(rate, rate))` up to float rounding: about 1e-5 of the output's largest
+    value in float32, against 1e-7 for the direct convolution (the transforms' constants
+    reach 8 and 1/24). Use it in float32.
+
+    x: [B, H, W, C]; kernel: [3, 3, C, O] (HWIO). Returns [B, H - 2 rate, W - 2 rate, O].
+    The output is computed in whole tiles (4 rate rows and columns) and cropped.
+    """
+    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"winograd_conv3x3: kernel {tuple(kernel.shape)} is not a 3x3 kernel for input {tuple(x.shape)}")
+    if rate < 1:
+        raise ValueError(f"winograd_conv3x3: rate must be >= 1, got {rate}")
+    b, h, w, _ = x.shape
+    out_h, out_w = h - 2 * rate, w - 2 * rate
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"winograd_conv3x3: input {tuple(x.shape)} is smaller than the dilated kernel (rate {rate})")
+    if rate == 1:
+        return _winograd(x, kernel, preferred_element_type)
+    # Rate r: each of the r x r sub-grids (rows and columns c + r s) is a rate-1 convolution.
+    ph, pw = -h % rate, -w % rate
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    x = rearrange(x, "b (h i) (w j) c -> (b i j) h w c", i=rate, j=rate)
+    y = _winograd(x, kernel, preferred_element_type)
+    y = rearrange(y, "(b i j) h w o -> b (h i) (w j) o", i=rate, j=rate)
+    return y[:, :out_h, :out_w]
+
+
+WINOGRAD_MIN_CHANNELS = 48
+
+
+def _direct3x3(x, kernel, rate, padding, preferred_element_type):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, rhs_dilation=(rate, rate), dimension_numbers=DN,
+                                        preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv3x3(x, kernel, rate, padding, preferred_element_type):
+    return _direct3x3(x, kernel, rate, padding, preferred_element_type)
+
+
+def _conv3x3_fwd(x, kernel, rate, padding, preferred_element_type):
+    return _direct3x3(x, kernel, rate, padding, preferred_element_type), (x, kernel)
+
+
+def _conv3x3_bwd(rate, padding, preferred_element_type, residuals, g):
+    x, kernel = residuals
+
+    def winograd(x_, k_):
+        if padding == "SAME":
+            x_ = jnp.pad(x_, ((0, 0), (rate, rate), (rate, rate), (0, 0)))
+        return winograd_conv3x3(x_, k_, rate, preferred_element_type=preferred_element_type)
+
+    def direct(x_, k_):
+        return _direct3x3(x_, k_, rate, padding, preferred_element_type)
+
+    dx, dw = jax.lax.platform_dependent(
+        g, x, kernel,
+        cpu=lambda g_, x_, k_: jax.vjp(winograd, x_, k_)[1](g_),
+        default=lambda g_, x_, k_: jax.vjp(direct, x_, k_)[1](g_),
+    )
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, preferred_element_type=None) -> jax.Array:
+    """A 3x3 stride-1 convolution (dilation `rate`, padding "SAME" or "VALID") whose
+    gradients on CPU are those of `winograd_conv3x3`, for float32 operands with at least
+    `WINOGRAD_MIN_CHANNELS` input and output channels and an output of at least 8x8.
+
+    The value is always XLA's convolution; elsewhere (other shapes, bfloat16, GPU, TPU)
+    so are the gradients. Winograd's gradients need no convolution and so none of
+    XLA:CPU's channel-major layout transposes for the kernel gradient: for DeepFill's
+    [4, 64, 64, 128] layers they take about 20 ms against XLA:CPU's 30-50 ms. Its forward
+    pass is no faster than XLA:CPU's in the whole program, so it is not used
+    (`docs/benchmarks.md`). The gradients differ from the exact ones by about 1e-5 of
+    their largest value (1e-7 for XLA's).
+
+    x: [B, H, W, C]; kernel: [3, 3, C, O] (HWIO). Returns [B, H', W', O].
+    """
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"conv3x3: padding must be 'SAME' or 'VALID', got {padding!r}")
+    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"conv3x3: kernel {tuple(kernel.shape)} is not a 3x3 kernel for input {tuple(x.shape)}")
+    border = 0 if padding == "SAME" else 2 * rate
+    # Symbolic sizes (jax.export with a polymorphic shape) keep XLA's convolution: the
+    # tiling needs concrete sizes, and an exported forward pass has no gradients anyway.
+    concrete = all(isinstance(d, int) for d in x.shape[1:])
+    fits = (concrete and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and min(x.shape[-1], kernel.shape[-1]) >= WINOGRAD_MIN_CHANNELS
+            and min(x.shape[1], x.shape[2]) - border >= 8)
+    if not fits:
+        return _direct3x3(x, kernel, rate, padding, preferred_element_type)
+    return _conv3x3(x, kernel, int(rate), padding, preferred_element_type)
