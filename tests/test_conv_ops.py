@@ -201,7 +201,7 @@ def test_conv3x3_value_is_the_convolution_and_its_cpu_gradients_are_winograds(pa
 
     c = WINOGRAD_MIN_CHANNELS
     kx, kw, kg = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(kx, (2, 20, 20, c))
+    x = jax.random.normal(kx, (2, 32, 32, c))
     w = jax.random.normal(kw, (3, 3, c, c)) / np.sqrt(9 * c)
     ref = _dilated(x, w, rate, padding)
     y = jax.jit(lambda a, b: conv3x3(a, b, rate, padding))(x, w)
@@ -213,6 +213,14 @@ def test_conv3x3_value_is_the_convolution_and_its_cpu_gradients_are_winograds(pa
     # On CPU the gradients are Winograd's: the compiled backward pass has no convolution.
     hlo = grads.lower(x, w).compile().as_text()
     assert jax.default_backend() != "cpu" or " convolution(" not in hlo
+
+
+def test_winograd_tiles_fit():
+    from jattn.ops.conv import _tiles_fit
+
+    assert all(_tiles_fit(64, r) for r in (1, 2, 4, 8, 16))  # DeepFill at 256 x 256
+    assert _tiles_fit(16, 1) and _tiles_fit(16, 2) and _tiles_fit(16, 4) and not _tiles_fit(16, 8)
+    assert _tiles_fit(10, 1) and not _tiles_fit(9, 1) and not _tiles_fit(6, 1)
 
 
 def test_conv3x3_falls_back_to_xla_for_small_or_bfloat16_layers():
@@ -227,6 +235,10 @@ def test_conv3x3_falls_back_to_xla_for_small_or_bfloat16_layers():
         exact = jax.vjp(lambda a, b: _dilated(a, b, 1, "SAME"), xs, ws)[1](g.astype(xs.dtype))
         for e, got in zip(exact, grads(xs, ws)):
             np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(e, np.float32), rtol=2e-2, atol=2e-2)
+    # Wide enough, but rate 16 on 16 x 16 would compute 4 x 4 tiles for 1 x 1 sub-grids.
+    wide = jnp.ones((1, 16, 16, 64))
+    grads = jax.jit(lambda a, b: jax.grad(lambda p, q: conv3x3(p, q, 16).sum(), argnums=(0, 1))(a, b))
+    assert " convolution(" in grads.lower(wide, jnp.ones((3, 3, 64, 64))).compile().as_text()
     with pytest.raises(ValueError, match="padding must be 'SAME' or 'VALID'"):
         conv3x3(x, w, padding="SYMMETRIC")
     with pytest.raises(ValueError, match="not a 3x3 kernel"):

@@ -339,6 +339,13 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, *, preferre
 WINOGRAD_MIN_CHANNELS = 48
 
 
+def _tiles_fit(out: int, rate: int) -> bool:
+    """Whether Winograd's whole tiles along an output axis of `out` (each of the `rate`
+    sub-grids in 4-long tiles) cover at most 25% more than `out`, and `out` >= 8."""
+    covered = -(-(-(-out // rate)) // WINOGRAD_TILE) * WINOGRAD_TILE * rate
+    return out >= 8 and covered <= 1.25 * out
+
+
 def _direct3x3(x, kernel, rate, padding, preferred_element_type):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, rhs_dilation=(rate, rate), dimension_numbers=DN,
                                         preferred_element_type=preferred_element_type)
@@ -378,7 +385,9 @@ _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, preferred_element_type=None) -> jax.Array:
     """A 3x3 stride-1 convolution (dilation `rate`, padding "SAME" or "VALID") whose
     gradients on CPU are those of `winograd_conv3x3`, for float32 operands with at least
-    `WINOGRAD_MIN_CHANNELS` input and output channels and an output of at least 8x8.
+    `WINOGRAD_MIN_CHANNELS` input and output channels and outputs whose whole tiles
+    cover at most 25% more rows and columns than the output (`_tiles_fit`: at 64x64,
+    every rate up to 16; at 16x16, rates 1, 2 and 4).
 
     The value is always XLA's convolution; elsewhere (other shapes, bfloat16, GPU, TPU)
     so are the gradients. Winograd's gradients need no convolution and so none of
@@ -400,7 +409,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, p
     concrete = all(isinstance(d, int) for d in x.shape[1:])
     fits = (concrete and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
             and min(x.shape[-1], kernel.shape[-1]) >= WINOGRAD_MIN_CHANNELS
-            and min(x.shape[1], x.shape[2]) - border >= 8)
+            and all(_tiles_fit(n - border, rate) for n in x.shape[1:3]))
     if not fits:
         return _direct3x3(x, kernel, rate, padding, preferred_element_type)
     return _conv3x3(x, kernel, int(rate), padding, preferred_element_type)
