@@ -141,9 +141,9 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
     return full[:, pad_t : pad_t + h, pad_l : pad_l + w]
 
 
-def _conv(x, kernel, stride, padding, preferred_element_type):
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=DN,
-                                        preferred_element_type=preferred_element_type)
+def _conv(x, kernel, stride, padding, preferred_element_type, rate=1):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(rate, rate),
+                                        dimension_numbers=DN, preferred_element_type=preferred_element_type)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -351,18 +351,13 @@ def _tiles_fit(out: int, rate: int) -> bool:
     return out >= WINOGRAD_MIN_SIZE and covered <= 1.25 * out
 
 
-def _direct3x3(x, kernel, rate, padding, preferred_element_type):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, rhs_dilation=(rate, rate), dimension_numbers=DN,
-                                        preferred_element_type=preferred_element_type)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv3x3(x, kernel, rate, padding, preferred_element_type):
-    return _direct3x3(x, kernel, rate, padding, preferred_element_type)
+    return _conv(x, kernel, 1, padding, preferred_element_type, rate)
 
 
 def _conv3x3_fwd(x, kernel, rate, padding, preferred_element_type):
-    return _direct3x3(x, kernel, rate, padding, preferred_element_type), (x, kernel)
+    return _conv(x, kernel, 1, padding, preferred_element_type, rate), (x, kernel)
 
 
 def _conv3x3_bwd(rate, padding, preferred_element_type, residuals, g):
@@ -374,7 +369,7 @@ def _conv3x3_bwd(rate, padding, preferred_element_type, residuals, g):
         return winograd_conv3x3(x_, k_, rate, preferred_element_type=preferred_element_type)
 
     def direct(x_, k_):
-        return _direct3x3(x_, k_, rate, padding, preferred_element_type)
+        return _conv(x_, k_, 1, padding, preferred_element_type, rate)
 
     dx, dw = jax.lax.platform_dependent(
         g, x, kernel,
@@ -416,5 +411,5 @@ def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, p
             and min(x.shape[-1], kernel.shape[-1]) >= WINOGRAD_MIN_CHANNELS
             and all(_tiles_fit(n - border, rate) for n in x.shape[1:3]))
     if not fits:
-        return _direct3x3(x, kernel, rate, padding, preferred_element_type)
+        return _conv(x, kernel, 1, padding, preferred_element_type, rate)
     return _conv3x3(x, kernel, int(rate), padding, preferred_element_type)
