@@ -343,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as the `jattn` program, not called from Python
         from jattn._alloc import reexec_with_tcmalloc
 
-        reexec_with_tcmalloc()  # under tcmalloc when the machine has it (see jattn/_alloc.py)
+        try:
+            reexec_with_tcmalloc()  # under tcmalloc when the machine has it (see jattn/_alloc.py)
+        except FileNotFoundError as err:
+            print(f"jattn: error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides, rest = _config_flags(extra)

@@ -83,3 +83,12 @@ def test_reexec_replaces_the_process_once():
     assert starts[0].split()[1] == starts[1].split()[1]  # the same process (exec, not a child)
     after = [line for line in out if line.startswith("after")]
     assert after == [f"after {starts[0].split()[1]} {lib} 0 ['a', 'b']"]
+
+
+def test_the_command_names_a_bad_library_path():
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JATTN_TCMALLOC_ACTIVE")}
+    env["JATTN_TCMALLOC"] = "/no/such/libtcmalloc.so"
+    out = subprocess.run([sys.executable, "-m", "jattn", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "JATTN_TCMALLOC='/no/such/libtcmalloc.so' is not a file" in out.stderr
+    assert "Traceback" not in out.stderr
