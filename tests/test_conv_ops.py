@@ -95,6 +95,26 @@ def test_strided_conv2d_second_order_equals_xla(channels):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(jnp.max(jnp.abs(b))) + 1e-6)
 
 
+def test_strided_conv2d_penalty_gradient_keeps_the_kernel_layout():
+    """The polyphase sub-kernels are slices of the kernel in its own layout (read as HWOI),
+    so the penalty's kernel gradient has no transpose of the kernel: XLA:CPU used to fuse
+    the transposed parts into each optimizer fusion, re-reading them across the cache.
+    (Below 16 input channels the phases are merged into one kernel, a rearrangement of a
+    small kernel.)"""
+    from jattn.ops.conv import strided_conv2d
+
+    x = jnp.ones((2, 16, 16, 17), jnp.float32)
+    k = jnp.ones((5, 5, 17, 24), jnp.float32)
+
+    def gp(k, x):
+        g = jax.grad(lambda x_: jnp.sum(jnp.sin(strided_conv2d(x_, k, 2))))(x)
+        return jnp.sum(g**2)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(gp))(k, x))  # every sub-jaxpr, the CPU branch included
+    assert "conv_general_dilated" in jaxpr
+    assert "transpose[" not in jaxpr
+
+
 def test_strided_conv2d_bfloat16_and_errors():
     from jattn.ops.conv import strided_conv2d
 

@@ -31,6 +31,7 @@ from einops import rearrange
 __all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d", "upsample_conv3x3", "winograd_conv3x3", "conv3x3"]
 
 DN = ("NHWC", "HWIO", "NHWC")
+_DN_HWOI = ("NHWC", "HWOI", "NHWC")  # the kernel's last axis is the input's channels
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -80,15 +81,14 @@ MERGE_PHASES_BELOW_CHANNELS = 16
 
 
 def _phase_kernels(kernel: jax.Array, stride: int) -> jax.Array:
-    """HWIO kernel [kh, kw, C, O] -> [M, M', O, s*s*C] with M = ceil(kh / s), M' = ceil(kw / s):
-    for every phase (py, px) (channel block py*s + px) the flipped sub-kernel w[py::s, px::s],
-    zero-padded in front to M x M' taps."""
+    """HWIO kernel [kh, kw, C, O] -> [M, M', s*s*C, O] (to be read as HWOI) with
+    M = ceil(kh / s), M' = ceil(kw / s): for every phase (py, px) (channel block
+    py*s + px) the flipped sub-kernel w[py::s, px::s], zero-padded in front to M x M' taps."""
     s = stride
     kh, kw = kernel.shape[:2]
     mh, mw = -(-kh // s), -(-kw // s)
-    kt = jnp.swapaxes(kernel, 2, 3)  # [kh, kw, O, C]
-    kt = jnp.pad(kt, ((0, s * mh - kh), (0, s * mw - kw), (0, 0), (0, 0)))  # tap p + s*m -> [m, p]
-    return rearrange(kt, "(m p) (n q) o c -> m n o (p q c)", p=s, q=s)[::-1, ::-1]
+    kt = jnp.pad(kernel, ((0, s * mh - kh), (0, s * mw - kw), (0, 0), (0, 0)))  # tap p + s*m -> [m, p]
+    return rearrange(kt, "(m p) (n q) c o -> m n (p q c) o", p=s, q=s)[::-1, ::-1]
 
 
 def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], stride: int, pads) -> jax.Array:
@@ -114,10 +114,15 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
     kh, kw, channels = kernel.shape[:3]
     dtype = jnp.promote_types(g.dtype, kernel.dtype)
 
-    def phase_conv(sub):  # sub: flipped [mh, mw, O, C'] -> [B, Qh, Qw, C']
+    # Sub-kernels are flipped slices of the kernel in its own layout, read as HWOI (the
+    # phase convs map O channels to C): no swapped copy of the kernel, so its gradient
+    # under the WGAN-GP's second derivative arrives in the kernel's layout, not as
+    # transposed parts that every optimizer fusion re-reads across the cache (2-3% of a
+    # DeepFill v1 iteration, docs/benchmarks.md).
+    def phase_conv(sub):  # sub: flipped [mh, mw, C', O] -> [B, Qh, Qw, C']
         mh, mw = sub.shape[:2]
         gp = jnp.pad(g, ((0, 0), (mh - 1, max(0, q_h - g.shape[1])), (mw - 1, max(0, q_w - g.shape[2])), (0, 0)))
-        out = jax.lax.conv_general_dilated(gp, sub.astype(g.dtype), (1, 1), "VALID", dimension_numbers=DN,
+        out = jax.lax.conv_general_dilated(gp, sub.astype(g.dtype), (1, 1), "VALID", dimension_numbers=_DN_HWOI,
                                            preferred_element_type=dtype)
         return out[:, :q_h, :q_w]
 
@@ -125,7 +130,7 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
         full = rearrange(phase_conv(_phase_kernels(kernel, s)), "b qh qw (py px c) -> b (qh py) (qw px) c", py=s, px=s)
         return full[:, pad_t : pad_t + h, pad_l : pad_l + w]
 
-    kernel_t = jnp.swapaxes(kernel, 2, 3)[::-1, ::-1]  # [kh, kw, O, C], flipped
+    kernel_t = kernel[::-1, ::-1]  # [kh, kw, C, O], flipped
     phases = []
     for py in range(s):
         row = []
