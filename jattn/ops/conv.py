@@ -291,8 +291,7 @@ def _winograd(x: jax.Array, kernel: jax.Array, preferred_element_type) -> jax.Ar
     cols = _tile_elements(r, 3, tiles_w)
     v = jnp.stack([_lincomb(_WINO_BT[q], cols) for q in range(6)], axis=1)  # [6, 6, B, th, tw, C]
     v = v.reshape(36, -1, x.shape[-1])
-    g = jnp.asarray(_WINO_G, kernel.dtype)
-    u = jnp.einsum("pi,ijco,qj->pqco", g, kernel, g).reshape(36, *kernel.shape[2:])
+    u = _kernel_transform(kernel).reshape(36, *kernel.shape[2:])
     m = jnp.einsum("ptc,pco->pto", v, u, preferred_element_type=preferred_element_type)
     m = m.reshape(6, 6, b, tiles_h, tiles_w, m.shape[-1])
     # Output transform A^T m A (matrix products; its derivative sums of slices), then the
@@ -300,6 +299,38 @@ def _winograd(x: jax.Array, kernel: jax.Array, preferred_element_type) -> jax.Ar
     y = _output_transform(m)
     y = y.reshape(b, tiles_h * WINOGRAD_TILE, tiles_w * WINOGRAD_TILE, -1)
     return y[:, :out_h, :out_w]
+
+
+def _transform_taps(x: jax.Array, coefficients) -> jax.Array:
+    """sum_i c[p][i] x[i] for each row p of `coefficients`, stacked: [n, ...] -> [len(c), ...]."""
+    return jnp.stack([_lincomb(row, [x[i] for i in range(len(row))]) for row in coefficients])
+
+
+def _transposed(coefficients):
+    return tuple(zip(*coefficients))
+
+
+@jax.custom_vjp
+def _kernel_transform(kernel: jax.Array) -> jax.Array:
+    """G w G^T per channel pair: [3, 3, C, O] -> [6, 6, C, O], as sums of the kernel's taps
+    (rows, then columns). (As an einsum with the 6 x 3 matrix G, XLA:CPU made it and its
+    derivative matrix products 6 wide.)"""
+    r = _transform_taps(kernel, _WINO_G)  # [6, 3 (j), C, O]
+    return jnp.swapaxes(_transform_taps(jnp.swapaxes(r, 0, 1), _WINO_G), 0, 1)
+
+
+def _kernel_transform_fwd(kernel):
+    return _kernel_transform(kernel), None
+
+
+def _kernel_transform_bwd(_, du):
+    """dw = G^T du G: the same sums with G transposed."""
+    gt = _transposed(_WINO_G)  # [3, 6]
+    dr = _transform_taps(jnp.swapaxes(du, 0, 1), gt)  # [3 (j), 6 (p), C, O]
+    return (_transform_taps(jnp.swapaxes(dr, 0, 1), gt),)  # [3 (i), 3 (j), C, O]
+
+
+_kernel_transform.defvjp(_kernel_transform_fwd, _kernel_transform_bwd)
 
 
 @jax.custom_vjp
