@@ -119,12 +119,18 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
     # under the WGAN-GP's second derivative arrives in the kernel's layout, not as
     # transposed parts that every optimizer fusion re-reads across the cache (2-3% of a
     # DeepFill v1 iteration, docs/benchmarks.md).
+    # Every phase convolves the same padded g (padded for the longest sub-kernel, M x M'
+    # taps) and crops its output by the taps it lacks: one operand, so under the second
+    # derivative XLA:CPU makes one channel-major transpose of it for all the phases'
+    # kernel gradients, not one per padding.
+    m_h, m_w = -(-kh // s), -(-kw // s)
+    gp = jnp.pad(g, ((0, 0), (m_h - 1, max(0, q_h - g.shape[1])), (m_w - 1, max(0, q_w - g.shape[2])), (0, 0)))
+
     def phase_conv(sub):  # sub: flipped [mh, mw, C', O] -> [B, Qh, Qw, C']
-        mh, mw = sub.shape[:2]
-        gp = jnp.pad(g, ((0, 0), (mh - 1, max(0, q_h - g.shape[1])), (mw - 1, max(0, q_w - g.shape[2])), (0, 0)))
+        top, left = m_h - sub.shape[0], m_w - sub.shape[1]
         out = jax.lax.conv_general_dilated(gp, sub.astype(g.dtype), (1, 1), "VALID", dimension_numbers=_DN_HWOI,
                                            preferred_element_type=dtype)
-        return out[:, :q_h, :q_w]
+        return out[:, top : top + q_h, left : left + q_w]
 
     if channels < MERGE_PHASES_BELOW_CHANNELS:
         full = rearrange(phase_conv(_phase_kernels(kernel, s)), "b qh qw (py px c) -> b (qh py) (qw px) c", py=s, px=s)
