@@ -300,8 +300,7 @@ def _winograd(x: jax.Array, kernel: jax.Array, preferred_element_type) -> jax.Ar
     u = _kernel_transform(kernel).reshape(36, *kernel.shape[2:])
     m = jnp.einsum("ptc,pco->pto", v, u, preferred_element_type=preferred_element_type)
     m = m.reshape(6, 6, b, tiles_h, tiles_w, m.shape[-1])
-    # Output transform A^T m A (matrix products; its derivative sums of slices), then the
-    # tiles into place.
+    # Output transform A^T m A (sums of slices, derivative by hand), tiles in place.
     y = _output_transform(m)
     y = y.reshape(b, tiles_h * WINOGRAD_TILE, tiles_w * WINOGRAD_TILE, -1)
     return y[:, :out_h, :out_w]
@@ -341,11 +340,15 @@ _kernel_transform.defvjp(_kernel_transform_fwd, _kernel_transform_bwd)
 
 @jax.custom_vjp
 def _output_transform(m: jax.Array) -> jax.Array:
-    """Output tiles A^T m A: [6, 6, B, th, tw, O] -> [B, th, 4, tw, 4, O], as two small
-    matrix products. (Written as sums of indexed slices of m, its autodiff derivative was
-    a chain of pad-and-add loops, each re-reading the whole gradient.)"""
-    a = jnp.asarray(_WINO_AT, m.dtype)
-    return jnp.einsum("ip,jq,pqbhwo->bhiwjo", a, a, m)
+    """Output tiles A^T m A: [6, 6, B, th, tw, O] -> [B, th, 4, tw, 4, O], as sums of m's
+    slices (rows, then columns, stacked straight into the tiles' places). As an einsum
+    with the 4 x 6 matrix A, XLA:CPU ran it as matrix products 6 wide: the whole Winograd
+    forward pass of a [4, 64, 64, 128] layer took 18.6 ms that way, 11.7 ms this way
+    (XLA's convolution: 20.1 ms). Its derivative is written by hand below: autodiff of
+    the slices would be a chain of pad-and-add loops, each re-reading the gradient."""
+    rows = [_lincomb(_WINO_AT[i], [m[p] for p in range(6)]) for i in range(WINOGRAD_TILE)]  # [6 (q), B, th, tw, O]
+    return jnp.stack([jnp.stack([_lincomb(_WINO_AT[j], [r[q] for q in range(6)]) for j in range(WINOGRAD_TILE)], axis=-2)
+                      for r in rows], axis=2)
 
 
 def _output_transform_fwd(m):
@@ -418,22 +421,30 @@ def _tiles_fit(out: int, rate: int) -> bool:
     return out >= WINOGRAD_MIN_SIZE and covered <= 1.25 * out
 
 
+def _winograd_same_or_valid(x, kernel, rate, padding, preferred_element_type):
+    if padding == "SAME":
+        x = jnp.pad(x, ((0, 0), (rate, rate), (rate, rate), (0, 0)))
+    return winograd_conv3x3(x, kernel, rate, preferred_element_type=preferred_element_type)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv3x3(x, kernel, rate, padding, preferred_element_type):
-    return _conv(x, kernel, 1, padding, preferred_element_type, rate)
+    return jax.lax.platform_dependent(
+        x, kernel,
+        cpu=lambda x_, k_: _winograd_same_or_valid(x_, k_, rate, padding, preferred_element_type),
+        default=lambda x_, k_: _conv(x_, k_, 1, padding, preferred_element_type, rate),
+    )
 
 
 def _conv3x3_fwd(x, kernel, rate, padding, preferred_element_type):
-    return _conv(x, kernel, 1, padding, preferred_element_type, rate), (x, kernel)
+    return _conv3x3(x, kernel, rate, padding, preferred_element_type), (x, kernel)
 
 
 def _conv3x3_bwd(rate, padding, preferred_element_type, residuals, g):
     x, kernel = residuals
 
     def winograd(x_, k_):
-        if padding == "SAME":
-            x_ = jnp.pad(x_, ((0, 0), (rate, rate), (rate, rate), (0, 0)))
-        return winograd_conv3x3(x_, k_, rate, preferred_element_type=preferred_element_type)
+        return _winograd_same_or_valid(x_, k_, rate, padding, preferred_element_type)
 
     def direct(x_, k_):
         return _conv(x_, k_, 1, padding, preferred_element_type, rate)
@@ -450,19 +461,19 @@ _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, preferred_element_type=None) -> jax.Array:
-    """A 3x3 stride-1 convolution (dilation `rate`, padding "SAME" or "VALID") whose
-    gradients on CPU are those of `winograd_conv3x3`, for float32 operands with at least
+    """A 3x3 stride-1 convolution (dilation `rate`, padding "SAME" or "VALID") that on CPU
+    is `winograd_conv3x3`, value and gradients, for float32 operands with at least
     `WINOGRAD_MIN_CHANNELS` input and output channels and outputs of at least
     `WINOGRAD_MIN_SIZE` rows and columns whose whole tiles cover at most 25% more than
     the output (`_tiles_fit`: at 64x64, every rate up to 16).
 
-    The value is always XLA's convolution; elsewhere (other shapes, bfloat16, GPU, TPU)
-    so are the gradients. Winograd's gradients need no convolution and so none of
-    XLA:CPU's channel-major layout transposes for the kernel gradient: for DeepFill's
-    [4, 64, 64, 128] layers they take about 20 ms against XLA:CPU's 30-50 ms. Its forward
-    pass is no faster than XLA:CPU's in the whole program, so it is not used
-    (`docs/benchmarks.md`). The gradients differ from the exact ones by about 1e-5 of
-    their largest value (1e-7 for XLA's).
+    Elsewhere (other shapes, bfloat16, GPU, TPU, symbolic sizes) it is XLA's convolution
+    and its derivatives. On DeepFill's [4, 64, 64, 128] layers Winograd's forward pass
+    takes about 12 ms against XLA:CPU's 20, and its gradients, which need no convolution
+    and so none of XLA:CPU's channel-major layout transposes for the kernel gradient,
+    about 28 ms against 30-50 (`docs/benchmarks.md`). The custom VJP keeps only x and the
+    kernel and recomputes the input transform in the backward pass. Values and gradients
+    differ from the exact ones by about 1e-5 of their largest value (1e-7 for XLA's).
 
     x: [B, H, W, C]; kernel: [3, 3, C, O] (HWIO). Returns [B, H', W', O].
     """
