@@ -42,8 +42,9 @@ def _gen_conv(
     with that mode, then convolve "VALID" (as DeepFill's gen_conv does). With
     ``upsample`` the conv reads ``x`` 2x nearest-upsampled (TF1 align corners); a 3x3
     stride-1 conv then runs on ``x`` itself (:func:`jattn.ops.conv.upsample_conv3x3`).
-    Other 3x3 stride-1 convs go through :func:`jattn.ops.conv.conv3x3` (Winograd
-    gradients on CPU for wide float32 layers); stride > 1 through ``strided_conv2d``.
+    Other 3x3 stride-1 convs go through :func:`jattn.ops.conv.conv3x3` (Winograd's
+    forward pass and gradients on CPU for wide float32 layers); stride > 1 through
+    ``strided_conv2d``.
 
     Args:
       x: ``[B, H, W, Cin]`` (already in ``dtype``).
