@@ -114,15 +114,13 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
     kh, kw, channels = kernel.shape[:3]
     dtype = jnp.promote_types(g.dtype, kernel.dtype)
 
-    # Sub-kernels are flipped slices of the kernel in its own layout, read as HWOI (the
-    # phase convs map O channels to C): no swapped copy of the kernel, so its gradient
-    # under the WGAN-GP's second derivative arrives in the kernel's layout, not as
-    # transposed parts that every optimizer fusion re-reads across the cache (2-3% of a
-    # DeepFill v1 iteration, docs/benchmarks.md).
-    # Every phase convolves the same padded g (padded for the longest sub-kernel, M x M'
-    # taps) and crops its output by the taps it lacks: one operand, so under the second
-    # derivative XLA:CPU makes one channel-major transpose of it for all the phases'
-    # kernel gradients, not one per padding.
+    # Under the WGAN-GP's second derivative (docs/benchmarks.md, changes 10 and 14):
+    # - the sub-kernels are flipped slices of the kernel in its own layout, read as HWOI
+    #   (the phase convs map O channels to C), so the kernel's gradient arrives in its
+    #   layout, not as transposed parts that every optimizer fusion re-reads;
+    # - every phase convolves the same g, padded for the longest sub-kernel (M x M'
+    #   taps), and crops its output by the taps it lacks, so XLA:CPU makes one
+    #   channel-major transpose of g for all the phases' kernel gradients.
     m_h, m_w = -(-kh // s), -(-kw // s)
     gp = jnp.pad(g, ((0, 0), (m_h - 1, max(0, q_h - g.shape[1])), (m_w - 1, max(0, q_w - g.shape[2])), (0, 0)))
 
@@ -277,6 +275,16 @@ def _lincomb(coefficients, parts):
     return total
 
 
+def _lincombs(coefficients, parts, axis: int = 0) -> jax.Array:
+    """sum_i c[p][i] parts[i] for each row p of `coefficients`, stacked along `axis` (one
+    array per transform stage, which XLA fuses into one loop)."""
+    return jnp.stack([_lincomb(row, parts) for row in coefficients], axis=axis)
+
+
+def _transposed(coefficients):
+    return tuple(zip(*coefficients))
+
+
 def _tile_elements(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
     """The 6 elements of every input tile along `axis` (tile t starts at 4 t): six
     stride-4 slices, each `tiles` long."""
@@ -292,10 +300,8 @@ def _winograd(x: jax.Array, kernel: jax.Array, preferred_element_type) -> jax.Ar
     # Input transform B^T d B: rows (one [6, B, tiles_h, W', C] array), then columns.
     # (Stacking each stage into one array lets XLA:CPU fuse its derivative into a few
     # loops: building it per row instead made the backward pass twice as slow.)
-    rows = _tile_elements(x, 1, tiles_h)
-    r = jnp.stack([_lincomb(_WINO_BT[p], rows) for p in range(6)])
-    cols = _tile_elements(r, 3, tiles_w)
-    v = jnp.stack([_lincomb(_WINO_BT[q], cols) for q in range(6)], axis=1)  # [6, 6, B, th, tw, C]
+    r = _lincombs(_WINO_BT, _tile_elements(x, 1, tiles_h))  # [6, B, th, W', C]
+    v = _lincombs(_WINO_BT, _tile_elements(r, 3, tiles_w), axis=1)  # [6, 6, B, th, tw, C]
     v = v.reshape(36, -1, x.shape[-1])
     u = _kernel_transform(kernel).reshape(36, *kernel.shape[2:])
     m = jnp.einsum("ptc,pco->pto", v, u, preferred_element_type=preferred_element_type)
@@ -306,13 +312,6 @@ def _winograd(x: jax.Array, kernel: jax.Array, preferred_element_type) -> jax.Ar
     return y[:, :out_h, :out_w]
 
 
-def _transform_taps(x: jax.Array, coefficients) -> jax.Array:
-    """sum_i c[p][i] x[i] for each row p of `coefficients`, stacked: [n, ...] -> [len(c), ...]."""
-    return jnp.stack([_lincomb(row, [x[i] for i in range(len(row))]) for row in coefficients])
-
-
-def _transposed(coefficients):
-    return tuple(zip(*coefficients))
 
 
 @jax.custom_vjp
@@ -320,8 +319,8 @@ def _kernel_transform(kernel: jax.Array) -> jax.Array:
     """G w G^T per channel pair: [3, 3, C, O] -> [6, 6, C, O], as sums of the kernel's taps
     (rows, then columns). (As an einsum with the 6 x 3 matrix G, XLA:CPU made it and its
     derivative matrix products 6 wide.)"""
-    r = _transform_taps(kernel, _WINO_G)  # [6, 3 (j), C, O]
-    return jnp.swapaxes(_transform_taps(jnp.swapaxes(r, 0, 1), _WINO_G), 0, 1)
+    r = _lincombs(_WINO_G, list(kernel))  # [6, 3 (j), C, O]
+    return _lincombs(_WINO_G, list(jnp.swapaxes(r, 0, 1)), axis=1)
 
 
 def _kernel_transform_fwd(kernel):
@@ -331,8 +330,8 @@ def _kernel_transform_fwd(kernel):
 def _kernel_transform_bwd(_, du):
     """dw = G^T du G: the same sums with G transposed."""
     gt = _transposed(_WINO_G)  # [3, 6]
-    dr = _transform_taps(jnp.swapaxes(du, 0, 1), gt)  # [3 (j), 6 (p), C, O]
-    return (_transform_taps(jnp.swapaxes(dr, 0, 1), gt),)  # [3 (i), 3 (j), C, O]
+    dr = _lincombs(gt, list(jnp.swapaxes(du, 0, 1)), axis=1)  # [6 (p), 3 (j), C, O]
+    return (_lincombs(gt, list(dr)),)  # [3 (i), 3 (j), C, O]
 
 
 _kernel_transform.defvjp(_kernel_transform_fwd, _kernel_transform_bwd)
@@ -346,9 +345,8 @@ def _output_transform(m: jax.Array) -> jax.Array:
     forward pass of a [4, 64, 64, 128] layer took 18.6 ms that way, 11.7 ms this way
     (XLA's convolution: 20.1 ms). Its derivative is written by hand below: autodiff of
     the slices would be a chain of pad-and-add loops, each re-reading the gradient."""
-    rows = [_lincomb(_WINO_AT[i], [m[p] for p in range(6)]) for i in range(WINOGRAD_TILE)]  # [6 (q), B, th, tw, O]
-    return jnp.stack([jnp.stack([_lincomb(_WINO_AT[j], [r[q] for q in range(6)]) for j in range(WINOGRAD_TILE)], axis=-2)
-                      for r in rows], axis=2)
+    rows = [_lincomb(row, list(m)) for row in _WINO_AT]  # 4 x [6 (q), B, th, tw, O]
+    return jnp.stack([_lincombs(_WINO_AT, list(r), axis=-2) for r in rows], axis=2)
 
 
 def _output_transform_fwd(m):
@@ -360,10 +358,9 @@ def _output_transform_bwd(_, dy):
     stacked array that XLA fuses into one loop. (Autodiff of the einsum made matrix
     products 6 wide plus layout transposes: the backward pass of a [4, 64, 64, 128] layer
     took 39 ms against 28 ms.)"""
-    rows = [dy[:, :, i] for i in range(WINOGRAD_TILE)]  # [B, th, tw, 4 (j), O] each
-    r = jnp.stack([_lincomb([_WINO_AT[i][p] for i in range(WINOGRAD_TILE)], rows) for p in range(6)])
-    cols = [r[..., j, :] for j in range(WINOGRAD_TILE)]  # [6, B, th, tw, O] each
-    return (jnp.stack([_lincomb([_WINO_AT[j][q] for j in range(WINOGRAD_TILE)], cols) for q in range(6)], axis=1),)
+    at = _transposed(_WINO_AT)  # [6, 4]
+    r = _lincombs(at, [dy[:, :, i] for i in range(WINOGRAD_TILE)])  # [6 (p), B, th, tw, 4 (j), O]
+    return (_lincombs(at, [r[..., j, :] for j in range(WINOGRAD_TILE)], axis=1),)  # [6, 6, B, th, tw, O]
 
 
 _output_transform.defvjp(_output_transform_fwd, _output_transform_bwd)
@@ -443,8 +440,8 @@ def _conv3x3_fwd(x, kernel, rate, padding, preferred_element_type):
 def _conv3x3_bwd(rate, padding, preferred_element_type, residuals, g):
     x, kernel = residuals
 
-    def winograd(x_, k_):
-        return _winograd_same_or_valid(x_, k_, rate, padding, preferred_element_type)
+    winograd = functools.partial(_winograd_same_or_valid, rate=rate, padding=padding,
+                                 preferred_element_type=preferred_element_type)
 
     def direct(x_, k_):
         return _conv(x_, k_, 1, padding, preferred_element_type, rate)
