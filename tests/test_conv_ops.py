@@ -95,6 +95,70 @@ def test_strided_conv2d_second_order_equals_xla(channels):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(jnp.max(jnp.abs(b))) + 1e-6)
 
 
+@pytest.mark.parametrize("shape,ksize,stride,padding", [
+    ((2, 64, 64, 12), 5, 2, "SAME"),          # DeepFill's critics: 5x5 at stride 2
+    ((1, 70, 67, 12), 5, 2, "VALID"),         # odd sizes, cropped tiles
+    ((1, 66, 68, 12), 6, 2, ((1, 3), (2, 0))),  # explicit padding, even kernel
+    ((1, 98, 99, 6), 7, 3, "SAME"),           # stride 3: 3 taps per axis after space-to-depth
+])
+def test_strided_conv2d_is_space_to_depth_winograd_on_cpu(shape, ksize, stride, padding):
+    """A kernel of 3 taps per axis after space-to-depth, on maps Winograd fits, is the
+    Winograd 3x3 convolution of the space-to-depth image on CPU: no convolution in the
+    compiled forward pass, its gradients or the WGAN-GP penalty's gradient, and all of them
+    equal XLA's native strided convolution within Winograd's rounding."""
+    from jattn.ops.conv import WINOGRAD_MIN_CHANNELS, strided_conv2d
+
+    c, o = shape[-1], WINOGRAD_MIN_CHANNELS
+    assert stride * stride * c >= WINOGRAD_MIN_CHANNELS
+    kx, kw, kg = jax.random.split(jax.random.key(6), 3)
+    x = jax.random.normal(kx, shape)
+    k = jax.random.normal(kw, (ksize, ksize, c, o)) / np.sqrt(ksize * ksize * c)
+    ref_conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = ref_conv(x, k)
+    fwd = jax.jit(lambda a, b: strided_conv2d(a, b, stride, padding))
+    y = fwd(x, k)
+    assert y.shape == ref.shape and min(ref.shape[1:3]) >= 32
+    assert _relmax(ref, y) < 2e-5
+    on_cpu = jax.default_backend() == "cpu"
+    assert not on_cpu or " convolution(" not in fwd.lower(x, k).compile().as_text()
+
+    g = jax.random.normal(kg, ref.shape)
+    grads = jax.jit(lambda a, b: jax.vjp(lambda p, q: strided_conv2d(p, q, stride, padding), a, b)[1](g))
+    for exact, got in zip(jax.vjp(ref_conv, x, k)[1](g), grads(x, k)):
+        assert exact.shape == got.shape and _relmax(exact, got) < 2e-5
+    assert not on_cpu or " convolution(" not in grads.lower(x, k).compile().as_text()
+
+    def penalty(conv):  # grad of a function of the input gradient, as WGAN-GP
+        def gp(k, x):
+            d = jax.grad(lambda x_: jnp.sum(jnp.sin(jax.nn.leaky_relu(conv(x_, k), 0.2))))(x)
+            return jnp.mean((jnp.sqrt(jnp.sum(d**2, axis=(1, 2, 3))) - 1.0) ** 2)
+        return jax.jit(jax.grad(gp, (0, 1)))
+
+    got_gp = penalty(lambda a, b: strided_conv2d(a, b, stride, padding))
+    for exact, got in zip(penalty(ref_conv)(k, x), got_gp(k, x)):
+        assert _relmax(exact, got) < 1e-4
+    assert not on_cpu or " convolution(" not in got_gp.lower(k, x).compile().as_text()
+
+
+def test_strided_conv2d_keeps_xla_where_winograd_does_not_fit():
+    """Narrow (after space-to-depth), small, bfloat16 or 3x3-at-stride-2 layers keep
+    XLA's convolution for the value (bit-equal to it)."""
+    from jattn.ops.conv import strided_conv2d
+
+    cases = [((1, 64, 64, 8), 5, jnp.float32),     # 4 * 8 = 32 channels after space-to-depth
+             ((1, 32, 32, 16), 5, jnp.float32),    # 16 x 16 output
+             ((1, 64, 64, 16), 5, jnp.bfloat16),
+             ((1, 64, 64, 16), 3, jnp.float32)]    # 2 taps per axis after space-to-depth
+    for shape, ksize, dtype in cases:
+        x = jax.random.normal(jax.random.key(7), shape).astype(dtype)
+        k = (jax.random.normal(jax.random.key(8), (ksize, ksize, shape[-1], 48)) * 0.1).astype(dtype)
+        fwd = jax.jit(lambda a, b: strided_conv2d(a, b, 2))
+        assert " convolution(" in fwd.lower(x, k).compile().as_text()
+        ref = jax.lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        np.testing.assert_array_equal(np.asarray(fwd(x, k), np.float32), np.asarray(ref, np.float32))
+
+
 def test_strided_conv2d_penalty_gradient_keeps_the_kernel_layout():
     """The polyphase sub-kernels are slices of the kernel in its own layout (read as HWOI),
     so the penalty's kernel gradient has no transpose of the kernel: XLA:CPU used to fuse

@@ -213,7 +213,9 @@ class DisConv(nn.Module):
         acc = jnp.promote_types(dtype, jnp.float32)
         # The gradient penalty differentiates the critics twice. XLA:CPU's second derivative
         # of a native stride-2 conv is ~20x slower than strided_conv2d's, whose input
-        # gradient is stride-1 (polyphase) convolutions on CPU (docs/benchmarks.md).
+        # gradient is stride-1 (polyphase) convolutions on CPU, and whose 5x5 stride-2
+        # layers on maps of 32+ outputs are Winograd 3x3 convolutions of the
+        # space-to-depth input there (docs/benchmarks.md).
         y = strided_conv2d(x.astype(dtype), kernel.astype(dtype), self.stride, preferred_element_type=acc)
         return nn.leaky_relu(y + bias.astype(acc), 0.2).astype(dtype)
 

@@ -5,7 +5,8 @@ parts, stride**2 stride-1 convolutions (2.2-2.8x faster than XLA's for DeepFill'
 stride-2 layers, `docs/benchmarks.md`). Its second derivative is made of stride-1
 convolutions too, which is why DeepFill v1's critics use it: the WGAN-GP penalty
 differentiates them twice, and XLA:CPU's second derivative of a native strided
-convolution is ~20x slower.
+convolution is ~20x slower. A 5x5 stride-2 kernel on wide enough maps is, on CPU, the
+Winograd 3x3 convolution of the input's space-to-depth image, value and derivatives.
 
 `upsample_conv3x3`: 2x nearest upsampling then a 3x3 convolution (DeepFill's
 `gen_deconv`) as four 2x2 convolutions of the input, 2.25x fewer FLOPs.
@@ -80,15 +81,22 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int = 1, *, precision
 MERGE_PHASES_BELOW_CHANNELS = 16
 
 
-def _phase_kernels(kernel: jax.Array, stride: int) -> jax.Array:
-    """HWIO kernel [kh, kw, C, O] -> [M, M', s*s*C, O] (to be read as HWOI) with
-    M = ceil(kh / s), M' = ceil(kw / s): for every phase (py, px) (channel block
-    py*s + px) the flipped sub-kernel w[py::s, px::s], zero-padded in front to M x M' taps."""
+def _space_to_depth_kernel(kernel: jax.Array, stride: int) -> jax.Array:
+    """HWIO kernel [kh, kw, C, O] -> [M, M', s*s*C, O] with M = ceil(kh / s),
+    M' = ceil(kw / s): tap (s*m + py, s*n + px) of channel c moves to tap (m, n) of channel
+    (py, px, c); taps past the kernel's end are zeros. A stride-s convolution of x is the
+    stride-1 convolution of x's space-to-depth image with it (`_space_to_depth_conv`)."""
     s = stride
     kh, kw = kernel.shape[:2]
     mh, mw = -(-kh // s), -(-kw // s)
     kt = jnp.pad(kernel, ((0, s * mh - kh), (0, s * mw - kw), (0, 0), (0, 0)))  # tap p + s*m -> [m, p]
-    return rearrange(kt, "(m p) (n q) c o -> m n (p q c) o", p=s, q=s)[::-1, ::-1]
+    return rearrange(kt, "(m p) (n q) c o -> m n (p q c) o", p=s, q=s)
+
+
+def _phase_kernels(kernel: jax.Array, stride: int) -> jax.Array:
+    """[M, M', s*s*C, O] (to be read as HWOI): for every phase (py, px) (channel block
+    py*s + px) the flipped sub-kernel w[py::s, px::s], zero-padded in front to M x M' taps."""
+    return _space_to_depth_kernel(kernel, stride)[::-1, ::-1]
 
 
 def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], stride: int, pads) -> jax.Array:
@@ -182,17 +190,69 @@ def _strided_conv_bwd(stride, padding, preferred_element_type, residuals, g):
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
+def _space_to_depth_conv(x, kernel, stride, pads, preferred_element_type):
+    """A stride-s convolution with a kernel of ceil(k / s) = 3 taps per axis (5x5 at
+    stride 2) as the 3x3 stride-1 "VALID" `conv3x3` (Winograd on CPU) of the padded
+    input's space-to-depth image z[i, j, (py, px, c)] = x_pad[s i + py, s j + px, c]:
+    y[i] = sum_{m, p} x_pad[s (i + m) + p] w[s m + p] = sum_m z[i + m] w'[m]."""
+    s = stride
+    (h, w), (pad_t, pad_b), (pad_l, pad_r) = x.shape[1:3], pads[0], pads[1]
+    kh, kw = kernel.shape[:2]
+    out_h, out_w = (h + pad_t + pad_b - kh) // s + 1, (w + pad_l + pad_r - kw) // s + 1
+    rows, cols = s * (out_h + 2), s * (out_w + 2)  # whole s x s blocks for 3 taps per axis
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (pad_t, rows - h - pad_t, 0), (pad_l, cols - w - pad_l, 0), (0, 0, 0)))
+    z = rearrange(xp, "b (i p) (j q) c -> b i j (p q c)", p=s, q=s)
+    return _conv3x3(z, _space_to_depth_kernel(kernel, s), 1, "VALID", preferred_element_type)
+
+
+def _space_to_depth_fits(x, kernel, stride, pads) -> bool:
+    """Whether `_space_to_depth_conv` applies and its 3x3 convolution is Winograd's on CPU."""
+    kh, kw, c, o = kernel.shape
+    if -(-kh // stride) != 3 or -(-kw // stride) != 3:
+        return False
+    if not all(isinstance(d, int) for d in x.shape[1:]):
+        return False
+    out = [(n + lo + hi - k) // stride + 1 for n, (lo, hi), k in zip(x.shape[1:3], pads, (kh, kw))]
+    return _winograd_fits(out, stride * stride * c, o, x.dtype, kernel.dtype, 1)
+
+
 def strided_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding="SAME", *, preferred_element_type=None):
-    """`jax.lax.conv_general_dilated` (NHWC, HWIO, rate 1) with stride > 1 whose input
-    gradient on CPU is `stride**2` stride-1 convolutions of the output gradient (its
-    polyphase parts) instead of XLA's convolution of the zero-dilated gradient. The value
-    and the kernel gradient are XLA's; on GPU and TPU the input gradient is XLA's too.
-    padding: "SAME" / "VALID" (TF's) or ((top, bottom), (left, right))."""
+    """`jax.lax.conv_general_dilated` (NHWC, HWIO, rate 1) with stride > 1, fast on CPU
+    with its first and second derivatives (the WGAN-GP penalty differentiates twice).
+
+    On CPU:
+    - a kernel of 3 taps per axis after space-to-depth (5x5 at stride 2) on float32 maps
+      that Winograd fits (`conv3x3`: at least `WINOGRAD_MIN_CHANNELS` channels after
+      space-to-depth, outputs of at least `WINOGRAD_MIN_SIZE`) is the Winograd 3x3
+      convolution of the input's space-to-depth image (`_space_to_depth_conv`), value and
+      derivatives: 9 products per output and channel pair instead of 25 (DeepFill v1's
+      critics' second and third layers);
+    - otherwise the value and the kernel gradient are XLA's, and the input gradient is
+      `stride**2` stride-1 convolutions of the output gradient (its polyphase parts)
+      instead of XLA's convolution of the zero-dilated gradient.
+    On GPU and TPU it is XLA's convolution and its derivatives.
+
+    padding: "SAME" / "VALID" (TF's) or ((top, bottom), (left, right)). Winograd's values
+    differ from the exact convolution by about 1e-5 of their largest value.
+    """
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"strided_conv2d: kernel {tuple(kernel.shape)} does not fit input {tuple(x.shape)}")
+    stride = int(stride)
     if not isinstance(padding, str):
         padding = tuple(tuple(int(v) for v in p) for p in padding)
-    return _strided_conv(x, kernel, int(stride), padding, preferred_element_type)
+        pads = padding
+    elif all(isinstance(d, int) for d in x.shape[1:3]):
+        pads = tuple(jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding))
+    else:
+        pads = None
+    if pads is not None and _space_to_depth_fits(x, kernel, stride, pads):
+        return jax.lax.platform_dependent(
+            x, kernel,
+            cpu=lambda x_, k_: _space_to_depth_conv(x_, k_, stride, pads, preferred_element_type),
+            default=lambda x_, k_: _strided_conv(x_, k_, stride, padding, preferred_element_type),
+        )
+    return _strided_conv(x, kernel, stride, padding, preferred_element_type)
 
 
 # --------------------------------------------------------------------------- upsample + conv
@@ -418,6 +478,14 @@ def _tiles_fit(out: int, rate: int) -> bool:
     return out >= WINOGRAD_MIN_SIZE and covered <= 1.25 * out
 
 
+def _winograd_fits(out_hw, channels_in: int, channels_out: int, x_dtype, kernel_dtype, rate: int) -> bool:
+    """`conv3x3`'s rule for using Winograd on CPU: float32, at least
+    `WINOGRAD_MIN_CHANNELS` channels in and out, and `_tiles_fit` along both output axes."""
+    return (x_dtype == jnp.float32 and kernel_dtype == jnp.float32
+            and min(channels_in, channels_out) >= WINOGRAD_MIN_CHANNELS
+            and all(_tiles_fit(n, rate) for n in out_hw))
+
+
 def _winograd_same_or_valid(x, kernel, rate, padding, preferred_element_type):
     if padding == "SAME":
         x = jnp.pad(x, ((0, 0), (rate, rate), (rate, rate), (0, 0)))
@@ -482,9 +550,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, p
     # Symbolic sizes (jax.export with a polymorphic shape) keep XLA's convolution: the
     # tiling needs concrete sizes, and an exported forward pass has no gradients anyway.
     concrete = all(isinstance(d, int) for d in x.shape[1:])
-    fits = (concrete and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and min(x.shape[-1], kernel.shape[-1]) >= WINOGRAD_MIN_CHANNELS
-            and all(_tiles_fit(n - border, rate) for n in x.shape[1:3]))
-    if not fits:
+    if not (concrete and _winograd_fits([n - border for n in x.shape[1:3]], x.shape[-1], kernel.shape[-1],
+                                        x.dtype, kernel.dtype, rate)):
         return _conv(x, kernel, 1, padding, preferred_element_type, rate)
     return _conv3x3(x, kernel, int(rate), padding, preferred_element_type)
