@@ -76,7 +76,7 @@ def _gen_conv(
         p = module.rate * (k - 1) // 2
         x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=padding.lower())
         padding = "VALID"
-    if module.stride > 1 and module.rate == 1:  # its input gradient as polyphase stride-1 convs on CPU
+    if module.stride > 1 and module.rate == 1:  # fast derivatives on CPU (polyphase parts, or Winograd after space-to-depth)
         y = strided_conv2d(x, kernel.astype(dtype), module.stride, padding, preferred_element_type=acc)
         return y + bias.astype(acc)
     if k == 3 and module.stride == 1:  # Winograd on CPU where it is faster (jattn.ops.conv.conv3x3)
