@@ -343,3 +343,83 @@ def test_conv3x3_exports_with_symbolic_sizes():
     exp = jax.export.export(jax.jit(lambda x: conv3x3(x, w, 2)))(jax.ShapeDtypeStruct((b, h, wd, c), jnp.float32))
     x = jax.random.normal(jax.random.key(5), (1, 12, 10, c))
     np.testing.assert_allclose(exp.call(x), _dilated(x, w, 2, "SAME"), rtol=0, atol=1e-5 * float(jnp.abs(x).max()))
+
+
+# --------------------------------------------------------------------------- narrow_conv2d
+
+def _xla(x, k, padding):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _convolutions(fn, *args) -> int:
+    return fn.lower(*args).compile().as_text().count(" convolution(")
+
+
+@pytest.mark.parametrize("ksize,padding", [
+    ((3, 3), "SAME"), ((5, 5), "SAME"), ((5, 5), "VALID"), ((1, 1), "SAME"), ((3, 5), "SAME"),
+    ((4, 4), "SAME"), ((3, 3), ((0, 2), (3, 1))), ((3, 3), ((9, 9), (0, 0))),
+])
+@pytest.mark.parametrize("cin,cout", [(16, 3), (5, 12)])
+def test_narrow_conv2d_equals_xla_in_value_and_gradients(ksize, padding, cin, cout):
+    """Few output channels: the value is planes + shifted sums; few input channels: the
+    input gradient is. Both equal XLA's convolution up to float32 rounding, for odd, even,
+    rectangular kernels and SAME, VALID and explicit (asymmetric, larger than the map)
+    padding; the compiled CPU program has no convolution where the planes are used."""
+    from jattn.ops.conv import narrow_conv2d
+
+    kx, kk, kg = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(kx, (2, 7, 9, cin))
+    k = jax.random.normal(kk, ksize + (cin, cout)) / np.sqrt(np.prod(ksize) * cin)
+    ref = _xla(x, k, padding)
+    fwd = jax.jit(lambda a, b: narrow_conv2d(a, b, padding))
+    y = fwd(x, k)
+    assert y.shape == ref.shape and _relmax(ref, y) < 1e-6
+    g = jax.random.normal(kg, ref.shape)
+    grads = jax.jit(lambda a, b: jax.vjp(lambda p, q: narrow_conv2d(p, q, padding), a, b)[1](g))
+    for exact, got in zip(jax.vjp(lambda p, q: _xla(p, q, padding), x, k)[1](g), grads(x, k)):
+        assert exact.shape == got.shape and _relmax(exact, got) < 1e-6
+    if jax.default_backend() == "cpu":
+        dx_only = jax.jit(lambda a, b: jax.grad(lambda p: jnp.vdot(narrow_conv2d(p, b, padding), g))(a))
+        assert _convolutions(fwd if cout == 3 else dx_only, x, k) == 0
+
+
+def test_narrow_conv2d_input_gradient_only_for_parts_that_need_one():
+    """DeepFill's first layers read [image, ones, mask]: given as parts, the input
+    gradient is computed for the image's channels only (no products for the others in
+    the compiled program), and equals XLA's gradient of the concatenation."""
+    from jattn.ops.conv import narrow_conv2d
+
+    kx, km, kk, kg = jax.random.split(jax.random.key(12), 4)
+    image = jax.random.normal(kx, (2, 12, 12, 3))
+    mask = (jax.random.uniform(km, (2, 12, 12, 1)) > 0.5).astype(jnp.float32)
+    ones = jnp.ones_like(mask)
+    k = jax.random.normal(kk, (5, 5, 5, 8)) / 10.0
+    g = jax.random.normal(kg, (2, 12, 12, 8))
+
+    def loss(conv):
+        return jax.jit(jax.grad(lambda im, k_: jnp.vdot(conv(im, k_), g), (0, 1)))
+
+    got = loss(lambda im, k_: narrow_conv2d((im, ones, mask), k_))
+    exact = loss(lambda im, k_: _xla(jnp.concatenate([im, ones, mask], -1), k_, "SAME"))
+    for e, r in zip(exact(image, k), got(image, k)):
+        assert e.shape == r.shape and _relmax(e, r) < 1e-6
+    y = narrow_conv2d((image, ones, mask), k)
+    assert _relmax(_xla(jnp.concatenate([image, ones, mask], -1), k, "SAME"), y) < 1e-6
+    if jax.default_backend() == "cpu":
+        hlo = got.lower(image, k).compile().as_text()
+        planes = [line for line in hlo.splitlines() if " dot(" in line and "f32[25,288]" in line]
+        assert len(planes) == 3, planes  # one product per image channel, none for ones / mask
+
+
+def test_narrow_conv2d_keeps_xla_for_wide_bfloat16_and_bad_input():
+    from jattn.ops.conv import NARROW_MAX_CHANNELS, narrow_conv2d
+
+    x = jax.random.normal(jax.random.key(13), (1, 8, 8, NARROW_MAX_CHANNELS + 1))
+    k = jax.random.normal(jax.random.key(14), (3, 3, NARROW_MAX_CHANNELS + 1, NARROW_MAX_CHANNELS + 1))
+    assert np.array_equal(narrow_conv2d(x, k), _xla(x, k, "SAME"))  # wide: XLA's, bit-equal
+    xb, kb = x[..., :3].astype(jnp.bfloat16), k[:, :, :3, :3].astype(jnp.bfloat16)
+    assert np.array_equal(narrow_conv2d(xb, kb), _xla(xb, kb, "SAME"))
+    with pytest.raises(ValueError, match="does not fit"):
+        narrow_conv2d(x, k[:, :, :2])
+    with pytest.raises(ValueError, match="parts of equal"):
+        narrow_conv2d((x, x[:, :4]), k)

@@ -139,9 +139,9 @@ class DeepFillV1Generator(nn.Module):
         ones = jnp.ones_like(x_in[..., :1])
         mask_ch = ones * mask  # [B, H, W, 1]
 
-        # Stage 1 (coarse).
-        x = jnp.concatenate([x_in, ones, mask_ch], axis=-1)
-        x = self._conv(x, c, 5, name="conv1")
+        # Stage 1 (coarse). The 5-channel inputs [x, ones, mask] go in as parts, so the
+        # refinement's first layers compute input gradients for x only (narrow_conv2d).
+        x = self._conv((x_in, ones, mask_ch), c, 5, name="conv1")
         x = self._conv(x, 2 * c, 3, 2, name="conv2_downsample")
         x = self._conv(x, 2 * c, 3, name="conv3")
         x = self._conv(x, 4 * c, 3, 2, name="conv4_downsample")
@@ -154,7 +154,7 @@ class DeepFillV1Generator(nn.Module):
 
         # Stage 2 (refinement) on the composite.
         x = x1 * mask + x_in * (1.0 - mask)
-        xnow = jnp.concatenate([x, ones, mask_ch], axis=-1)
+        xnow = (x, ones, mask_ch)
         # Conv (hallucination) branch.
         x = self._conv(xnow, c, 5, name="xconv1")
         x = self._conv(x, c, 3, 2, name="xconv2_downsample")

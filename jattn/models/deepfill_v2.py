@@ -98,7 +98,7 @@ class DeepFillV2Generator(DeepFillV1Generator):
 
     def _conv(self, x, features, ksize, stride=1, rate=1, activation=elu, *, name):
         if name in self._COMPOSITE_ONLY:
-            x = x[..., :3]
+            x = x[0]  # v1 passes (composite, ones, mask) as parts
         output = activation is None
         y = GatedConv(
             3 if output else features // 2, ksize, stride, rate, activation=activation,

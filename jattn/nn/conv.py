@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
 from jattn.ops.activations import elu
-from jattn.ops.conv import conv3x3, strided_conv2d, upsample_conv3x3
+from jattn.ops.conv import NARROW_MAX_CHANNELS, conv3x3, narrow_conv2d, strided_conv2d, upsample_conv3x3
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = ["GenConv", "GatedConv", "GenDeconv", "SNConv", "SNDense"]
@@ -32,7 +32,7 @@ _PADDINGS = ("SAME", "VALID", "SYMMETRIC", "REFLECT")
 
 
 def _gen_conv(
-    module: nn.Module, x: jax.Array, out_features: int, dtype: Dtype
+    module: nn.Module, x: jax.Array | tuple[jax.Array, ...], out_features: int, dtype: Dtype
 ) -> jax.Array:
     """Declares ``kernel``/``bias`` in ``module``'s scope and convolves ``x`` with them.
 
@@ -43,11 +43,14 @@ def _gen_conv(
     ``upsample`` the conv reads ``x`` 2x nearest-upsampled (TF1 align corners); a 3x3
     stride-1 conv then runs on ``x`` itself (:func:`jattn.ops.conv.upsample_conv3x3`).
     Other 3x3 stride-1 convs go through :func:`jattn.ops.conv.conv3x3` (Winograd's
-    forward pass and gradients on CPU for wide float32 layers); stride > 1 through
-    ``strided_conv2d``.
+    forward pass and gradients on CPU for wide float32 layers), stride-1 convs with at
+    most ``NARROW_MAX_CHANNELS`` input or output channels through ``narrow_conv2d``,
+    stride > 1 through ``strided_conv2d``.
 
     Args:
-      x: ``[B, H, W, Cin]`` (already in ``dtype``).
+      x: ``[B, H, W, Cin]`` (already in ``dtype``), or a tuple of such arrays whose
+        channels concatenate to the input: ``narrow_conv2d`` then computes input
+        gradients only for the parts that need one (other paths concatenate them).
       out_features: Cout.
 
     Returns:
@@ -61,12 +64,20 @@ def _gen_conv(
             f"ksize, stride, rate must be >= 1, got {module.ksize}, {module.stride}, {module.rate}"
         )
     k = module.ksize
+    parts = x if isinstance(x, tuple) else (x,)
+    channels = sum(p.shape[-1] for p in parts)
     kernel = module.param(
-        "kernel", module.kernel_init, (k, k, x.shape[-1], out_features), module.param_dtype
+        "kernel", module.kernel_init, (k, k, channels, out_features), module.param_dtype
     )
     bias = module.param("bias", module.bias_init, (out_features,), module.param_dtype)
     padding = module.padding
     acc = jnp.promote_types(dtype, jnp.float32)
+    if (module.stride == 1 and module.rate == 1 and not module.upsample and padding in ("SAME", "VALID")
+            and min(channels, out_features) <= NARROW_MAX_CHANNELS):
+        # few channels in or out: planes and shifted sums on CPU (jattn.ops.conv.narrow_conv2d)
+        y = narrow_conv2d(parts, kernel.astype(dtype), padding, preferred_element_type=acc)
+        return y + bias.astype(acc)
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     if module.upsample:
         if k == 3 and module.stride == 1 and module.rate == 1:
             y = upsample_conv3x3(x, kernel.astype(acc), padding, preferred_element_type=acc)
@@ -91,6 +102,18 @@ def _gen_conv(
         preferred_element_type=acc,
     )
     return y + bias.astype(acc)
+
+
+def _channel_parts(x) -> tuple[jax.Array, ...]:
+    """``x`` as a tuple of NHWC arrays: an array, or a sequence of arrays (parts of one
+    input along channels) with equal ``[B, H, W]``."""
+    parts = (x,) if hasattr(x, "ndim") else tuple(x)
+    if not parts:
+        raise ValueError("x must be an NHWC array or a non-empty sequence of them")
+    parts = tuple(check_nhwc("x", p) for p in parts)
+    if any(p.shape[:3] != parts[0].shape[:3] for p in parts):
+        raise ValueError(f"x's parts must share [B, H, W], got {[tuple(p.shape) for p in parts]}")
+    return parts
 
 
 class _ConvAttributes(nn.Module):
@@ -127,15 +150,18 @@ class GenConv(_ConvAttributes):
       kernel_init: glorot uniform (TF ``conv2d`` default); bias_init: zeros.
 
     Call: ``x [B, H, W, Cin] -> [B, ceil(H / stride), ceil(W / stride), features]``
-    for "SAME" (``2H, 2W`` in place of ``H, W`` with ``upsample``).
+    for "SAME" (``2H, 2W`` in place of ``H, W`` with ``upsample``). ``x`` may also be
+    a sequence of ``[B, H, W, Ci]`` arrays, the input's channels in parts (the same
+    values as their concatenation): a layer with few input channels then computes an
+    input gradient only for the parts that need one.
     Params: ``kernel [ksize, ksize, Cin, features]``, ``bias [features]``.
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = check_nhwc("x", x)
-        dtype = compute_dtype(x, self.dtype, self.param_dtype)
-        y = _gen_conv(self, x.astype(dtype), self.features, dtype)
+    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+        parts = _channel_parts(x)
+        dtype = compute_dtype(parts[0], self.dtype, self.param_dtype)
+        y = _gen_conv(self, tuple(p.astype(dtype) for p in parts), self.features, dtype)
         if self.activation is not None and self.features != 3:
             y = self.activation(y)
         return y.astype(dtype)
@@ -151,17 +177,19 @@ class GatedConv(_ConvAttributes):
 
     Attributes: as :class:`GenConv`.
 
-    Call: ``x [B, H, W, Cin] -> [B, H', W', features]``.
+    Call: ``x [B, H, W, Cin] -> [B, H', W', features]`` (``x`` in parts as for
+    :class:`GenConv`).
     Params: ``kernel [ksize, ksize, Cin, 2 * features]``, ``bias [2 * features]``.
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = check_nhwc("x", x)
-        dtype = compute_dtype(x, self.dtype, self.param_dtype)
+    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+        parts = _channel_parts(x)
+        dtype = compute_dtype(parts[0], self.dtype, self.param_dtype)
+        parts = tuple(p.astype(dtype) for p in parts)
         if self.activation is None or self.features == 3:
-            return _gen_conv(self, x.astype(dtype), self.features, dtype).astype(dtype)
-        y = _gen_conv(self, x.astype(dtype), 2 * self.features, dtype)
+            return _gen_conv(self, parts, self.features, dtype).astype(dtype)
+        y = _gen_conv(self, parts, 2 * self.features, dtype)
         a, g = jnp.split(y, 2, axis=-1)
         return (self.activation(a) * nn.sigmoid(g)).astype(dtype)
 

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d", "upsample_conv3x3", "winograd_conv3x3", "conv3x3"]
+__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d", "upsample_conv3x3", "winograd_conv3x3", "conv3x3",
+           "narrow_conv2d"]
 
 DN = ("NHWC", "HWIO", "NHWC")
 _DN_HWOI = ("NHWC", "HWOI", "NHWC")  # the kernel's last axis is the input's channels
@@ -554,3 +555,163 @@ def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, p
                                         x.dtype, kernel.dtype, rate)):
         return _conv(x, kernel, 1, padding, preferred_element_type, rate)
     return _conv3x3(x, kernel, int(rate), padding, preferred_element_type)
+
+
+# --------------------------------------------------------------------------- few channels
+
+NARROW_MAX_CHANNELS = 5
+"""`narrow_conv2d`'s rule: a side with at most this many channels is "narrow". XLA:CPU
+runs such convolutions far below its rate (DeepFill v1's 16 -> 3 output layer at about
+15 GFLOP/s, the 5-channel input gradient of its refinement branches' first layers at
+about 40); at 8 channels the planes below are no faster (`docs/benchmarks.md`)."""
+
+
+def _shifted_sum(z: jax.Array, offsets, out_hw) -> jax.Array:
+    """out[..., y, x] = sum_t z[t, ..., y + dy_t, x + dx_t], zero where that is outside z.
+
+    z: [T, ..., H, W] channel-major planes; offsets: T pairs (dy, dx). Returns
+    [..., oh, ow]. Each term is a slice and a pad, so XLA fuses the whole sum into one
+    pass over the contiguous planes."""
+    (oh, ow), (h, w) = out_hw, z.shape[-2:]
+    acc = None
+    for t, (dy, dx) in enumerate(offsets):
+        y0, y1 = min(max(dy, 0), h), min(max(oh + dy, 0), h)
+        x0, x1 = min(max(dx, 0), w), min(max(ow + dx, 0), w)
+        if y1 <= y0 or x1 <= x0:
+            continue  # this tap only ever reads padding
+        lo_y, lo_x = y0 - dy, x0 - dx
+        part = jax.lax.pad(z[t, ..., y0:y1, x0:x1], jnp.zeros((), z.dtype),
+                           [(0, 0, 0)] * (z.ndim - 3)
+                           + [(lo_y, oh - lo_y - (y1 - y0), 0), (lo_x, ow - lo_x - (x1 - x0), 0)])
+        acc = part if acc is None else acc + part
+    if acc is None:
+        return jnp.zeros(z.shape[1:-2] + (oh, ow), z.dtype)
+    return acc
+
+
+def _tap_offsets(window, pads):
+    """(dy, dx) per tap, row-major: output p reads input p + offset (stride 1, rate 1)."""
+    (kh, kw), ((pt, _), (pl, _)) = window, pads
+    return [(ty - pt, tx - pl) for ty in range(kh) for tx in range(kw)]
+
+
+def _out_hw(in_hw, window, pads):
+    return tuple(n + lo + hi - k + 1 for n, (lo, hi), k in zip(in_hw, pads, window))
+
+
+def _narrow_output_conv(x, kernel, pads, preferred_element_type):
+    """The convolution for few output channels O: one product to the kh*kw*O channel-major
+    planes z[t, o] = x . kernel[t, :, o], then their shifted sum; [B, H', W', O]."""
+    kh, kw, c, o = kernel.shape
+    z = jnp.einsum("bhwc,tco->tobhw", x, kernel.reshape(kh * kw, c, o),
+                   preferred_element_type=preferred_element_type)
+    y = _shifted_sum(z, _tap_offsets((kh, kw), pads), _out_hw(x.shape[1:3], (kh, kw), pads))
+    return rearrange(y, "o b h w -> b h w o")
+
+
+def _narrow_input_grad(g, kernel, pads, in_hw, channels):
+    """The input gradient for few input channels, channel by channel: the planes
+    z[t] = g . kernel[t, c, :] and their shifted sum (taps mirrored), for the input
+    channels in `channels` only. g: [B, H', W', O]; returns [B, H, W, len(channels)]."""
+    kh, kw, c, o = kernel.shape
+    back = [(-dy, -dx) for dy, dx in _tap_offsets((kh, kw), pads)]
+    planes = []
+    for ci in channels:
+        z = jnp.einsum("bhwo,to->tbhw", g, kernel[:, :, ci].reshape(kh * kw, o))
+        planes.append(_shifted_sum(z, back, in_hw))
+    return jnp.stack(planes, axis=-1)
+
+
+def _narrow(n: int) -> bool:
+    return n <= NARROW_MAX_CHANNELS
+
+
+def _concat(parts):
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _narrow_conv(parts, kernel, pads, preferred_element_type):
+    x = _concat(parts)
+    if not _narrow(kernel.shape[-1]):
+        return _conv(x, kernel, 1, pads, preferred_element_type)
+    return jax.lax.platform_dependent(
+        x, kernel,
+        cpu=lambda x_, k_: _narrow_output_conv(x_, k_, pads, preferred_element_type),
+        default=lambda x_, k_: _conv(x_, k_, 1, pads, preferred_element_type),
+    )
+
+
+def _narrow_conv_fwd(parts, kernel, pads, preferred_element_type):
+    values = tuple(p.value for p in parts)
+    perturbed = (tuple(p.perturbed for p in parts), kernel.perturbed)
+    return _narrow_conv(values, kernel.value, pads, preferred_element_type), (values, kernel.value, perturbed)
+
+
+def _narrow_conv_bwd(pads, preferred_element_type, residuals, g):
+    parts, kernel, (parts_perturbed, kernel_perturbed) = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return tuple(None for _ in parts), None
+    x = _concat(parts)
+    conv = functools.partial(_conv, stride=1, padding=pads, preferred_element_type=preferred_element_type)
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + p.shape[-1])
+    ranges = [(a, b) for p, a, b in zip(parts_perturbed, bounds, bounds[1:]) if p]  # channels that need a gradient
+
+    def direct(g_, k_):
+        full = jax.vjp(lambda x_: conv(x_, k_), x)[1](g_)[0]
+        return _concat([full[..., a:b] for a, b in ranges])
+
+    def planes(g_, k_):
+        return _narrow_input_grad(g_, k_, pads, x.shape[1:3], [c for a, b in ranges for c in range(a, b)])
+
+    grads = [None] * len(parts)
+    if ranges:
+        narrow = _narrow(x.shape[-1])
+        dx = jax.lax.platform_dependent(g, kernel, cpu=planes, default=direct) if narrow else direct(g, kernel)
+        used = 0
+        for i, p in enumerate(parts):
+            if parts_perturbed[i]:
+                grads[i] = dx[..., used:used + p.shape[-1]].astype(p.dtype)
+                used += p.shape[-1]
+    dw = jax.vjp(lambda k_: conv(x, k_), kernel)[1](g)[0].astype(kernel.dtype) if kernel_perturbed else None
+    return tuple(grads), dw
+
+
+_narrow_conv.defvjp(_narrow_conv_fwd, _narrow_conv_bwd, symbolic_zeros=True)
+
+
+def narrow_conv2d(x, kernel: jax.Array, padding="SAME", *, preferred_element_type=None) -> jax.Array:
+    """A stride-1, rate-1 convolution (NHWC, HWIO) that on CPU, for float32 operands with
+    at most `NARROW_MAX_CHANNELS` output or input channels, computes the value (few
+    outputs) or the input gradient (few inputs) as matrix products to channel-major
+    planes, one per kernel tap, then a fused shifted sum of those planes, instead of
+    XLA:CPU's convolution, which runs 2-3x slower at such widths (alone: DeepFill v1's
+    16 -> 3 output layers' value 15 -> 5 ms at [4, 256, 256, 16]; the input gradient of
+    `xconv1` / `pmconv1` for the 3 image channels that need one, 55 -> 20 ms). The kernel
+    gradient, and everything on GPU and TPU, is XLA's. Values differ from XLA's by
+    float32 rounding (the sums run in another order).
+
+    x: [B, H, W, C], or a sequence of such arrays, the input as their concatenation along
+    channels: then only the parts that need a gradient get an input gradient (DeepFill's
+    constant ones and mask channels get none). kernel: [kh, kw, C, O]; padding "SAME" /
+    "VALID" (TF's) or ((top, bottom), (left, right)). Returns [B, H', W', O].
+    """
+    parts = (x,) if isinstance(x, jax.Array) or hasattr(x, "shape") else tuple(x)
+    if not parts or any(p.ndim != 4 or p.shape[:3] != parts[0].shape[:3] or p.dtype != parts[0].dtype for p in parts):
+        raise ValueError("narrow_conv2d: x must be [B, H, W, C] or parts of equal [B, H, W] and dtype, got "
+                         + ", ".join(f"{tuple(p.shape)} {p.dtype}" for p in parts))
+    channels = sum(p.shape[-1] for p in parts)
+    if kernel.ndim != 4 or kernel.shape[2] != channels:
+        raise ValueError(f"narrow_conv2d: kernel {tuple(kernel.shape)} does not fit input of {channels} channels")
+    concrete = all(isinstance(d, int) for d in parts[0].shape[1:3])
+    fits = (concrete and parts[0].dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and (_narrow(channels) or _narrow(kernel.shape[-1])))
+    if isinstance(padding, str) and concrete:
+        pads = tuple(jax.lax.padtype_to_pads(parts[0].shape[1:3], kernel.shape[:2], (1, 1), padding))
+    elif not isinstance(padding, str):
+        pads = tuple(tuple(int(v) for v in p) for p in padding)
+    if not fits or min(_out_hw(parts[0].shape[1:3], kernel.shape[:2], pads)) < 1:
+        return _conv(_concat(parts), kernel, 1, padding, preferred_element_type)  # XLA's (and its errors)
+    return _narrow_conv(parts, kernel, pads, preferred_element_type)
