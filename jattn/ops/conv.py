@@ -15,6 +15,11 @@ Winograd 3x3 convolution of the input's space-to-depth image, value and derivati
 `winograd_conv3x3` (Winograd's F(4x4, 3x3)): no convolution, hence none of XLA:CPU's
 layout transposes for the kernel gradient (DeepFill's generators use it).
 
+`narrow_conv2d`: a stride-1 convolution with at most 5 input or output channels whose
+value (few outputs) or input gradient (few inputs) on CPU is matrix products to per-tap
+channel-major planes plus a fused shifted sum; given its input in channel parts, it
+computes input gradients only for the parts that need one.
+
 `conv2d_im2col`: TF 'SAME' convolution as patches + one matrix product, equal to
 `jax.lax.conv_general_dilated(..., "SAME")`; its derivatives are matrix products, slices
 and pads (DeepFill v1's critics used it before `strided_conv2d`, which is faster).
