@@ -423,3 +423,22 @@ def test_narrow_conv2d_keeps_xla_for_wide_bfloat16_and_bad_input():
         narrow_conv2d(x, k[:, :, :2])
     with pytest.raises(ValueError, match="parts of equal"):
         narrow_conv2d((x, x[:, :4]), k)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 0), (1, 3))])
+def test_narrow_conv2d_exports_with_symbolic_sizes(padding):
+    """With symbolic sizes (jax.export) the planes are used too, so an exported model
+    computes bit for bit what the jitted one does at each concrete size; "VALID" (an
+    output smaller than the input) exports as XLA's convolution, equal within rounding."""
+    from jattn.ops.conv import narrow_conv2d
+
+    kernel = jax.random.normal(jax.random.key(15), (3, 5, 16, 3)) / 10.0
+    b, h, w = jax.export.symbolic_shape("b, h, w")
+    fn = jax.jit(lambda x: narrow_conv2d(x, kernel, padding))
+    exp = jax.export.export(fn)(jax.ShapeDtypeStruct((b, h, w, 16), jnp.float32))
+    for shape in ((1, 9, 11, 16), (2, 6, 7, 16)):
+        x = jax.random.normal(jax.random.key(16), shape)
+        got = exp.call(x)
+        if padding != "VALID":
+            np.testing.assert_array_equal(got, fn(x))
+        assert _relmax(fn(x), got) < 1e-6 and _relmax(_xla(x, kernel, padding), got) < 1e-6

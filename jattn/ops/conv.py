@@ -571,26 +571,24 @@ runs such convolutions far below its rate (DeepFill v1's 16 -> 3 output layer at
 about 40); at 8 channels the planes below are no faster (`docs/benchmarks.md`)."""
 
 
-def _shifted_sum(z: jax.Array, offsets, out_hw) -> jax.Array:
+def _shifted_sum(z: jax.Array, offsets, growth) -> jax.Array:
     """out[..., y, x] = sum_t z[t, ..., y + dy_t, x + dx_t], zero where that is outside z.
 
-    z: [T, ..., H, W] channel-major planes; offsets: T pairs (dy, dx). Returns
-    [..., oh, ow]. Each term is a slice and a pad, so XLA fuses the whole sum into one
-    pass over the contiguous planes."""
-    (oh, ow), (h, w) = out_hw, z.shape[-2:]
+    z: [T, ..., H, W] channel-major planes; offsets: T pairs (dy, dx); growth: the
+    output's size minus the input's, (oh - H, ow - W), a static pair even where H and W
+    are symbolic (`jax.export`). Returns [..., oh, ow]. Each term is one pad (negative
+    where it crops), so XLA fuses the whole sum into one pass over the contiguous planes."""
+    h, w = z.shape[-2:]
+    concrete = isinstance(h, int) and isinstance(w, int)
     acc = None
     for t, (dy, dx) in enumerate(offsets):
-        y0, y1 = min(max(dy, 0), h), min(max(oh + dy, 0), h)
-        x0, x1 = min(max(dx, 0), w), min(max(ow + dx, 0), w)
-        if y1 <= y0 or x1 <= x0:
+        if concrete and not (-(h + growth[0]) < dy < h and -(w + growth[1]) < dx < w):
             continue  # this tap only ever reads padding
-        lo_y, lo_x = y0 - dy, x0 - dx
-        part = jax.lax.pad(z[t, ..., y0:y1, x0:x1], jnp.zeros((), z.dtype),
-                           [(0, 0, 0)] * (z.ndim - 3)
-                           + [(lo_y, oh - lo_y - (y1 - y0), 0), (lo_x, ow - lo_x - (x1 - x0), 0)])
+        part = jax.lax.pad(z[t], jnp.zeros((), z.dtype), [(0, 0, 0)] * (z.ndim - 3)
+                           + [(-dy, growth[0] + dy, 0), (-dx, growth[1] + dx, 0)])
         acc = part if acc is None else acc + part
     if acc is None:
-        return jnp.zeros(z.shape[1:-2] + (oh, ow), z.dtype)
+        return jnp.zeros(z.shape[1:-2] + (h + growth[0], w + growth[1]), z.dtype)
     return acc
 
 
@@ -600,8 +598,9 @@ def _tap_offsets(window, pads):
     return [(ty - pt, tx - pl) for ty in range(kh) for tx in range(kw)]
 
 
-def _out_hw(in_hw, window, pads):
-    return tuple(n + lo + hi - k + 1 for n, (lo, hi), k in zip(in_hw, pads, window))
+def _growth(window, pads):
+    """The output's size minus the input's per axis (stride 1, rate 1): static ints."""
+    return tuple(lo + hi - k + 1 for (lo, hi), k in zip(pads, window))
 
 
 def _narrow_output_conv(x, kernel, pads, preferred_element_type):
@@ -610,20 +609,21 @@ def _narrow_output_conv(x, kernel, pads, preferred_element_type):
     kh, kw, c, o = kernel.shape
     z = jnp.einsum("bhwc,tco->tobhw", x, kernel.reshape(kh * kw, c, o),
                    preferred_element_type=preferred_element_type)
-    y = _shifted_sum(z, _tap_offsets((kh, kw), pads), _out_hw(x.shape[1:3], (kh, kw), pads))
-    return rearrange(y, "o b h w -> b h w o")
+    y = _shifted_sum(z, _tap_offsets((kh, kw), pads), _growth((kh, kw), pads))
+    return jnp.moveaxis(y, 0, -1)
 
 
-def _narrow_input_grad(g, kernel, pads, in_hw, channels):
+def _narrow_input_grad(g, kernel, pads, channels):
     """The input gradient for few input channels, channel by channel: the planes
     z[t] = g . kernel[t, c, :] and their shifted sum (taps mirrored), for the input
     channels in `channels` only. g: [B, H', W', O]; returns [B, H, W, len(channels)]."""
     kh, kw, c, o = kernel.shape
     back = [(-dy, -dx) for dy, dx in _tap_offsets((kh, kw), pads)]
+    shrink = tuple(-n for n in _growth((kh, kw), pads))
     planes = []
     for ci in channels:
         z = jnp.einsum("bhwo,to->tbhw", g, kernel[:, :, ci].reshape(kh * kw, o))
-        planes.append(_shifted_sum(z, back, in_hw))
+        planes.append(_shifted_sum(z, back, shrink))
     return jnp.stack(planes, axis=-1)
 
 
@@ -669,7 +669,7 @@ def _narrow_conv_bwd(pads, preferred_element_type, residuals, g):
         return _concat([full[..., a:b] for a, b in ranges])
 
     def planes(g_, k_):
-        return _narrow_input_grad(g_, k_, pads, x.shape[1:3], [c for a, b in ranges for c in range(a, b)])
+        return _narrow_input_grad(g_, k_, pads, [c for a, b in ranges for c in range(a, b)])
 
     grads = [None] * len(parts)
     if ranges:
@@ -698,6 +698,10 @@ def narrow_conv2d(x, kernel: jax.Array, padding="SAME", *, preferred_element_typ
     gradient, and everything on GPU and TPU, is XLA's. Values differ from XLA's by
     float32 rounding (the sums run in another order).
 
+    Symbolic sizes (`jax.export`) use the planes too, so an exported model computes what
+    the jitted one does, except where the output is smaller than the input ("VALID"),
+    which keeps XLA's convolution there.
+
     x: [B, H, W, C], or a sequence of such arrays, the input as their concatenation along
     channels: then only the parts that need a gradient get an input gradient (DeepFill's
     constant ones and mask channels get none). kernel: [kh, kw, C, O]; padding "SAME" /
@@ -710,13 +714,25 @@ def narrow_conv2d(x, kernel: jax.Array, padding="SAME", *, preferred_element_typ
     channels = sum(p.shape[-1] for p in parts)
     if kernel.ndim != 4 or kernel.shape[2] != channels:
         raise ValueError(f"narrow_conv2d: kernel {tuple(kernel.shape)} does not fit input of {channels} channels")
-    concrete = all(isinstance(d, int) for d in parts[0].shape[1:3])
-    fits = (concrete and parts[0].dtype == jnp.float32 and kernel.dtype == jnp.float32
+    fits = (parts[0].dtype == jnp.float32 and kernel.dtype == jnp.float32
             and (_narrow(channels) or _narrow(kernel.shape[-1])))
-    if isinstance(padding, str) and concrete:
-        pads = tuple(jax.lax.padtype_to_pads(parts[0].shape[1:3], kernel.shape[:2], (1, 1), padding))
-    elif not isinstance(padding, str):
+    if not fits:
+        return _conv(_concat(parts), kernel, 1, padding, preferred_element_type)
+    window = kernel.shape[:2]
+    if padding == "SAME":  # TF's, at stride 1: independent of the (possibly symbolic) size
+        pads = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in window)
+    elif padding == "VALID":
+        pads = ((0, 0), (0, 0))
+    elif isinstance(padding, str):
+        raise ValueError(f"narrow_conv2d: padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+    else:
         pads = tuple(tuple(int(v) for v in p) for p in padding)
-    if not fits or min(_out_hw(parts[0].shape[1:3], kernel.shape[:2], pads)) < 1:
-        return _conv(_concat(parts), kernel, 1, padding, preferred_element_type)  # XLA's (and its errors)
+    hw, growth = parts[0].shape[1:3], _growth(window, pads)
+    if all(isinstance(n, int) for n in hw):
+        if min(n + d for n, d in zip(hw, growth)) < 1:
+            return _conv(_concat(parts), kernel, 1, pads, preferred_element_type)  # XLA's error or empty output
+    elif min(growth) < 0:
+        # Symbolic sizes whose output shrinks ("VALID"): jax.export cannot prove the planes'
+        # sizes non-negative, XLA's convolution exports as it is.
+        return _conv(_concat(parts), kernel, 1, pads, preferred_element_type)
     return _narrow_conv(parts, kernel, pads, preferred_element_type)
