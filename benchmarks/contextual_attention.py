@@ -6,8 +6,9 @@ the blocked path, and their rate in the issue's nominal FLOPs,
     2 * N * L * (ksize^2 C + (2 rate)^2 C) per image, N = L = (64 / rate)^2,
 next to a `jnp.matmul` with exactly those FLOPs, timed in the same run. Forward+backward
 counts 3x the forward's nominal FLOPs (each product's backward is two products of its
-size). jattn's paste does 4x fewer FLOPs than the official algorithm, so the nominal rate
-may exceed the matmul rate; the actual forward FLOPs are printed too.
+size). jattn's scores do about ksize x fewer FLOPs and its paste 4x fewer than the
+official algorithm, so the nominal rate may exceed the matmul rate; the actual forward
+FLOPs (dense path) are printed too.
 
 Memory: XLA's compiled memory analysis (argument, output and temporary bytes) of the
 blocked op at a 2048^2 input (features 512x512x128, rate 2, batch 1), forward and
@@ -67,7 +68,10 @@ def speed(args) -> dict:
     k_nominal = args.ksize**2 * args.channels + (2 * args.rate) ** 2 * args.channels
     nominal = 2.0 * args.batch * n * n * k_nominal
     g = args.size // args.rate + 1
-    actual = 2.0 * args.batch * (n * n * args.ksize**2 * args.channels + g**4 * args.rate**2 * args.channels)
+    side = args.size // args.rate
+    # dense path: scores from 1 x k row windows (query rows padded by k - 1), then the paste
+    scores = (side + args.ksize - 1) * side * n * args.ksize * args.channels
+    actual = 2.0 * args.batch * (scores + g**4 * args.rate**2 * args.channels)
 
     a = jnp.asarray(np.random.default_rng(1).standard_normal((args.batch, n, k_nominal)), dtype)
     b = jnp.asarray(np.random.default_rng(2).standard_normal((args.batch, k_nominal, n)), dtype)

@@ -9,11 +9,16 @@ Notation: B, H, W, C = f's shape; r = rate; h, w = H // r, W // r; N = h * w que
 L = h * w background patches (f and b have the same size).
 
 The two heavy steps are batched matrix products:
-  scores  S = F @ Wn^T   [B, N, k*k*C] x [B, L, k*k*C]             -> [B, N, L]
+  scores  C = Fr @ Br^T  [B, N, k*C] x [B, L, k*C]                  -> [B, N, L]
   paste   Y = P @ Bblk   [B, (h+1)(w+1), (h+1)(w+1)] x [.., r*r*C] -> the padded output
-where Bblk are the r x r blocks of padded b and P is the sum of four diagonal shifts of the
-attention A. That is the official `conv2d_transpose(A, raw 2r x 2r patches, strides=r) / 4`
-rearranged so the product has r*r*C columns instead of (2r)^2 C: 4x fewer paste FLOPs.
+Fr and Br are the 1 x k horizontal windows of the downsampled f and b, one row per cell. The
+official scores, the products of f's k x k windows with b's L2-normalised k x k patches, are
+the sum over the k row offsets o of C shifted diagonally by o rows (query row y + o against
+key row y' + o, zero outside the map), divided by each patch's norm: k times fewer FLOPs
+than a product of the k x k windows. Bblk are the r x r blocks of padded b and P is the sum
+of four diagonal shifts of the attention A. That is the official
+`conv2d_transpose(A, raw 2r x 2r patches, strides=r) / 4` rearranged so the product has
+r*r*C columns instead of (2r)^2 C: 4x fewer paste FLOPs.
 """
 
 from __future__ import annotations
@@ -183,6 +188,43 @@ def _cm_shift_block_queries(s1: jax.Array, e: int, y0, rows: int, halo: int, h: 
     return t.reshape(batch, rows * w, keys)
 
 
+def _tap_offsets(ksize: int) -> range:
+    """Offsets of a k x k window's taps from its centre cell ('SAME' padding, as TF)."""
+    before = (ksize - 1) // 2
+    return range(-before, ksize - before)
+
+
+def _row_windows(x: jax.Array, ksize: int) -> jax.Array:
+    """The 1 x k horizontal windows of x [B, H, W, C] ('SAME', zero padded): [B, H, W, k*C]."""
+    return jnp.concatenate([_shift_axis(x, ox, axis=2) for ox in _tap_offsets(ksize)], axis=-1)
+
+
+def _window_scores(fq: jax.Array, b_rows: jax.Array, ksize: int, row_valid=None, *, precision, acc_dtype) -> jax.Array:
+    """Products of f's k x k windows with b's k x k patches, from products of 1 x k windows.
+
+    fq: [B, U + k - 1, w, k*C], the 1 x k windows (`_row_windows`) of U query rows and of
+    the k - 1 rows their k x k windows reach above and below; b_rows: [B, h, w, k*C], b's.
+    row_valid(oy): [U] 0/1, whether each query row's row at offset oy lies inside the map
+    (None: fq's extra rows are zeros where they leave it). Returns [B, U * w, h * w]:
+    S[u, q] = sum_oy Frow[u + oy] . Brow[q + oy] over the k row offsets, zero where a row
+    leaves the map: the product of the zero-padded k x k windows of `extract_patches`, in
+    k times fewer FLOPs (a product with k*C columns instead of k*k*C, then k shifted sums).
+    """
+    batch, rows_ext, w, kc = fq.shape
+    h = b_rows.shape[1]
+    rows = rows_ext - (ksize - 1)
+    c = jnp.einsum("bpc,bqc->bpq", fq.reshape(batch, -1, kc), b_rows.reshape(batch, h * w, kc),
+                   precision=precision, preferred_element_type=acc_dtype)
+    c = c.reshape(batch, rows_ext, w, h, w)
+    before = (ksize - 1) // 2
+    s = 0.0
+    for oy in _tap_offsets(ksize):
+        # Query rows u + oy are a slice (fq holds them); key rows shift by oy.
+        t = _shift_axis(jax.lax.slice_in_dim(c, before + oy, before + oy + rows, axis=1), oy, axis=3)
+        s = s + (t if row_valid is None else t * row_valid(oy)[None, :, None, None, None])
+    return s.reshape(batch, rows * w, h * w)
+
+
 def _paste(a: jax.Array, blocks: jax.Array, *, rows: int, h: int, w: int, rate: int, precision) -> jax.Array:
     """The official `conv2d_transpose(a, raw_patches, strides=r)` for a block of rows.
 
@@ -304,6 +346,18 @@ def contextual_attention(
     b = jnp.asarray(b)
     mask = None if mask is None else jnp.asarray(mask)
     _check_inputs(f, b, mask, ksize, stride, rate, fuse_k, block_size)
+    # Always one compiled computation (inlined into an enclosing jit): XLA contracts the
+    # products feeding the fuse step's sums into fused multiply-adds, so an op-by-op call
+    # would round differently from a jitted one.
+    return _contextual_attention(
+        f, b, mask, ksize=ksize, rate=rate, fuse_k=fuse_k, softmax_scale=softmax_scale, fuse=fuse,
+        block_size=block_size, precision=precision,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("ksize", "rate", "fuse_k", "softmax_scale", "fuse", "block_size", "precision"))
+def _contextual_attention(f, b, mask, *, ksize, rate, fuse_k, softmax_scale, fuse, block_size, precision):
+    """`contextual_attention` on checked inputs (see there)."""
     batch, height, width, _ = f.shape
     h, w = height // rate, width // rate
     n = h * w
@@ -318,11 +372,12 @@ def contextual_attention(
     # 2. nearest (align_corners) downsampling by 1/r
     f_down = resize_nearest_align_corners(f, h, w)
     b_down = resize_nearest_align_corners(b, h, w)
-    # 3. matching patches, L2-normalised: [B, L, k*k*C]; query windows of f: [B, h, w, k*k*C]
-    wpat = _extract_patches(b_down, ksize, 1).reshape(batch, n, -1)
-    norm = jnp.sqrt(jnp.sum(jnp.square(wpat.astype(acc_dtype)), axis=-1, keepdims=True))
-    wn = (wpat / jnp.maximum(norm, 1e-4).astype(dtype)).astype(dtype)
-    fwin = _extract_patches(f_down, ksize, 1)
+    # 3. the L2 norms of b's k x k matching patches: [B, 1, L] (the scores are divided by them)
+    # (One reduction over each extracted patch's squares: summing per cell first, then over
+    # the window, rounded differently for different batch sizes on XLA:CPU.)
+    wpat = _extract_patches(b_down.astype(acc_dtype), ksize, 1)
+    norm = jnp.sqrt(jnp.sum(jnp.square(wpat), axis=-1)).reshape(batch, 1, n)
+    norm = jnp.maximum(norm, 1e-4)
     # 4. patch validity mm: [1 or B, 1, L]
     if mask is None:
         mm = jnp.ones((1, 1, n), acc_dtype)
@@ -339,15 +394,34 @@ def contextual_attention(
     if n_blocks == 1:
         halo = 0
 
-    # Query windows with `halo` rows copied around (rows modulo h), so each block is a slice.
-    fwin_ext = jnp.concatenate([fwin[:, h - halo :], fwin, fwin[:, :halo]], axis=1) if halo else fwin
+    # Rows of f the query windows reach above and below their own.
+    taps = _tap_offsets(ksize)
+    before, after = -taps[0], taps[-1]
+    f_rows = _row_windows(f_down, ksize)
+    b_rows = _row_windows(b_down, ksize)
+    if n_blocks == 1:
+        f_ext = jnp.pad(f_rows, ((0, 0), (before, after), (0, 0), (0, 0)))
+    else:
+        # The blocks' query rows with `halo` rows around them, taken modulo h (so each block
+        # is a slice), plus the rows their windows reach; a row reached across the map's
+        # edge is masked out (row_valid), not wrapped.
+        f_ext = jnp.take(f_rows, np.arange(-halo - before, h + halo + after) % h, axis=1)
 
     def block(y0):
         """Rows y0 .. y0 + rows: (padded output rows [B, (rows+1) r, W + r, C], argmax [B, rows*w])."""
-        fq = jax.lax.dynamic_slice_in_dim(fwin_ext, y0, rows + 2 * halo, axis=1) if n_blocks > 1 else fwin
-        fq = fq.reshape(batch, -1, fwin.shape[-1])
-        # 5a. scores [B, U, L]
-        s = jnp.einsum("buk,blk->bul", fq, wn, precision=precision, preferred_element_type=acc_dtype)
+        # 5a. scores [B, U, L] of the query rows y0 - halo ... y0 + rows + halo
+        if n_blocks == 1:
+            s = _window_scores(f_ext, b_rows, ksize, precision=precision, acc_dtype=acc_dtype)
+        else:
+            u_rows = rows + 2 * halo
+            fq = jax.lax.dynamic_slice_in_dim(f_ext, y0, u_rows + before + after, axis=1)
+            rows_global = (y0 - halo + jnp.arange(u_rows)) % h
+
+            def row_valid(oy):
+                return ((rows_global + oy >= 0) & (rows_global + oy < h)).astype(acc_dtype)
+
+            s = _window_scores(fq, b_rows, ksize, row_valid, precision=precision, acc_dtype=acc_dtype)
+        s = s / norm
         # 5b. fuse
         if fuse:
             s = _fuse_block(s, y0=y0, rows=rows, halo=halo, h=h, w=w, fuse_k=fuse_k)
