@@ -5,8 +5,12 @@ widths (cnum 32, critics 64) and 256x256 images, on the local devices, as `jattn
 runs them (`jattn.train.steps.jit_update` over a mesh). Prints, per batch size:
 compile time, median seconds per iteration, images/s, XLA's FLOP count of the two
 compiled updates and its rate, the issue's nominal rate (256 GFLOP per image and
-iteration), next to a `jnp.matmul` rate in the run's compute dtype measured in the same run
-(best of 20 calls before and 20 after the iterations); and XLA's
+iteration), next to a `jnp.matmul` rate in the run's compute dtype measured in the same run,
+two ways: the machine's peak (the best of 20 calls before and 20 after the iterations) and
+its sustained rate interleaved with the iterations (20 calls back to back after each timed
+iteration; each iteration's rate is divided by the block that follows it, and the median of
+those ratios is reported, so a drift of the machine's speed during the run moves both the
+numerator and the denominator); and XLA's
 memory analysis of each update plus the process's peak RSS. Like the `jattn` command, it
 runs under tcmalloc when the machine has it (`jattn/_alloc.py`; `JATTN_TCMALLOC=0` not to).
 
@@ -38,19 +42,34 @@ NOMINAL_GFLOP_PER_IMAGE = 256.0  # 3x the generator's 52 GFLOP forward + the cri
 MATMUL_CALLS = 20
 
 
-def _matmul_rate(n: int, dtype) -> float:
-    """GFLOP/s of an [n, n] x [n, n] `jnp.matmul` in `dtype` (float32 accumulation): the
-    best of `MATMUL_CALLS` calls, the machine's rate (a median of a few calls varied by
-    15% from run to run on the shared development machine)."""
+def _matmul_timer(n: int, dtype):
+    """A compiled [n, n] x [n, n] `jnp.matmul` in `dtype` (float32 accumulation); returns
+    `timed()`, which runs it `MATMUL_CALLS` times back to back, each to completion, and
+    gives the list of the calls' seconds."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     jax.block_until_ready(f(a, a))
-    times = []
-    for _ in range(MATMUL_CALLS):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, a))
-        times.append(time.perf_counter() - t0)
+
+    def timed() -> list[float]:
+        times = []
+        for _ in range(MATMUL_CALLS):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(a, a))
+            times.append(time.perf_counter() - t0)
+        return times
+
+    return timed
+
+
+def _peak_gflops(n: int, times: list[float]) -> float:
+    """The best call's GFLOP/s: the machine's peak rate (a median of a few calls varied by
+    15% from run to run on the shared development machine)."""
     return 2 * n**3 / min(times) / 1e9
+
+
+def _sustained_gflops(n: int, times: list[float]) -> float:
+    """GFLOP/s of the whole block of calls: the rate the machine sustains at that moment."""
+    return 2 * n**3 * len(times) / sum(times) / 1e9
 
 
 def _batch(batch: int, size: int):
@@ -80,7 +99,11 @@ def setup(batch: int, overrides: list[str] = ()):
     return task, mesh, state, data
 
 
-def bench(batch: int, repeats: int, overrides: list[str]) -> dict:
+def bench(batch: int, repeats: int, overrides: list[str], matmul=None) -> dict:
+    """Times `repeats` iterations (median). With `matmul = (n, timer)` (`_matmul_timer`),
+    a block of matmuls follows each timed iteration: the result gains the blocks' median
+    sustained rate and the median of the per-iteration ratios (nominal rate / the rate of
+    the block that follows)."""
     from jattn.train.steps import jit_update
 
     task, mesh, state, data = setup(batch, overrides)
@@ -105,13 +128,22 @@ def bench(batch: int, repeats: int, overrides: list[str]) -> dict:
 
     state, _ = iteration(state)  # warm-up
     jax.block_until_ready(state)
-    times = []
+    times, blocks = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         state, metrics = iteration(state)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+        if matmul is not None:
+            blocks.append(_sustained_gflops(matmul[0], matmul[1]()))
     seconds = float(np.median(times))
+    interleaved = {}
+    if blocks:
+        ratios = [NOMINAL_GFLOP_PER_IMAGE * batch / t / b for t, b in zip(times, blocks)]
+        interleaved = {
+            "matmul_gflops_interleaved": [round(b, 1) for b in blocks],
+            "pct_of_matmul_interleaved_nominal": round(100 * float(np.median(ratios)), 1),
+        }
     return {
         "batch": batch,
         "compile_seconds": round(compile_s, 1),
@@ -123,6 +155,7 @@ def bench(batch: int, repeats: int, overrides: list[str]) -> dict:
         "memory": memory,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
         "losses_finite": bool(np.isfinite(float(metrics["g_loss"]))),
+        **interleaved,
     }
 
 
@@ -147,14 +180,16 @@ def main():
     # 2048 matmul is too small to reach a GPU's rate)
     dtype = next((o.split("=", 1)[1] for o in args.set if o.startswith("compute_dtype=")), "float32")
     n = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
-    before = _matmul_rate(n, jnp.dtype(dtype))
+    timer = _matmul_timer(n, jnp.dtype(dtype))
+    before = _peak_gflops(n, timer())
     print(json.dumps({f"matmul_gflops_{dtype}_{n}_before": round(before, 1)}))
-    info["results"] = [bench(batch, args.repeats, args.set) for batch in args.batch]
-    after = _matmul_rate(n, jnp.dtype(dtype))
-    # the baseline: the better of the rates measured before and after the iterations
+    info["results"] = [bench(batch, args.repeats, args.set, (n, timer)) for batch in args.batch]
+    after = _peak_gflops(n, timer())
+    # the baseline: the better of the peak rates measured before and after the iterations
     info["matmul_gflops"] = round(max(before, after), 1)
     info["matmul_gflops_before_after"] = [round(before, 1), round(after, 1)]
-    info["matmul"] = f"{dtype} {n}x{n}, best of {MATMUL_CALLS} calls before and {MATMUL_CALLS} after"
+    info["matmul"] = (f"{dtype} {n}x{n}, best of {MATMUL_CALLS} calls before and {MATMUL_CALLS} after; "
+                      f"interleaved: {MATMUL_CALLS} calls back to back after each timed iteration")
     for result in info["results"]:
         result["pct_of_matmul_xla_flops"] = round(100 * result["xla_gflops"] / info["matmul_gflops"], 1)
         result["pct_of_matmul_nominal"] = round(100 * result["nominal_gflops"] / info["matmul_gflops"], 1)

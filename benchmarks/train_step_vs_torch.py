@@ -61,8 +61,11 @@ def main() -> None:
             (f"PyTorch, {cores} cores, {cores} threads", torch_cmd + ["--threads", str(cores)]),
         ):
             result = _run(cmd, tmp / "out.json", None if "jattn" in label else torch_env)
-            runs[label] = {"seconds_per_iteration": result["results"][0]["seconds_per_iteration"],
-                           "matmul_gflops": result.get("matmul_gflops"), "raw": result}
+            first = result["results"][0]
+            runs[label] = {"seconds_per_iteration": first["seconds_per_iteration"],
+                           "matmul_gflops": result.get("matmul_gflops"),
+                           **{k: first[k] for k in ("pct_of_matmul_nominal", "pct_of_matmul_interleaved_nominal") if k in first},
+                           "raw": result}
             print(json.dumps({label: {k: v for k, v in runs[label].items() if k != "raw"}}), flush=True)
     labels = list(runs)
     print(f"\nbatch {args.batch}, {time.strftime('%Y-%m-%d')}, seconds per iteration (median of {args.repeats}):")
