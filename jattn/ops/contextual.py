@@ -57,10 +57,11 @@ def _diag_shift(s: jax.Array, d: int) -> jax.Array:
     return jnp.pad(s[:, :d, :d], ((0, 0), (-d, 0), (-d, 0)))
 
 
-def _fuse_offsets(fuse_k: int) -> range:
-    """Offsets d of the identity-kernel conv ('SAME'): out[p] = sum_d in[p + d]."""
-    before = (fuse_k - 1) // 2
-    return range(-before, fuse_k - before)
+def _window_offsets(k: int) -> range:
+    """Offsets d of a k-wide 'SAME' window's taps from its centre (as TF pads): out[p] reads
+    in[p + d]. The fuse step's identity-kernel conv and the k x k matching windows use them."""
+    before = (k - 1) // 2
+    return range(-before, k - before)
 
 
 def _row_major_fuse(s: jax.Array, offsets, valid=None) -> jax.Array:
@@ -88,7 +89,7 @@ def _col_major_fuse(s: jax.Array, offsets, h: int, w: int, queries=None) -> jax.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _fuse_dense(s: jax.Array, h: int, w: int, fuse_k: int) -> jax.Array:
     """The fuse step on all scores s [B, N, L] (N = L = h * w)."""
-    offsets = _fuse_offsets(fuse_k)
+    offsets = _window_offsets(fuse_k)
     return _col_major_fuse(_row_major_fuse(s, offsets), offsets, h, w)
 
 
@@ -99,7 +100,7 @@ def _fuse_dense_fwd(s, h, w, fuse_k):
 def _fuse_dense_bwd(h, w, fuse_k, _, g):
     # The fuse is linear and each shift's adjoint is the opposite shift, so the VJP is the
     # two stages in reverse order with negated offsets: about half the cost of autodiff.
-    negated = tuple(-d for d in _fuse_offsets(fuse_k))
+    negated = tuple(-d for d in _window_offsets(fuse_k))
     return (_row_major_fuse(_col_major_fuse(g, negated, h, w), negated),)
 
 
@@ -121,7 +122,7 @@ def _fuse_block(s: jax.Array, *, y0, rows: int, halo: int, h: int, w: int, fuse_
     if halo == 0:
         return _fuse_dense(s, h, w, fuse_k)
     n_total = h * w
-    offsets = _fuse_offsets(fuse_k)
+    offsets = _window_offsets(fuse_k)
     # Row-major stage on the extended block. Zero padding at its ends only reaches unused
     # halo rows; the mask removes the (modular) wrap from the last global position to the first.
     ext = jnp.arange(s.shape[1])
@@ -188,15 +189,9 @@ def _cm_shift_block_queries(s1: jax.Array, e: int, y0, rows: int, halo: int, h: 
     return t.reshape(batch, rows * w, keys)
 
 
-def _tap_offsets(ksize: int) -> range:
-    """Offsets of a k x k window's taps from its centre cell ('SAME' padding, as TF)."""
-    before = (ksize - 1) // 2
-    return range(-before, ksize - before)
-
-
 def _row_windows(x: jax.Array, ksize: int) -> jax.Array:
     """The 1 x k horizontal windows of x [B, H, W, C] ('SAME', zero padded): [B, H, W, k*C]."""
-    return jnp.concatenate([_shift_axis(x, ox, axis=2) for ox in _tap_offsets(ksize)], axis=-1)
+    return jnp.concatenate([_shift_axis(x, ox, axis=2) for ox in _window_offsets(ksize)], axis=-1)
 
 
 def _window_scores(fq: jax.Array, b_rows: jax.Array, ksize: int, row_valid=None, *, precision, acc_dtype) -> jax.Array:
@@ -218,7 +213,7 @@ def _window_scores(fq: jax.Array, b_rows: jax.Array, ksize: int, row_valid=None,
     c = c.reshape(batch, rows_ext, w, h, w)
     before = (ksize - 1) // 2
     s = 0.0
-    for oy in _tap_offsets(ksize):
+    for oy in _window_offsets(ksize):
         # Query rows u + oy are a slice (fq holds them); key rows shift by oy.
         t = _shift_axis(jax.lax.slice_in_dim(c, before + oy, before + oy + rows, axis=1), oy, axis=3)
         s = s + (t if row_valid is None else t * row_valid(oy)[None, :, None, None, None])
@@ -388,14 +383,14 @@ def _contextual_attention(f, b, mask, *, ksize, rate, fuse_k, softmax_scale, fus
 
     # Rows of halo a block needs: the column-major fuse reaches one row per offset step
     # and the row-major fuse, whose shifts can wrap across a row end, one more.
-    halo = 2 * max(abs(d) for d in _fuse_offsets(fuse_k)) if fuse else 0
+    halo = 2 * max(abs(d) for d in _window_offsets(fuse_k)) if fuse else 0
     rows = _choose_rows(block_size, h, w, halo)
     n_blocks = h // rows
     if n_blocks == 1:
         halo = 0
 
     # Rows of f the query windows reach above and below their own.
-    taps = _tap_offsets(ksize)
+    taps = _window_offsets(ksize)
     before, after = -taps[0], taps[-1]
     f_rows = _row_windows(f_down, ksize)
     b_rows = _row_windows(b_down, ksize)
