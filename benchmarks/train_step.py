@@ -99,11 +99,11 @@ def setup(batch: int, overrides: list[str] = ()):
     return task, mesh, state, data
 
 
-def bench(batch: int, repeats: int, overrides: list[str], matmul=None) -> dict:
-    """Times `repeats` iterations (median). With `matmul = (n, timer)` (`_matmul_timer`),
-    a block of matmuls follows each timed iteration: the result gains the blocks' median
-    sustained rate and the median of the per-iteration ratios (nominal rate / the rate of
-    the block that follows)."""
+def bench(batch: int, repeats: int, overrides: list[str], sustained_matmul=None) -> dict:
+    """Times `repeats` iterations (median). With `sustained_matmul` (a callable that runs a
+    block of matmuls and returns its GFLOP/s), a block follows each timed iteration: the
+    result gains the blocks' rates and the median of the per-iteration ratios (nominal rate
+    / the rate of the block that follows)."""
     from jattn.train.steps import jit_update
 
     task, mesh, state, data = setup(batch, overrides)
@@ -134,8 +134,8 @@ def bench(batch: int, repeats: int, overrides: list[str], matmul=None) -> dict:
         state, metrics = iteration(state)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-        if matmul is not None:
-            blocks.append(_sustained_gflops(matmul[0], matmul[1]()))
+        if sustained_matmul is not None:
+            blocks.append(sustained_matmul())
     seconds = float(np.median(times))
     interleaved = {}
     if blocks:
@@ -183,7 +183,8 @@ def main():
     timer = _matmul_timer(n, jnp.dtype(dtype))
     before = _peak_gflops(n, timer())
     print(json.dumps({f"matmul_gflops_{dtype}_{n}_before": round(before, 1)}))
-    info["results"] = [bench(batch, args.repeats, args.set, (n, timer)) for batch in args.batch]
+    info["results"] = [bench(batch, args.repeats, args.set, lambda: _sustained_gflops(n, timer()))
+                       for batch in args.batch]
     after = _peak_gflops(n, timer())
     # the baseline: the better of the peak rates measured before and after the iterations
     info["matmul_gflops"] = round(max(before, after), 1)
