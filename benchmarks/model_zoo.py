@@ -27,11 +27,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def param_counts(config) -> dict[str, int]:
     import jax
 
-    from jattn.train.loop import _state_init_fn
+    from jattn.train.setup import state_init_fn
     from jattn.train.task import build_task
 
     task = build_task(config)
-    shapes = jax.eval_shape(_state_init_fn(task, config), jax.random.key(0))
+    shapes = jax.eval_shape(state_init_fn(task, config), jax.random.key(0))
     return {net: int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(p))) for net, p in shapes.params.items()}
 
 

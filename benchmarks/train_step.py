@@ -87,14 +87,14 @@ def setup(batch: int, overrides: list[str] = ()):
     mesh of the local devices. Returns `(task, mesh, state, data)`; `task.updates` are
     the critic and generator updates."""
     from jattn.config import load_config
-    from jattn.train.loop import _state_init_fn
+    from jattn.train.setup import state_init_fn
     from jattn.train.sharding import make_mesh, replicated, to_global_array
     from jattn.train.task import build_task
 
     config = load_config(REPO / "configs" / "deepfill_v1_base.py", [f"batch_size={batch}", "n_critic=1", *overrides])
     mesh = make_mesh()
     task = build_task(config)
-    state = jax.jit(_state_init_fn(task, config), out_shardings=replicated(mesh))(jax.random.key(0))
+    state = jax.jit(state_init_fn(task, config), out_shardings=replicated(mesh))(jax.random.key(0))
     data = to_global_array(_batch(batch, config.data.image_size), mesh)
     return task, mesh, state, data
 

@@ -63,7 +63,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     from jattn.train.evaluate import evaluate
-    from jattn.train.loop import restore_for_eval
+    from jattn.train.setup import restore_for_eval
 
     try:
         task, state, mesh, step = restore_for_eval(config, args.workdir, args.step)

@@ -242,7 +242,7 @@ def _tiny_config(**overrides):
 
 def _task_state(config):
     """State of the task with numpy-drawn params (avoids compiling the networks' init)."""
-    from jattn.train.loop import init_batch
+    from jattn.train.setup import init_batch
     from jattn.train.state import create_state
     from jattn.train.task import build_task
 

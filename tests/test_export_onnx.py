@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jattn.export.formats import ExportError, export_onnx
-from jattn.train.loop import restore_for_eval, train
+from jattn.train.loop import train
+from jattn.train.setup import restore_for_eval
 from toy import toy_config
 
 SIZE = 16  # toy_config's data.image_size

@@ -10,7 +10,8 @@ tf = pytest.importorskip("tensorflow")
 
 from jattn.export import formats  # noqa: E402
 from jattn.export.formats import ExportError, export_saved_model  # noqa: E402
-from jattn.train.loop import restore_for_eval, train  # noqa: E402
+from jattn.train.loop import train
+from jattn.train.setup import restore_for_eval  # noqa: E402
 from toy import toy_config  # noqa: E402
 
 SIZE = 16  # toy_config's data.image_size

@@ -82,7 +82,7 @@ def test_import_with_critic_keeps_weights_and_u_vectors(v2_dir, tmp_path):
     """A file holding generator and critic (as training snapshots do): both are imported, the
     critic's conv1 in RGB order and its spectral-norm vectors into variables["critic"]."""
     tf = pytest.importorskip("tensorflow")
-    from jattn.train.loop import restore_for_eval
+    from jattn.train.setup import restore_for_eval
 
     tensors = {}
     for sub in ("ckpt", "disc_ckpt"):

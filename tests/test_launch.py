@@ -15,7 +15,8 @@ import pytest
 
 from jattn.config import load_config
 from jattn.train.checkpoint import Checkpointer, abstract_state
-from jattn.train.loop import _state_init_fn, train
+from jattn.train.loop import train
+from jattn.train.setup import state_init_fn
 from jattn.train.sharding import make_mesh, replicate_tree, replicated, to_global_array
 from jattn.train.steps import jit_update
 from jattn.train.task import build_task
@@ -148,7 +149,7 @@ def test_local_multiprocess_two_by_four_matches_one_by_eight(tmp_path):
         for k in ("d_loss", "g_loss"):
             np.testing.assert_allclose(r["metrics"][k], single["metrics"][k], rtol=1e-5, atol=1e-6)
 
-    shapes = jax.eval_shape(_state_init_fn(build_task(cfg), cfg), jax.random.key(0))
+    shapes = jax.eval_shape(state_init_fn(build_task(cfg), cfg), jax.random.key(0))
     shapes = abstract_state(shapes, replicated(make_mesh()))  # restore the 2-process run onto 1 x 8
     multi = Checkpointer(workdir / "checkpoints").restore(shapes)
     one = Checkpointer(tmp_path / "single" / "checkpoints").restore(shapes)

@@ -13,11 +13,11 @@ from toy import toy_config as _config
 
 
 def _final_state(workdir, config):
-    from jattn.train.loop import _state_init_fn
+    from jattn.train.setup import state_init_fn
 
     from jattn.train.task import build_task
 
-    shapes = jax.eval_shape(_state_init_fn(build_task(config), config), jax.random.key(0))
+    shapes = jax.eval_shape(state_init_fn(build_task(config), config), jax.random.key(0))
     return Checkpointer(workdir / "checkpoints").restore(shapes)
 
 
@@ -80,7 +80,7 @@ def test_config_mismatch_is_refused(tmp_path):
 
 def test_eval_during_training_keeps_the_best_and_is_reproducible(tmp_path):
     from jattn.train.evaluate import evaluate
-    from jattn.train.loop import restore_for_eval
+    from jattn.train.setup import restore_for_eval
 
     cfg = _config(total=6)
     cfg.eval_every = 2

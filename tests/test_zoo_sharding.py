@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jattn.config import load_config
-from jattn.train.loop import _state_init_fn, make_train_data
+from jattn.train.loop import make_train_data
+from jattn.train.setup import state_init_fn
 from jattn.train.sharding import make_mesh, replicate_tree, to_global_array
 from jattn.train.steps import jit_update, run_updates
 from jattn.train.task import build_task
@@ -24,7 +25,7 @@ CASES = {
 
 def _run(config, mesh, steps=2):
     task = build_task(config)
-    state = replicate_tree(jax.jit(_state_init_fn(task, config))(jax.random.key(config.seed)), mesh)
+    state = replicate_tree(jax.jit(state_init_fn(task, config))(jax.random.key(config.seed)), mesh)
     fns = [jit_update(u, mesh) for u in task.updates]
     data = make_train_data(config, fields=task.fields, process_index=0, process_count=1)
     history = []

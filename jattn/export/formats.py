@@ -75,7 +75,7 @@ def _deployed_network(params: dict) -> str:
 def _restore(workdir, step):
     """(saved config dict, task, state, step) of a workdir's checkpoint."""
     from jattn.train.checkpoint import Checkpointer
-    from jattn.train.loop import restore_for_eval
+    from jattn.train.setup import restore_for_eval
 
     workdir = pathlib.Path(workdir)
     if not (workdir / "checkpoints").is_dir():

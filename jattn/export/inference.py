@@ -117,7 +117,7 @@ def restore_trained(path: str | pathlib.Path, config=None, error=InpaintError):
     config whose model does not match the checkpoint's parameters is an `error` naming both.
     """
     from jattn.train.checkpoint import Checkpointer
-    from jattn.train.loop import restore_for_eval
+    from jattn.train.setup import restore_for_eval
 
     workdir, step = _resolve_checkpoint(path, error)
     ckpt = Checkpointer(workdir / "checkpoints")

@@ -22,7 +22,7 @@ import numpy as np
 from jattn import metrics as M
 from jattn.train.sharding import to_global_array
 
-__all__ = ["EVAL_MASK_SEED", "eval_mask_set", "eval_batches", "evaluate", "inpainting_metrics"]
+__all__ = ["EVAL_MASK_SEED", "eval_mask_set", "eval_batches", "make_evaluator", "evaluate", "inpainting_metrics"]
 
 EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
 
@@ -86,26 +86,40 @@ def inpainting_metrics(outputs: dict, batch: dict) -> dict[str, jax.Array]:
     return out
 
 
-def evaluate(task, state, config, mesh, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Mean metrics over the eval set (`eval_` prefixed), plus the mask set's SHA-256."""
+def make_evaluator(task, config, mesh, workdir: str | pathlib.Path):
+    """`evaluator(state) -> dict`: the metrics of `evaluate`, with the metric program
+    compiled once (at its first call) for every later evaluation of the run, and the eval
+    mask set built and hashed once."""
     if getattr(task, "evaluate", None) is not None:
-        result = task.evaluate(state, config, mesh, eval_batches(config, task.fields))
-        return {k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()}
+        def whole_set(state):
+            result = task.evaluate(state, config, mesh, eval_batches(config, task.fields))
+            return {k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()}
+
+        return whole_set
     mask_set = eval_mask_set(config, workdir) if "mask" in task.fields else None
     metric_fn = task.eval_metrics or inpainting_metrics
     batch_metrics = jax.jit(lambda params, variables, batch: metric_fn(task.predict(params, variables, batch), batch))
-    totals: dict[str, float] = {}
-    count = 0
-    for host in eval_batches(config, task.fields):
-        batch = to_global_array(host, mesh)
-        size = batch["image"].shape[0]
-        for k, v in jax.device_get(batch_metrics(state.params, state.variables, batch)).items():
-            totals[k] = totals.get(k, 0.0) + float(v) * size
-        count += size
-    if count == 0:
-        raise ValueError("evaluation saw no images: eval_images must be at least the eval batch size")
-    result = {f"eval_{k}": v / count for k, v in totals.items()}
-    result["eval_images"] = count
-    if mask_set is not None:
-        result["eval_masks_sha256"] = mask_set.sha256
-    return result
+
+    def per_batch_means(state):
+        totals: dict[str, float] = {}
+        count = 0
+        for host in eval_batches(config, task.fields):
+            batch = to_global_array(host, mesh)
+            size = batch["image"].shape[0]
+            for k, v in jax.device_get(batch_metrics(state.params, state.variables, batch)).items():
+                totals[k] = totals.get(k, 0.0) + float(v) * size
+            count += size
+        if count == 0:
+            raise ValueError("evaluation saw no images: eval_images must be at least the eval batch size")
+        result = {f"eval_{k}": v / count for k, v in totals.items()}
+        result["eval_images"] = count
+        if mask_set is not None:
+            result["eval_masks_sha256"] = mask_set.sha256
+        return result
+
+    return per_batch_means
+
+
+def evaluate(task, state, config, mesh, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Mean metrics over the eval set (`eval_` prefixed), plus the mask set's SHA-256."""
+    return make_evaluator(task, config, mesh, workdir)(state)

@@ -5,8 +5,11 @@
 latest one that restores (train state, data-iterator position and all), so an
 interrupted run continues exactly; a larger `total_steps` extends a finished run.
 
-Sections: set-up (mesh, task, data), state (restore or init), the step loop (updates,
-non-finite check, logs, images, checkpoints), and the end (final checkpoint, summary).
+Sections: set-up (mesh, task, data), state (restore or init), the step loop, and the end
+(final checkpoint, summary). Each step is one compiled program (`make_train_step`) fed by
+batches prefetched to the devices (`StepBatches`); its metrics stay on the devices and
+are fetched only at log steps, and its non-finite flag is read once the next step is
+under way, so the host never waits for the devices between steps.
 """
 
 from __future__ import annotations
@@ -18,19 +21,19 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jattn.train.checkpoint import Checkpointer, abstract_state
-from jattn.train.evaluate import evaluate
+from jattn.train.checkpoint import Checkpointer
+from jattn.train.evaluate import make_evaluator
+from jattn.train.input import StepBatches
 from jattn.train.logging import MetricWriter
+from jattn.train.setup import abstract_train_state, provenance, state_init_fn
 from jattn.train.sharding import make_mesh, replicated, to_global_array
-from jattn.train.state import TrainState, create_state
-from jattn.train.steps import jit_update, run_updates
-from jattn.train.task import Task, build_task
+from jattn.train.state import TrainState
+from jattn.train.steps import make_train_step
+from jattn.train.task import build_task
 
-__all__ = ["NonFiniteLossError", "ConfigMismatchError", "train", "make_train_data", "init_batch", "learning_rates",
-           "restore_for_eval"]
+__all__ = ["NonFiniteLossError", "ConfigMismatchError", "train", "make_train_data", "learning_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +77,6 @@ def make_train_data(config, *, fields=None, process_index: int | None = None, pr
         process_count=process_count,
         **({"worker_count": d.get("worker_count", 0)} if d.get("loader", "grain") == "grain" else {}),
     )
-
-
-def init_batch(config, fields=("mask",)) -> dict:
-    """A batch of one example of zeros with `fields` (see `jattn.data.FIELDS`)."""
-    size = config.data.image_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    s = int(config.data.get("scale") or 1)
-    shapes = {"mask": ((1, h, w, 1), jnp.float32), "label": ((1,), jnp.int32),
-              "lowres": ((1, h // s, w // s, 3), jnp.float32), "segmentation": ((1, h, w), jnp.int32)}
-    batch = {"image": jnp.zeros((1, h, w, 3), jnp.float32)}
-    for f in fields:
-        batch[f] = jnp.zeros(*shapes[f])
-    return batch
-
-
-def _state_init_fn(task: Task, config):
-    batch = init_batch(config, task.fields)
-
-    def init(key):
-        params, variables = task.init(jax.random.fold_in(key, 0), batch)
-        return create_state(params, task.optimizers, jax.random.fold_in(key, 1), variables)
-
-    return init
 
 
 def learning_rates(state: TrainState) -> dict[str, float]:
@@ -155,9 +135,9 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     saved_iter = data if hasattr(data, "get_state") else None
 
     # ----------------------------------------------------------------------- state
-    init = _state_init_fn(task, config)
+    init = state_init_fn(task, config)
     key = jax.random.key(config.seed)
-    shapes = jax.eval_shape(init, key)
+
     def check_model(saved: dict | None) -> None:
         saved_model = (saved or {}).get("model")
         if saved_model is not None and saved_model != _model_block(config):
@@ -172,7 +152,7 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
         raise
     except Exception as err:  # noqa: BLE001 - an unreadable latest config: restore() reports and falls back
         log.warning("could not read the latest checkpoint's config (%s)", err)
-    restored = ckpt.restore(abstract_state(shapes, replicated(mesh)), data_iter=saved_iter)
+    restored = ckpt.restore(abstract_train_state(task, config, mesh), data_iter=saved_iter)
     if restored is not None:
         check_model(restored.config)
         state = restored.state
@@ -182,11 +162,13 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     start = int(state.step)
     total = int(config.total_steps)
 
-    jitted = {}  # one compiled function per distinct update (the critic's repeats n_critic times)
-    fns = [jitted.setdefault(id(u), jit_update(u, mesh)) if id(u) not in jitted else jitted[id(u)] for u in task.updates]
+    # One program per step (all its updates), the state donated; see jattn.train.steps.
+    step_fn = make_train_step(task.updates, mesh, unroll=bool(config.get("step_unroll", False)))
+    batches = StepBatches(data, len(task.updates), mesh, size=int(config.get("prefetch_steps", 2)))
     writer = MetricWriter(workdir, process_index=jax.process_index())
     predict = jax.jit(task.predict)
-    sample_batch = None
+    eval_every = int(config.get("eval_every", 0))
+    evaluator = make_evaluator(task, config, mesh, workdir) if eval_every else None  # compiled once
     config_dict = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
     config_dict["jattn"] = provenance()
     if jax.process_index() == 0:
@@ -196,76 +178,96 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     log_every = int(config.get("log_every", 10))
     ckpt_every = int(config.get("checkpoint_every", 0))
     image_every = int(config.get("image_every", 0))
-    eval_every = int(config.get("eval_every", 0))
     eval_metrics: dict[str, float] | None = None
-    skip_nonfinite = bool(config.get("skip_nonfinite", False))
-    skipped = 0
+    guard = _FiniteGuard(skip=bool(config.get("skip_nonfinite", False)))
     metrics: dict[str, float] = {}
     t_last, step_last = time.perf_counter(), start
     bar = _progress(start, total) if progress and jax.process_index() == 0 else None
     try:
-        for step in range(start, total):
-            host_batches = [next(data) for _ in fns]
-            if sample_batch is None:
-                sample_batch = host_batches[-1]
-            batches = [to_global_array(b, mesh) for b in host_batches]
-            state, dev_metrics = run_updates(fns, state, batches)
-            metrics = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
-            done = step + 1
-            bad = {k: v for k, v in metrics.items() if k.endswith("_finite") and v < 1.0}
-            if bad:
-                losses = {k: v for k, v in metrics.items() if k.endswith("_loss")}
-                msg = f"non-finite loss or gradient at step {done}: " + ", ".join(f"{k}={v}" for k, v in losses.items())
-                if not skip_nonfinite:
-                    raise NonFiniteLossError(msg + " (set config.skip_nonfinite=True to skip such updates)")
-                skipped += 1
-                log.warning("%s; update skipped", msg)
-            if bar is not None:
-                bar.update(1)
-            if done % log_every == 0 or done == total:
-                now = time.perf_counter()
-                rate = (done - step_last) * len(fns) * int(config.batch_size) / max(now - t_last, 1e-9)
-                t_last, step_last = now, done
-                writer.scalars(done, {**metrics, **learning_rates(state), **_bad_data_counts(data),
-                                      "images_per_second": rate, "skipped_updates": skipped})
+        with jax.set_mesh(mesh):
+            for step in range(start, total):
+                done = step + 1
+                state, dev_metrics = step_fn(state, next(batches))
+                guard.push(done, dev_metrics)  # reads the previous step's flag: finished by now
                 if bar is not None:
-                    shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("d_loss", "g_loss", "l1_loss")}
-                    bar.set_postfix({**shown, "img/s": f"{rate:.1f}"})
-            if image_every and (done % image_every == 0 or done == total):
-                sample = to_global_array(sample_batch, mesh)
-                writer.images(done, _image_grid(predict(state.params, state.variables, sample), count=4))
-            if eval_every and (done % eval_every == 0 or done == total):
-                eval_metrics = evaluate(task, state, config, mesh, workdir)
-                writer.scalars(done, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))})
-            if ckpt_every and done % ckpt_every == 0 and done != total:
-                ckpt.save(done, state, config=config_dict, data_iter=saved_iter, metrics=_numeric(eval_metrics))
+                    bar.update(1)
+                is_log = done % log_every == 0 or done == total
+                is_image = image_every and (done % image_every == 0 or done == total)
+                is_eval = eval_every and (done % eval_every == 0 or done == total)
+                is_ckpt = ckpt_every and done % ckpt_every == 0 and done != total
+                if is_log or is_image or is_eval or is_ckpt:
+                    guard.check_all()  # this step too: nothing is logged or saved after a bad update
+                if is_log:
+                    metrics = {k: float(v) for k, v in _fetch(dev_metrics).items() if k != "finite"}
+                    now = time.perf_counter()
+                    rate = (done - step_last) * len(task.updates) * int(config.batch_size) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, done
+                    writer.scalars(done, {**metrics, **learning_rates(state), **_bad_data_counts(batches),
+                                          "images_per_second": rate, "skipped_updates": guard.skipped})
+                    if bar is not None:
+                        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("d_loss", "g_loss", "l1_loss")}
+                        bar.set_postfix({**shown, "img/s": f"{rate:.1f}"})
+                if is_image:
+                    sample = to_global_array(batches.first_host_batch, mesh)
+                    writer.images(done, _image_grid(predict(state.params, state.variables, sample), count=4))
+                if is_eval:
+                    eval_metrics = evaluator(state)
+                    writer.scalars(done, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))})
+                if is_ckpt:
+                    ckpt.save(done, state, config=config_dict, data_iter=batches if saved_iter is not None else None,
+                              metrics=_numeric(eval_metrics))
+            guard.check_all()
         # ------------------------------------------------------------------- end
         if total > start or ckpt.latest_step() != total:
-            ckpt.save(total, state, config=config_dict, data_iter=saved_iter, metrics=_numeric(eval_metrics))
+            ckpt.save(total, state, config=config_dict, data_iter=batches if saved_iter is not None else None,
+                      metrics=_numeric(eval_metrics))
     finally:
         ckpt.close()
         writer.close()
         if bar is not None:
             bar.close()
-    return {"step": int(state.step), "metrics": metrics, "eval": eval_metrics, "skipped_updates": skipped}
+    return {"step": int(state.step), "metrics": metrics, "eval": eval_metrics, "skipped_updates": guard.skipped}
 
 
-def provenance() -> dict:
-    """jattn's version and, when installed from a git checkout, its commit."""
-    import subprocess
+def _fetch(tree: Any) -> Any:
+    """The loop's one device-to-host copy of metrics (log steps only)."""
+    return jax.device_get(tree)
 
-    import jattn
 
-    commit = None
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=pathlib.Path(jattn.__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5,
-        )
-        commit = out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"version": jattn.__version__, "git_commit": commit, "jax": jax.__version__}
+def _read_flag(flag: jax.Array) -> float:
+    """A step's "all updates applied" flag, read on the host."""
+    return float(flag)
+
+
+class _FiniteGuard:
+    """Non-finite updates, seen without stalling each step: a step's flag is read after the
+    next step has been dispatched, when it has finished (`push`), or at once before
+    anything is logged or saved (`check_all`). A dropped update stops the run
+    (`NonFiniteLossError`, naming the step and its losses) or, with `skip`, is counted."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.skipped = 0
+        self._pending: list[tuple[int, dict]] = []
+
+    def push(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+        while len(self._pending) > 1:
+            self._check(*self._pending.pop(0))
+
+    def check_all(self) -> None:
+        while self._pending:
+            self._check(*self._pending.pop(0))
+
+    def _check(self, step: int, metrics: dict) -> None:
+        if _read_flag(metrics["finite"]) >= 1.0:
+            return
+        losses = {k: float(v) for k, v in _fetch(metrics).items() if k.endswith("_loss")}
+        msg = f"non-finite loss or gradient at step {step}: " + ", ".join(f"{k}={v}" for k, v in losses.items())
+        if not self.skip:
+            raise NonFiniteLossError(msg + " (set config.skip_nonfinite=True to skip such updates)")
+        self.skipped += 1
+        log.warning("%s; update skipped", msg)
 
 
 def _bad_data_counts(data) -> dict[str, float]:
@@ -291,22 +293,6 @@ def _numeric(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def restore_for_eval(config, workdir: str | pathlib.Path, step: int | None = None):
-    """(task, state, mesh, step) of a workdir's checkpoint, for evaluation and inference."""
-    workdir = pathlib.Path(workdir)
-    mesh = make_mesh()
-    task = build_task(config)
-    shapes = jax.eval_shape(_state_init_fn(task, config), jax.random.key(config.seed))
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        restored = ckpt.restore(abstract_state(shapes, replicated(mesh)), step=step)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    return task, restored.state, mesh, restored.step
 
 
 def _progress(start: int, total: int):

@@ -14,9 +14,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jattn.data.sharding import data_sharding, to_global_array
+from jattn.data.sharding import data_sharding, stacked_data_sharding, to_global_array
 
-__all__ = ["DATA_AXIS", "make_mesh", "replicated", "data_sharding", "to_global_array", "replicate_tree"]
+__all__ = ["DATA_AXIS", "make_mesh", "replicated", "data_sharding", "stacked_data_sharding", "to_global_array",
+           "replicate_tree", "shard_batch"]
 
 DATA_AXIS = "data"
 
@@ -36,3 +37,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def replicate_tree(tree: Any, mesh: Mesh) -> Any:
     """Place a pytree (e.g. a freshly initialised state) replicated on `mesh`."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Inside a step traced under `jax.set_mesh(mesh)`: constrain `x`'s `axis` (its batch) to
+    the data axis. For arrays a task makes itself, such as latents drawn from a replicated
+    key, which XLA would otherwise compute whole on every device. Without a mesh set (a
+    loss called on its own) `x` is returned as it is."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = DATA_AXIS
+    return jax.lax.with_sharding_constraint(x, P(*spec))

@@ -1,9 +1,14 @@
-"""Network updates as pure functions, jitted over a device mesh.
+"""Network updates as pure functions, and the training step: one program over a device mesh.
 
 A model describes its training as a list of *updates*; each updates one network from one
 batch: `(state, batch, update_index) -> (state, metrics)`. A GAN step of DeepFill v1 is
 `n_critic` critic updates (each on a fresh batch) then one generator update; a
 supervised model has a single update. The engine is the same for every model.
+
+`make_train_step` compiles a whole step, every update of it, as one jitted program over
+the mesh: it takes the state (donated) and one stacked global batch, `[n_updates, B, ...]`
+per field, and runs repeated updates (the critic's) as a `lax.scan` over their batches.
+Its metrics stay on the device; `metrics["finite"]` is 1 when every update was applied.
 
 A loss function has the signature
 
@@ -29,10 +34,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jattn.train.sharding import data_sharding, replicated
+from jattn.train.sharding import data_sharding, replicated, stacked_data_sharding
 from jattn.train.state import TrainState, update_key
 
-__all__ = ["Update", "apply_update", "jit_update", "LossFn"]
+__all__ = ["Update", "apply_update", "train_step", "make_train_step", "jit_update", "run_updates", "LossFn"]
 
 LossFn = Callable[[dict, dict, dict, jax.Array], tuple[jax.Array, tuple[dict, dict]]]
 
@@ -100,10 +105,59 @@ def apply_update(update: Update, state: TrainState, batch: dict, update_index: j
     return new_state, out
 
 
-def jit_update(update: Update, mesh: Mesh, *, donate: bool = True):
-    """`apply_update` jitted over `mesh`: state replicated, batch split along `data`.
+def _groups(updates: Sequence[Update]) -> list[tuple[Update, int, int]]:
+    """Consecutive repeats of one update: [(update, first index, count)]."""
+    groups: list[tuple[Update, int, int]] = []
+    for i, u in enumerate(updates):
+        if groups and groups[-1][0] is u:
+            groups[-1] = (u, groups[-1][1], groups[-1][2] + 1)
+        else:
+            groups.append((u, i, 1))
+    return groups
 
-    Returns `fn(state, batch, update_index) -> (state, metrics)`; the state argument is
+
+def train_step(updates: Sequence[Update], state: TrainState, batches: dict, *, unroll: bool = False) -> tuple[TrainState, dict]:
+    """All updates of one step, in order; `batches` holds one batch per update, stacked:
+    each leaf `[len(updates), B, ...]`. Repeats of one update (the critic's `n_critic`) run
+    as a `lax.scan` over their batches (`unroll=True`: unrolled instead).
+
+    Returns the new state and the step's metrics: each one averaged over the updates that
+    report it, plus "finite" (1.0 when no update was dropped)."""
+    collected: dict[str, list[jax.Array]] = {}
+    for update, first, count in _groups(updates):
+        part = jax.tree_util.tree_map(lambda x: x[first:first + count], batches)
+        indices = jnp.arange(first, first + count, dtype=jnp.int32)
+
+        def body(s, xs, update=update):
+            batch, index = xs
+            return apply_update(update, s, batch, index)
+
+        state, metrics = jax.lax.scan(body, state, (part, indices), unroll=count if unroll else 1)
+        for k, v in metrics.items():
+            collected.setdefault(k, []).append(v)
+    out = {k: jnp.mean(jnp.concatenate(v)) for k, v in collected.items()}
+    out["finite"] = jnp.min(jnp.stack([v for k, v in out.items() if k.endswith("_finite")]))
+    return state, out
+
+
+def make_train_step(updates: Sequence[Update], mesh: Mesh, *, unroll: bool = False, donate: bool = True):
+    """`train_step` jitted over `mesh`: `fn(state, batches) -> (state, metrics)`, the state
+    replicated (and donated), the stacked batches split along `data` (`[n, B, ...]`, B
+    sharded). Call and lower it under `jax.set_mesh(mesh)` (tasks may constrain arrays they
+    make, e.g. latents, to the data axis: `jattn.train.sharding.shard_batch`)."""
+    updates = tuple(updates)
+    rep = replicated(mesh)
+    return jax.jit(
+        lambda state, batches: train_step(updates, state, batches, unroll=unroll),
+        in_shardings=(rep, stacked_data_sharding(mesh)),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def jit_update(update: Update, mesh: Mesh, *, donate: bool = True):
+    """`apply_update` jitted over `mesh`, one update alone (for profiling and tests):
+    state replicated, batch split along `data`. Returns `fn(state, batch, update_index) -> (state, metrics)`; the state argument is
     donated (its buffers are reused for the new state).
     """
     rep = replicated(mesh)
@@ -116,7 +170,8 @@ def jit_update(update: Update, mesh: Mesh, *, donate: bool = True):
 
 
 def run_updates(fns: Sequence[Callable], state: TrainState, batches: Sequence[dict]) -> tuple[TrainState, dict]:
-    """Run jitted updates in order, one batch each (e.g. 5 critic updates then the generator)."""
+    """Run separately jitted updates in order, one batch each: the step of `train_step`
+    dispatched update by update (a reference for tests and benchmarks)."""
     if len(fns) != len(batches):
         raise ValueError(f"run_updates: {len(fns)} updates but {len(batches)} batches")
     metrics: dict = {}
