@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "pair",
+    "unpair",
     "deepfill_v1_ae_loss",
     "deepfill_v1_l1_loss",
     "deepfill_v1_losses",
@@ -49,6 +51,18 @@ Critic = Callable[[jax.Array], jax.Array]
 
 # --------------------------------------------------------------------------- basics
 
+
+def pair(pos: jax.Array, neg: jax.Array) -> jax.Array:
+    """[B, ...] and [B, ...] -> [2B, ...], interleaved (row 2i is pos[i], row 2i+1 neg[i]): one
+    critic call scores both. Unlike a concatenation, a batch split over devices keeps every
+    example on its device (no exchange of activations between devices)."""
+    return jnp.stack([pos, neg], axis=1).reshape(-1, *pos.shape[1:])
+
+
+def unpair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `pair`: [2B, ...] -> ([B, ...], [B, ...])."""
+    x = x.reshape(-1, 2, *x.shape[1:])
+    return x[:, 0], x[:, 1]
 
 def spatial_discount(height: int, width: int, gamma: float = 0.9) -> jax.Array:
     """DeepFill's spatial discounting weights (neuralgym ``spatial_discounting_mask``).
@@ -314,10 +328,8 @@ def deepfill_v1_losses(
         return {"l1_loss": l1, "ae_loss": ae, "g_loss": generator_total(g_local, g_global), "g_loss_local": g_local,
                 "g_loss_global": g_global, "batch_complete": batch_complete}
 
-    d_local = critic_local(jnp.concatenate([pos_crop, complete_crop], axis=0))
-    d_global = critic_global(jnp.concatenate([batch_pos, batch_complete], axis=0))
-    pos_local, neg_local = jnp.split(d_local, 2)
-    pos_global, neg_global = jnp.split(d_global, 2)
+    pos_local, neg_local = unpair(critic_local(pair(pos_crop, complete_crop)))
+    pos_global, neg_global = unpair(critic_global(pair(batch_pos, batch_complete)))
     g_local, g_global = wgan_g_loss(neg_local), wgan_g_loss(neg_global)
     dl_local, dl_global = wgan_d_loss(pos_local, neg_local), wgan_d_loss(pos_global, neg_global)
 
@@ -341,8 +353,8 @@ def deepfill_v1_losses(
         "d_loss_global": dl_global,
         "gp_penalty_local": gp_local,
         "gp_penalty_global": gp_global,
-        "d_pos_neg_local": d_local,
-        "d_pos_neg_global": d_global,
+        "d_pos_neg_local": jnp.concatenate([pos_local, neg_local]),
+        "d_pos_neg_global": jnp.concatenate([pos_global, neg_global]),
         "d_interp_local": d_interp_local,
         "d_interp_global": d_interp_global,
         "batch_complete": batch_complete,
@@ -376,7 +388,8 @@ def deepfill_v2_losses(
     ``g_loss = gan_loss_alpha * g_hinge (+ ae_loss when ae_loss)``.
 
     Args:
-      critic: ``[2B, H, W, C] -> [2B, K]`` scores (C = 4 with the mask, else 3); with
+      critic: ``[2B, H, W, C] -> [2B, K]`` scores of the real and completed images,
+        interleaved (:func:`pair`; C = 4 with the mask, else 3); with
         ``critic_has_aux`` it returns ``(scores, aux)`` (e.g. the updated spectral-norm
         vectors), passed back as ``out["critic_aux"]``.
       batch_pos: ground truth ``[B, H, W, 3]`` in [-1, 1].
@@ -399,16 +412,16 @@ def deepfill_v2_losses(
     batch_complete = x2 * mask + batch_incomplete * (1.0 - mask)
     ae = l1_loss_alpha * l1_loss(batch_pos, x1) + l1_loss_alpha * l1_loss(batch_pos, x2)
 
-    pos_neg = jnp.concatenate([batch_pos, batch_complete], axis=0)
+    pos_neg = pair(batch_pos, batch_complete)
     if gan_with_mask:
         masks = jnp.broadcast_to(mask, (batch, *mask.shape[1:])).astype(pos_neg.dtype)
-        pos_neg = jnp.concatenate([pos_neg, jnp.concatenate([masks, masks], axis=0)], axis=-1)
+        pos_neg = jnp.concatenate([pos_neg, pair(masks, masks)], axis=-1)
     scores = critic(pos_neg)
     aux = None
     if critic_has_aux:
         scores, aux = scores
     scores = jnp.asarray(scores, jnp.float32)
-    pos, neg = jnp.split(scores, 2)
+    pos, neg = unpair(scores)
     hinge_pos = jnp.mean(jax.nn.relu(1.0 - pos))
     hinge_neg = jnp.mean(jax.nn.relu(1.0 + neg))
     g_gan = hinge_g_loss(neg)
@@ -422,7 +435,7 @@ def deepfill_v2_losses(
         "g_loss_gan": g_gan,
         "d_hinge_pos": hinge_pos,
         "d_hinge_neg": hinge_neg,
-        "d_pos_neg": scores,
+        "d_pos_neg": jnp.concatenate([pos, neg]),
         "batch_complete": batch_complete,
     }
     if critic_has_aux:

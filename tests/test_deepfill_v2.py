@@ -204,14 +204,15 @@ def test_v2_loss_formulas():
     mask = jnp.zeros((1, 4, 4, 1)).at[:, 1:3, 1:3].set(1.0)
     seen = {}
 
-    def critic(x):
+    def critic(x):  # rows: real and completed interleaved (L.pair)
         seen["x"] = x
-        return jnp.array([[2.0, 0.0], [0.5, 0.5], [-3.0, 1.0], [0.0, 0.0]])
+        return L.pair(jnp.array([[2.0, 0.0], [0.5, 0.5]]), jnp.array([[-3.0, 1.0], [0.0, 0.0]]))
 
     out = L.deepfill_v2_losses(critic, gt, x1, x2, mask, l1_loss_alpha=2.0, gan_loss_alpha=0.5)
     assert seen["x"].shape == (4, 4, 4, 4)
     np.testing.assert_array_equal(seen["x"][..., 3], jnp.broadcast_to(mask[..., 0], (4, 4, 4)))
-    np.testing.assert_allclose(seen["x"][2:, ..., :3], out["batch_complete"])
+    np.testing.assert_allclose(seen["x"][1::2, ..., :3], out["batch_complete"])
+    np.testing.assert_allclose(seen["x"][0::2, ..., :3], gt)
     np.testing.assert_allclose(out["batch_complete"][:, 1, 1], -0.25)
     np.testing.assert_allclose(out["batch_complete"][:, 0, 0], 0.0)
     np.testing.assert_allclose(out["ae_loss"], 2.0 * (0.5 + 0.25))

@@ -72,10 +72,10 @@ def sa_inpaint_task(config) -> Task:
         del key
         _, comp = complete(params, batch)
         image, mask = batch["image"], batch["mask"]
-        both = jnp.concatenate([image, jax.lax.stop_gradient(comp)], axis=0)
-        masks = jnp.concatenate([jnp.broadcast_to(mask, (image.shape[0], *mask.shape[1:]))] * 2, axis=0)
-        logits, new_vars = score(params, variables, both, masks, True)  # one call: one power iteration
-        pos, neg = jnp.split(logits, 2)
+        both = L.pair(image, jax.lax.stop_gradient(comp))
+        masks = jnp.broadcast_to(mask, (image.shape[0], *mask.shape[1:]))
+        logits, new_vars = score(params, variables, both, L.pair(masks, masks), True)  # one call: one power iteration
+        pos, neg = L.unpair(logits)
         loss = d_gan(pos, neg)
         return loss, ({"d_real": jnp.mean(pos), "d_fake": jnp.mean(neg)}, {"critic": new_vars} if new_vars else {})
 

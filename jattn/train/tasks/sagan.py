@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jattn import losses as L
 from jattn.models.sagan import SAGANDiscriminator, SAGANGenerator
+from jattn.train.sharding import shard_batch
 from jattn.train.steps import Update
 from jattn.train.task import Task, make_optimizer, register_task
 
@@ -71,8 +72,10 @@ def sagan_task(config) -> Task:
         return batch["label"].astype(jnp.int32) if num_classes else None
 
     def latents(key, n):
-        z = jax.random.normal(jax.random.fold_in(key, 0), (n, z_dim))
-        y = jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, num_classes) if num_classes else None
+        """z [n, z_dim], y [n] (or None), split over the data axis like the batch: drawn
+        from one replicated key, they would otherwise make every device generate them all."""
+        z = shard_batch(jax.random.normal(jax.random.fold_in(key, 0), (n, z_dim)))
+        y = shard_batch(jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, num_classes)) if num_classes else None
         return z, y
 
     def generate(gparams, gvars, z, y):
@@ -98,11 +101,11 @@ def sagan_task(config) -> Task:
         z, y_fake = latents(key, real.shape[0])
         # G runs in training mode; its statistics are only kept from its own update
         fake, _ = generate(params["generator"], variables["generator"], z, y_fake)
-        x = jnp.concatenate([real.astype(fake.dtype), jax.lax.stop_gradient(fake)])
-        y = None if y_real is None else jnp.concatenate([y_real, y_fake])
+        x = L.pair(real.astype(fake.dtype), jax.lax.stop_gradient(fake))
+        y = None if y_real is None else L.pair(y_real, y_fake)
         logits, new_d = disc.apply({"params": params["critic"], **variables["critic"]}, x, y,
                                    update_stats=True, mutable=["batch_stats"])
-        pos, neg = jnp.split(logits, 2)
+        pos, neg = L.unpair(logits)
         metrics = {"d_real": jnp.mean(pos), "d_fake": jnp.mean(neg)}
         return d_loss_fn(pos, neg), (metrics, {"critic": new_d})
 
