@@ -8,6 +8,7 @@
     jattn upscale   super-resolve images with a trained super-resolution checkpoint
     jattn demo      the main job on bundled data: a short training run, then an inpainted photo
     jattn devices   the JAX devices this process sees
+    jattn compile   compile a run's training step for a TPU topology (or this machine): cost, memory, fit
 
 JAX and the models are imported inside each command, so `jattn --help` is instant.
 """
@@ -237,6 +238,61 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aot_platforms(environ=None, jax_imported: bool | None = None) -> None:
+    """`jattn compile` for a TPU topology compiles with libtpu and must open no TPU: JAX
+    runs on the CPU (JAX_PLATFORMS=cpu) unless the user chose platforms. JAX reads the
+    variable when it is imported; if it already is (jattn called from Python), its
+    `jax_platforms` setting is changed instead while no backend has started, and once one
+    has, the running backends are kept (compiling for a topology needs none of them)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if not (("jax" in sys.modules) if jax_imported is None else jax_imported):
+        environ.setdefault("JAX_PLATFORMS", "cpu")
+        return
+    import jax
+    from jax._src import xla_bridge
+
+    if not jax.config.jax_platforms and not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import os
+    import pathlib
+
+    if args.topology != "local":
+        _aot_platforms()
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, not {args.batch_size}")
+    batch = [] if args.batch_size is None else [f"batch_size={args.batch_size}"]
+    config = _load_config(argparse.Namespace(config=args.config, set=[*(args.set or []), *batch], total_steps=None))
+    from jattn.train import aot
+
+    try:
+        devices = aot.topology_devices(args.topology)
+        if args.require_fit and aot.chip_figures(devices[0].device_kind) is None:
+            raise UserError(f"--require-fit: no HBM figure for chip {devices[0].device_kind!r} "
+                            "(jattn.train.aot.CHIPS), so the fit cannot be checked")
+        result = aot.compile_run(config, devices, args.topology)
+    except aot.CompileError as err:
+        raise UserError(str(err)) from None
+    print(aot.format_report(result))
+    if args.json:
+        out = pathlib.Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result.report, indent=2) + "\n")
+        os.replace(tmp, out)
+    step = result.report["step"]
+    if step["fits"] is False:
+        print(f"jattn compile: DOES NOT FIT: the step needs {step['hbm_gib_per_chip']:.2f} GiB per chip, more than "
+              f"the HBM of one {result.report['chip']} ({args.topology}, global batch {result.report['global_batch']})",
+              file=sys.stderr)
+        return 1 if args.require_fit else 0
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jattn", description="Attention-based image models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,6 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=256, help="with --attention-only: photo size (default 256)")
     demo.add_argument("--block-size", type=int, default=None, help="with --attention-only: blocked attention")
     demo.set_defaults(func=_cmd_demo)
+
+    comp = sub.add_parser(
+        "compile",
+        help="compile a run's training step for a TPU topology (or this machine): cost, memory, fit",
+        description="Ahead-of-time compilation of the training step (and the inference function of inpainting "
+                    "models) for a TPU topology described, not attached (needs libtpu: pip install 'jattn[tpu]'), "
+                    "or for this process's devices. Prints FLOPs, HBM traffic, memory and collectives per chip, "
+                    "whether the step fits the chip's HBM and a roofline time estimate. Config values can be "
+                    "overridden with --config.KEY=VALUE or --set KEY=VALUE.",
+    )
+    comp.add_argument("--config", required=True, help="a Python config file with get_config() (see configs/)")
+    comp.add_argument("--topology", required=True,
+                      help="a TPU topology NAME:AxB[xC] (v5e:2x2, v5e:4x4, v5p:4x4x8, v4:2x2x1, v6e:16x16, ...) "
+                           "or 'local' (this process's devices)")
+    comp.add_argument("--batch-size", type=int, default=None, dest="batch_size",
+                      help="global batch (default: the config's batch_size); must divide by the chip count")
+    comp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    comp.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+    comp.add_argument("--require-fit", action="store_true", dest="require_fit",
+                      help="exit with status 1 when the step does not fit the chip's HBM")
+    comp.set_defaults(func=_cmd_compile)
 
     devices = sub.add_parser("devices", help="print the JAX devices this process sees")
     devices.set_defaults(func=_cmd_devices)
