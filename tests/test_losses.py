@@ -205,3 +205,15 @@ def test_deepfill_v1_losses_per_image_masks_and_key():
                                              "batch_complete"}
     for name in part:
         np.testing.assert_allclose(part[name], out[name], rtol=1e-6, atol=1e-7)
+
+
+def test_pair_interleaves_and_unpair_inverts():
+    a = jnp.arange(6.0).reshape(3, 2)
+    b = -jnp.arange(6.0).reshape(3, 2) - 1
+    x = L.pair(a, b)
+    assert x.shape == (6, 2)
+    np.testing.assert_array_equal(x[0::2], a)
+    np.testing.assert_array_equal(x[1::2], b)
+    p, n = L.unpair(x)
+    np.testing.assert_array_equal(p, a)
+    np.testing.assert_array_equal(n, b)

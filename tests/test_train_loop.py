@@ -1,6 +1,7 @@
 """The training loop on a small GAN task: exact resume, extension, non-finite handling, logs."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -138,3 +139,67 @@ def test_supervised_task_with_labels_trains_and_evaluates(tmp_path):
     assert set(result["eval"]) == {"eval_accuracy", "eval_images"}
     assert result["eval"]["eval_images"] == 32 and 0.0 <= result["eval"]["eval_accuracy"] <= 1.0
     assert not (tmp_path / "eval_masks").exists()
+
+
+def test_one_program_per_step_and_no_metric_fetch_between_log_steps(tmp_path, monkeypatch):
+    """The loop dispatches one compiled program per step; it copies metrics to the host only
+    at log steps, and reads a step's non-finite flag once the next step is dispatched."""
+    import jattn.train.loop as loop
+
+    events = []
+    build = loop.make_train_step
+
+    def counted_build(*args, **kwargs):
+        fn = build(*args, **kwargs)
+
+        def step(*a):
+            events.append(("step",))
+            return fn(*a)
+
+        return step
+
+    fetch, read_flag = loop._fetch, loop._read_flag
+    monkeypatch.setattr(loop, "make_train_step", counted_build)
+    monkeypatch.setattr(loop, "_fetch", lambda tree: events.append(("fetch",)) or fetch(tree))
+    monkeypatch.setattr(loop, "_read_flag", lambda flag: events.append(("flag",)) or read_flag(flag))
+    cfg = _config(total=8)
+    cfg.log_every = 4
+    cfg.image_every = 0
+    cfg.checkpoint_every = 0
+    train(cfg, tmp_path, progress=False)
+    steps = [i for i, e in enumerate(events) if e == ("step",)]
+    assert len(steps) == 8  # one program per step
+    fetches = [i for i, e in enumerate(events) if e == ("fetch",)]
+    # log steps 4 and 8: exactly one metrics fetch each, after those steps' dispatch
+    assert len(fetches) == 2 and steps[3] < fetches[0] < steps[4] and fetches[1] > steps[7]
+    # between steps 1..3 (no log): the only host reads are the previous step's flags
+    for a, b in zip(steps[:3], steps[1:4]):
+        assert [e for e in events[a + 1:b]] in ([], [("flag",)])
+    assert events[steps[1] + 1] == ("flag",)  # step 1's flag, read after step 2 is dispatched
+    assert sum(e == ("flag",) for e in events) == 8  # each step's flag exactly once
+
+
+def test_nonfinite_stops_within_one_step_of_the_bad_update(tmp_path, monkeypatch):
+    import jattn.train.loop as loop
+
+    dispatched = []
+    build = loop.make_train_step
+
+    def counted_build(*args, **kwargs):
+        fn = build(*args, **kwargs)
+
+        def step(*a):
+            dispatched.append(1)
+            return fn(*a)
+
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", counted_build)
+    cfg = _config(total=20, poison_after=0.0)
+    cfg.log_every = 100
+    cfg.image_every = 0
+    with pytest.raises(NonFiniteLossError, match=r"step (\d+)") as err:
+        train(cfg, tmp_path, progress=False)
+    bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    assert len(dispatched) <= bad_step + 1
+    assert all(s < bad_step for s in Checkpointer(tmp_path / "checkpoints").all_steps())

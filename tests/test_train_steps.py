@@ -137,3 +137,71 @@ def test_keys_differ_per_update_and_step():
 def test_create_state_needs_an_optimizer_per_network():
     with pytest.raises(ValueError, match="no optimizer"):
         create_state({"generator": {}, "critic": {}}, {"generator": optax.sgd(1.0)}, jax.random.key(0))
+
+
+# --------------------------------------------------------------------------- one program per step
+
+
+def _stacked(chunk):
+    from jattn.train.input import stack_batches
+
+    return stack_batches(chunk)
+
+
+def _train_one_program(mesh, steps=3, unroll=False):
+    from jattn.train.steps import make_train_step
+
+    state, updates = _setup()
+    state = replicate_tree(state, mesh)
+    step_fn = make_train_step(updates, mesh, unroll=unroll)
+    batches = _batches(steps * len(updates))
+    history = []
+    with jax.set_mesh(mesh):
+        for s in range(steps):
+            chunk = _stacked(batches[s * len(updates):(s + 1) * len(updates)])
+            state, metrics = step_fn(state, to_global_array(chunk, mesh, stacked=True))
+            history.append({k: float(v) for k, v in metrics.items()})
+    return state, history
+
+
+def test_one_program_step_equals_the_updates_run_one_by_one():
+    """The whole step as one program (critic repeats scanned) gives the numbers of the
+    updates dispatched one by one, and the same on 8 devices as on 1."""
+    mesh = make_mesh()
+    ref_state, ref_hist = _train(mesh)
+    for unroll in (False, True):
+        state, hist = _train_one_program(mesh, unroll=unroll)
+        assert int(state.step) == 3
+        for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+        for m, r in zip(hist, ref_hist):
+            assert set(m) == set(r) | {"finite"} and m["finite"] == 1.0
+            for k in r:
+                np.testing.assert_allclose(m[k], r[k], atol=1e-6, rtol=1e-5)
+    state1, _ = _train_one_program(make_mesh(jax.devices()[:1]))
+    for a, b in zip(jax.tree_util.tree_leaves(state1.params), jax.tree_util.tree_leaves(ref_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+def test_one_program_step_flags_a_dropped_update():
+    from jattn.train.steps import make_train_step
+
+    mesh = make_mesh()
+    state, updates = _setup()
+    state = replicate_tree(state, mesh)
+    chunk = _stacked(_batches(len(updates)))
+    chunk["image"][-1, 0, 0, 0, 0] = np.nan  # the generator's batch only
+    with jax.set_mesh(mesh):
+        new_state, metrics = make_train_step(updates, mesh, donate=False)(state, to_global_array(chunk, mesh, stacked=True))
+    assert float(metrics["finite"]) == 0.0 and float(metrics["d_finite"]) == 1.0 and float(metrics["g_finite"]) == 0.0
+    assert int(new_state.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(new_state.params["generator"]), jax.tree_util.tree_leaves(state.params["generator"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stacked_batches_are_split_along_the_batch_axis():
+    mesh = make_mesh()
+    chunk = to_global_array(_stacked(_batches(3)), mesh, stacked=True)
+    assert chunk["image"].shape == (3, 8, 16, 16, 3)
+    shard = chunk["image"].addressable_shards[0]
+    assert shard.data.shape == (3, 1, 16, 16, 3)
