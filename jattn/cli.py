@@ -286,9 +286,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     step = result.report["step"]
     if step["fits"] is False:
-        print(f"jattn compile: DOES NOT FIT: the step needs {step['hbm_gib_per_chip']:.2f} GiB per chip, more than "
-              f"the HBM of one {result.report['chip']} ({args.topology}, global batch {result.report['global_batch']})",
-              file=sys.stderr)
+        print(f"jattn compile: DOES NOT FIT: the step needs {step['hbm_gib_per_chip']:.2f} GiB of HBM per chip, "
+              f"which one {result.report['chip']} does not have ({args.topology}, global batch "
+              f"{result.report['global_batch']})", file=sys.stderr)
         return 1 if args.require_fit else 0
     return 0
 

@@ -191,14 +191,26 @@ def _while_loops(hlo_text: str) -> int:
     return sum(_opcode(line) == "while" for line in hlo_text.splitlines())
 
 
-def _compile(fn: Callable, args: Sequence[Any], mesh) -> tuple[Any, float]:
-    """(compiled, seconds) of `fn.lower(*args).compile()` under `jax.set_mesh(mesh)`."""
+def _compile(fn: Callable, args: Sequence[Any], mesh) -> tuple[Any, float, str | None]:
+    """(compiled, seconds, refusal) of `fn.lower(*args).compile()` under `jax.set_mesh(mesh)`.
+
+    XLA's TPU compiler refuses a program that does not fit the chip's HBM
+    (RESOURCE_EXHAUSTED). It is then compiled again with `xla_tpu_no_crash_on_oom`, which
+    gives the memory it would need; `refusal` is the compiler's message (else None) and
+    `seconds` counts both compiles."""
     import jax
 
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = fn.lower(*args).compile()
-    return compiled, time.perf_counter() - start
+        lowered = fn.lower(*args)
+        try:
+            return lowered.compile(), time.perf_counter() - start, None
+        except jax.errors.JaxRuntimeError as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if not message.startswith("RESOURCE_EXHAUSTED") or mesh.devices.flat[0].platform != "tpu":
+                raise
+        compiled = lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+    return compiled, time.perf_counter() - start, message
 
 
 def _program(name: str, runs: int, compiled, seconds: float, extra: tuple[float, float] = (0.0, 0.0)) -> dict:
@@ -229,10 +241,11 @@ def repeated_updates(updates: Sequence) -> list[tuple[Any, int]]:
     return [(u, n) for u, n in runs if n > 1]
 
 
-def step_summary(programs: Sequence[dict], chip: Chip | None, images_per_step: int) -> dict:
+def step_summary(programs: Sequence[dict], chip: Chip | None, images_per_step: int, *, refused: bool = False) -> dict:
     """The step from its programs: flops and bytes summed over them weighted by
     `runs_per_step`, memory the largest step program's total GiB; against `chip` (None:
-    fits, estimate, bound and images/s are None) whether it fits the HBM and the roofline
+    fits, estimate, bound and images/s are None) whether it fits the HBM (never when the
+    compiler `refused` a step program for lack of HBM: it keeps a reserve) and the roofline
     estimate max(flops / peak, bytes / bandwidth) seconds, "compute" or "memory" bound."""
     in_step = [p for p in programs if p["runs_per_step"] > 0]
     flops = sum(p["flops_per_chip"] * p["runs_per_step"] for p in in_step)
@@ -246,7 +259,7 @@ def step_summary(programs: Sequence[dict], chip: Chip | None, images_per_step: i
     compute, memory = flops / chip.peak_flops, nbytes / chip.hbm_bandwidth
     seconds = max(compute, memory)
     out.update({
-        "fits": None if hbm is None else bool(hbm * GIB <= chip.hbm_bytes),
+        "fits": False if refused else None if hbm is None else bool(hbm * GIB <= chip.hbm_bytes),
         "estimated_seconds": seconds,
         "bound": "compute" if compute >= memory else "memory",
         "estimated_images_per_second": images_per_step / seconds if seconds > 0 else None,
@@ -254,9 +267,10 @@ def step_summary(programs: Sequence[dict], chip: Chip | None, images_per_step: i
     return out
 
 
-def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], list[str]]:
+def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], list[str], set[str]]:
     """The programs of one step as the loop dispatches them (today: one), plus the
-    inference program of inpainting models (runs_per_step 0), and notes."""
+    inference program of inpainting models (runs_per_step 0); notes; the names of the
+    programs the compiler refused for lack of HBM."""
     import jax
     import jax.numpy as jnp
 
@@ -268,7 +282,8 @@ def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], l
     state = abstract_train_state(task, config, mesh)
     batches = abstract_step_batches(task, config, mesh, global_batch)
     step_fn = make_train_step(task.updates, mesh, unroll=unroll)  # what the loop calls once per step
-    step, step_seconds = _compile(step_fn, (state, batches), mesh)
+    step, step_seconds, refusal = _compile(step_fn, (state, batches), mesh)
+    refusals = {"train_step": refusal}
 
     notes = []
     extra = (0.0, 0.0)
@@ -277,7 +292,7 @@ def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], l
         batch = abstract_eval_batch(task, config, mesh, global_batch)
         index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
         for update, count in repeats:
-            compiled, seconds = _compile(jit_update(update, mesh), (state, batch, index), mesh)
+            compiled, seconds, _ = _compile(jit_update(update, mesh), (state, batch, index), mesh)
             flops, nbytes = cost_of(compiled)
             extra = (extra[0] + (count - 1) * flops, extra[1] + (count - 1) * nbytes)
             notes.append(f"train_step runs update {update.name!r} {count}x in a loop, whose body XLA's cost analysis "
@@ -289,9 +304,13 @@ def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], l
         rep = replicated(mesh)
         predict = jax.jit(task.predict, in_shardings=(rep, rep, data_sharding(mesh)))
         batch = abstract_eval_batch(task, config, mesh, global_batch)
-        compiled, seconds = _compile(predict, (state.params, state.variables, batch), mesh)
+        compiled, seconds, refusals["inference"] = _compile(predict, (state.params, state.variables, batch), mesh)
         programs.append(_program("inference", 0, compiled, seconds))
-    return programs, notes
+    for name, message in refusals.items():
+        if message:
+            notes.append(f"{name}: the TPU compiler refused it ({message}); its figures come from a compile with "
+                         "xla_tpu_no_crash_on_oom: the memory it would need")
+    return programs, notes, {name for name, message in refusals.items() if message}
 
 
 def compile_run(config, devices: Sequence, topology: str) -> Compiled:
@@ -317,7 +336,7 @@ def compile_run(config, devices: Sequence, topology: str) -> Compiled:
     chip = chip_figures(kind)
     task = build_task(config)
     mesh = make_mesh(devices)
-    programs, notes = _step_programs(task, config, mesh, global_batch)
+    programs, notes, refused = _step_programs(task, config, mesh, global_batch)
     images_per_step = global_batch * len(task.updates)
     compute_dtype = str(config.get("compute_dtype", "float32") or "float32")
     report = {
@@ -329,7 +348,8 @@ def compile_run(config, devices: Sequence, topology: str) -> Compiled:
         "compute_dtype": compute_dtype,
         "programs_per_step": sum(p["runs_per_step"] for p in programs),
         "programs": programs,
-        "step": step_summary(programs, chip, images_per_step),
+        "step": step_summary(programs, chip, images_per_step,
+                             refused=any(p["name"] in refused for p in programs if p["runs_per_step"])),
     }
     notes.append(f"a step runs {len(task.updates)} updates, each on its own global batch: "
                  f"{images_per_step} images per step")
