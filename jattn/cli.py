@@ -238,23 +238,36 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
-def _aot_platforms(environ=None, jax_imported: bool | None = None) -> None:
-    """`jattn compile` for a TPU topology compiles with libtpu and must open no TPU: JAX
-    runs on the CPU (JAX_PLATFORMS=cpu) unless the user chose platforms. JAX reads the
-    variable when it is imported; if it already is (jattn called from Python), its
-    `jax_platforms` setting is changed instead while no backend has started, and once one
-    has, the running backends are kept (compiling for a topology needs none of them)."""
+def _aot_platforms(environ=None, jax_imported: bool | None = None, tpu_chips: int | None = None) -> None:
+    """Process settings of `jattn compile` for a TPU topology, which compiles with libtpu and
+    must open no TPU:
+    - JAX runs on the CPU (JAX_PLATFORMS=cpu) unless the user chose platforms. JAX reads
+      the variable when it is imported; if it already is (jattn called from Python), its
+      `jax_platforms` setting is changed instead while no backend has started, and once one
+      has, the running backends are kept (compiling for a topology needs none of them).
+    - On a machine with no TPU chip (`tpu_chips`: those on its PCI bus), libtpu may load in
+      several processes at once (ALLOW_MULTIPLE_LIBTPU_LOAD=1): its lock file guards the
+      chips, and there are none to guard. On a TPU VM the lock stays."""
     import os
 
     environ = os.environ if environ is None else environ
     if not (("jax" in sys.modules) if jax_imported is None else jax_imported):
         environ.setdefault("JAX_PLATFORMS", "cpu")
-        return
-    import jax
-    from jax._src import xla_bridge
+    else:
+        import jax
+        from jax._src import xla_bridge
 
-    if not jax.config.jax_platforms and not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_platforms", "cpu")
+        if not jax.config.jax_platforms and not xla_bridge.backends_are_initialized():
+            jax.config.update("jax_platforms", "cpu")
+    if tpu_chips is None:
+        try:
+            from jax._src.hardware_utils import num_available_tpu_chips_and_device_id
+
+            tpu_chips = num_available_tpu_chips_and_device_id()[0]
+        except (ImportError, OSError):
+            tpu_chips = 1  # unknown: keep libtpu's lock
+    if tpu_chips == 0:
+        environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:

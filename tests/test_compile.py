@@ -5,6 +5,11 @@ per step against the loop's, its collectives, and its errors."""
 import contextlib
 import io
 import json
+import os
+
+# libtpu takes a lock file when it starts; with no TPU chip here there is nothing to guard, and
+# pytest -n 2 runs these tests in two processes (`jattn compile` sets this itself).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
@@ -333,10 +338,11 @@ def test_step_summary():
 
 def test_aot_platforms_setting():
     env = {}
-    cli._aot_platforms(env, jax_imported=False)
-    assert env == {"JAX_PLATFORMS": "cpu"}
+    cli._aot_platforms(env, jax_imported=False, tpu_chips=0)
+    assert env == {"JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     env = {"JAX_PLATFORMS": "tpu"}
-    cli._aot_platforms(env, jax_imported=False)
+    cli._aot_platforms(env, jax_imported=False, tpu_chips=4)  # a TPU VM: libtpu's lock stays
     assert env == {"JAX_PLATFORMS": "tpu"}  # the user's choice stands
-    cli._aot_platforms({}, jax_imported=True)  # JAX started here (conftest: cpu): nothing changes
-    assert jax.config.jax_platforms == "cpu"
+    env = {}
+    cli._aot_platforms(env, jax_imported=True, tpu_chips=0)  # JAX started here (conftest: cpu): kept
+    assert jax.config.jax_platforms == "cpu" and env == {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}

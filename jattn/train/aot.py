@@ -119,6 +119,8 @@ def topology_devices(name: str) -> list:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except (RuntimeError, ValueError, NotImplementedError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "lockfile" in first:  # another process holds libtpu (on a TPU VM: e.g. a training run)
+            raise CompileError(f"libtpu is in use by another process, so it cannot compile for {name!r}: {first}") from None
         raise CompileError(f"unknown topology {name!r}: {first}") from None
 
 

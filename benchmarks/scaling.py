@@ -1,0 +1,215 @@
+"""The measured table of docs/scaling.md: `jattn compile` of the paper configs for TPU slices.
+
+    python benchmarks/scaling.py --output scaling.md                   # every row: many hours on 2 CPU cores
+    python benchmarks/scaling.py --output /tmp/t.md --configs rcan_div2k_x4 --topologies v5e:4x4 --no-max-batch
+
+Rows, for each config (DeepFill v1 also with compute_dtype=bfloat16) and topology:
+  paper   the config's global batch (`batch_size`, the paper's); a batch that does not divide
+          by the chip count is reported as an error row;
+  max     the largest per-chip batch whose step fits a v5e chip (16 GiB), found on the first v5e
+          topology given with few compiles: the step's memory per chip is fitted as a line in
+          the per-chip batch through two compiles, the batch it predicts for the compiler's
+          15.75 GiB is compiled to verify, and stepped down by 10% while it does not fit; that
+          per-chip batch is then compiled on the other topologies too.
+Columns: GFLOP per image per step (step FLOPs per chip / per-chip batch: every update of the
+step, e.g. DeepFill v1's 5 critic + 1 generator updates), GiB per chip, the collectives in the
+step program (a loop body's once), the roofline estimate and its bound, compile seconds.
+
+Each compile is `jattn compile ... --json` in its own subprocess, so one failure or timeout
+costs one row. Writes the markdown to --output and the reports as JSON beside it (.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ("deepfill_v1_places2", "deepfill_v2_places2", "sa_inpaint_places2", "sagan_imagenet128", "rcan_div2k_x4",
+           "se_resnet50_imagenet", "attention_unet_base")
+TOPOLOGIES = ("v5e:4x4", "v5p:4x4x8")
+V5E_AVAILABLE_GIB = 15.75  # what XLA's TPU compiler offers a program on a 16 GiB v5e chip
+SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "collective-permute": "CP", "all-to-all": "A2A"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A config file and its overrides (`--set`)."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.config, *self.overrides])
+
+
+def cases(names) -> list[Case]:
+    out = []
+    for name in names:
+        out.append(Case(name))
+        if name == "deepfill_v1_places2":
+            out.append(Case(name, ("compute_dtype=bfloat16",)))
+    return out
+
+
+def chip_count(topology: str) -> int:
+    """Devices of a TPU topology (libtpu, in this process: JAX on the CPU)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from jattn.train.aot import topology_devices
+
+    return len(topology_devices(topology))
+
+
+def compile_one(case: Case, topology: str, batch: int | None, timeout: float, kind: str) -> dict:
+    """One `jattn compile` in a subprocess: {"case", "topology", "batch" (None: the
+    config's), "kind" ("paper", "max", "search"), "seconds", and "report" (its JSON) or
+    "error" (its last stderr line)}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "jattn", "compile", "--config", str(ROOT / "configs" / f"{case.config}.py"),
+               "--topology", topology, "--json", str(out)]
+        cmd += [] if batch is None else ["--batch-size", str(batch)]
+        for o in case.overrides:
+            cmd += ["--set", o]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            error = None if out.exists() else (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        except subprocess.TimeoutExpired:
+            error = f"no result in {timeout:.0f} s"
+        row = {"case": case.label, "topology": topology, "batch": batch, "kind": kind,
+               "seconds": round(time.perf_counter() - start, 1)}
+        row.update({"error": error} if error else {"report": json.loads(out.read_text())})
+    shown = row.get("error") or "{:.2f} GiB per chip, fits {}".format(row["report"]["step"]["hbm_gib_per_chip"],
+                                                                        row["report"]["step"]["fits"])
+    print(f"  {case.label} {topology} batch {batch or 'paper'}: {shown} ({row['seconds']} s)", flush=True)
+    return row
+
+
+def max_batch(case: Case, topology: str, chips: int, known: list[dict], timeout: float,
+              tries: int = 3) -> tuple[int | None, list[dict]]:
+    """The largest per-chip batch whose step fits (see the module docstring) and the rows
+    compiled to find it, then (when found) its row as kind "max"; `known`: rows of `case`
+    on `topology` already compiled."""
+    points = {r["report"]["per_chip_batch"]: r for r in known if "report" in r}
+    rows: list[dict] = []
+
+    def measure(b: int) -> bool:
+        row = compile_one(case, topology, b * chips, timeout, "search")
+        rows.append(row)
+        if "report" in row:
+            points[b] = row
+        return "report" in row
+
+    def gib(b: int) -> float:
+        return points[b]["report"]["step"]["hbm_gib_per_chip"]
+
+    while len(points) < 2:
+        if not measure(2 * max(points) if points else 1):
+            return None, rows
+    b1, b2 = sorted(points)[:2]
+    slope = (gib(b2) - gib(b1)) / (b2 - b1)
+    guess = int(b1 + (V5E_AVAILABLE_GIB - gib(b1)) / slope) if slope > 0 else max(points)
+    for _ in range(tries):
+        if guess < 1 or (guess not in points and not measure(guess)):
+            break
+        if points[guess]["report"]["step"]["fits"]:
+            return guess, [*rows, {**points[guess], "kind": "max"}]
+        guess = min(guess - 1, int(guess * 0.9))
+    return None, rows
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _collectives(report: dict) -> str:
+    total = {k: 0 for k in SHORT}
+    for p in report["programs"]:
+        for k, n in p["collectives"].items():
+            total[k] += n * p["runs_per_step"]
+    return " ".join(f"{n} {SHORT[k]}" for k, n in total.items() if n) or "none"
+
+
+def table(rows: list[dict]) -> str:
+    head = ["config", "topology", "batch", "global (per chip)", "GFLOP / image / step", "GiB / chip", "fits",
+            "collectives / step", "estimate (bound)", "compile s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        r = row.get("report")
+        if r is None:
+            lines.append(f"| {row['case']} | {row['topology']} | {row['kind']} | "
+                         f"{row['batch'] or 'config'} | not compiled: {row['error']} |" + " |" * (len(head) - 5))
+            continue
+        step = r["step"]
+        est = "-" if step["estimated_seconds"] is None else f"{step['estimated_seconds'] * 1e3:.1f} ms ({step['bound']})"
+        compile_s = sum(p["compile_seconds"] for p in r["programs"] if p["runs_per_step"])
+        fits = {True: "yes", False: "no", None: "-"}[step["fits"]]
+        lines.append(
+            f"| {row['case']} | {row['topology']} | {row['kind']} | {r['global_batch']} ({r['per_chip_batch']}) | "
+            f"{step['flops_per_chip'] / r['per_chip_batch'] / 1e9:.1f} | {step['hbm_gib_per_chip']:.2f} | {fits} | "
+            f"{_collectives(r)} | {est} | {compile_s:.0f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    try:
+        import importlib.metadata
+
+        libtpu = importlib.metadata.version("libtpu")
+    except Exception:  # noqa: BLE001
+        libtpu = "not installed"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, libtpu {libtpu}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, help="markdown file to write (the JSON goes beside it)")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="config names (configs/NAME.py)")
+    parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
+    parser.add_argument("--no-max-batch", action="store_true", help="only the paper batch")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out DeepFill v1 with compute_dtype=bfloat16")
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per compile (default 4 h)")
+    args = parser.parse_args()
+
+    chips = {t: chip_count(t) for t in args.topologies}
+    search = next((t for t in args.topologies if t.startswith("v5e:")), None)
+    rows, compiled = [], []
+    for case in cases(args.configs):
+        if args.no_bf16 and case.overrides:
+            continue
+        paper = {t: compile_one(case, t, None, args.timeout, "paper") for t in args.topologies}
+        rows += paper.values()
+        if args.no_max_batch or search is None:
+            continue
+        per_chip, tried = max_batch(case, search, chips[search], [paper[search]], args.timeout)
+        compiled += tried
+        if per_chip is None:
+            rows.append({"case": case.label, "topology": search, "batch": None, "kind": "max", "seconds": 0,
+                         "error": "no per-chip batch that fits found"})
+            continue
+        rows.append(tried[-1])
+        rows += [compile_one(case, t, per_chip * chips[t], args.timeout, "max") for t in args.topologies if t != search]
+
+    out = pathlib.Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
+    text = (f"Measured {datetime.date.today().isoformat()} on a {machine()} with `{command}`.\n\n"
+            f"{table(rows)}\n")
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "search": compiled}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
