@@ -4,10 +4,10 @@
 * `per-update`: each update its own jitted program (`jit_update`), dispatched one after the
   other, its batch copied to the devices before each, and the step's metrics fetched to the
   host every step;
-* `scan`: the whole step as one program (`make_train_step`, the critic's repeats as a
-  `lax.scan`) fed a stacked batch, metrics left on the devices; this is what `jattn train`
+* `unrolled`: the whole step as one program (`make_train_step`), every update written out
+  in order, fed a stacked batch, metrics left on the devices; this is what `jattn train`
   runs by default;
-* `unrolled`: the same program with the repeats unrolled (`step_unroll=True`).
+* `scan`: the same program with the critic's repeats as a `lax.scan` (`step_unroll=False`).
 
 For each: compile seconds (all programs of a step) and steps/s (median of `--repeats`
 timings of `--steps` steps each, input batches prepared on the host beforehand, so the
@@ -85,7 +85,7 @@ def measure(config_path: str, overrides: list[str], steps: int, repeats: int) ->
 
     out["per-update"] = {"compile_s": compile_s, "steps_per_s": steps / _timed(per_update, repeats)}
 
-    for name, unroll in (("scan", False), ("unrolled", True)):
+    for name, unroll in (("unrolled", True), ("scan", False)):
         step = make_train_step(task.updates, mesh, unroll=unroll)
         state = init(jax.random.key(0))
         with jax.set_mesh(mesh):
@@ -115,7 +115,7 @@ def main() -> None:
     results = [measure(demo, [], args.steps, args.repeats), measure(demo, MICRO, args.steps, args.repeats)]
     print(f"{'config':<8} {'dispatch':<11} {'compile s':>9} {'steps/s':>8}")
     for name, r in zip(("demo", "micro"), results):
-        for kind in ("per-update", "scan", "unrolled"):
+        for kind in ("per-update", "unrolled", "scan"):
             print(f"{name:<8} {kind:<11} {r[kind]['compile_s']:9.1f} {r[kind]['steps_per_s']:8.2f}")
     print(json.dumps(results))
     if args.json:

@@ -130,25 +130,25 @@ def test_programs_per_step_is_what_the_loop_dispatches(toy_report, tmp_path, mon
 
 @needs_libtpu
 def test_collectives_of_the_toy_gan(toy_report):
-    """One all-reduce per network update at run time; in the program text the critic's two
-    updates are one `lax.scan` body, so it holds 2 all-reduces (critic body + generator),
-    and nothing else crosses chips. The inference program needs none."""
+    """The step writes every update out (the default): one all-reduce per network update,
+    each carrying the gradient of the network it updates, and nothing else crosses chips.
+    The inference program needs none."""
     report, _ = toy_report
     step, inference = report["programs"]
-    assert step["collectives"] == {"all-reduce": 2, "all-gather": 0, "reduce-scatter": 0, "collective-permute": 0,
+    assert step["collectives"] == {"all-reduce": 3, "all-gather": 0, "reduce-scatter": 0, "collective-permute": 0,
                                    "all-to-all": 0}
     assert sum(inference["collectives"].values()) == 0
 
 
 @needs_libtpu
-def test_unrolled_step_has_one_all_reduce_per_update():
-    """`step_unroll=True` writes every update out: then the text holds 3 all-reduces, one
-    per network update, each carrying the gradient of the network it updates."""
+def test_scanned_step_has_one_all_reduce_per_loop_body():
+    """`step_unroll=False` runs the critic's two updates as one `lax.scan`, whose body
+    the program text holds once: 2 all-reduces (critic body + generator)."""
     config = toy_config()
-    config.step_unroll = True
-    unrolled = aot.compile_run(config, aot.topology_devices(TOPOLOGY), TOPOLOGY).report
-    assert unrolled["programs"][0]["collectives"] == {"all-reduce": 3, "all-gather": 0, "reduce-scatter": 0,
-                                                      "collective-permute": 0, "all-to-all": 0}
+    config.step_unroll = False
+    scanned = aot.compile_run(config, aot.topology_devices(TOPOLOGY), TOPOLOGY).report
+    assert scanned["programs"][0]["collectives"] == {"all-reduce": 2, "all-gather": 0, "reduce-scatter": 0,
+                                                     "collective-permute": 0, "all-to-all": 0}
 
 
 # --------------------------------------------------------------------------- FLOPs by hand
@@ -183,18 +183,21 @@ def test_flops_of_a_matmul_model_match_the_count_by_hand():
     needs none: 2bK^2 (3 DEPTH - 1) per update. XLA counts 2MNK per [M, K] x [K, N] product
     (float32 at default precision too, not per bf16 pass) and 1 per element of an
     elementwise op: Adam, the gradient norm, the finiteness selects and the loss add about
-    25 per parameter and a few per input element, 0.5% here. Two updates run as a scan, whose
-    body XLA counts once and `jattn compile` adds again: the count doubles."""
+    25 per parameter and a few per input element, 0.5% here. Two updates per step: written
+    out (the default) XLA counts both; as a scan (`step_unroll=False`) XLA counts the loop
+    body once and `jattn compile` adds it again. Either way the count doubles."""
     devices = aot.topology_devices(TOPOLOGY)
     config = toy_config()
     config.model = ml_collections.ConfigDict({"name": "aot_matmul", "repeats": 2})
     config.batch_size = 4 * 256
-    report = aot.compile_run(config, devices, TOPOLOGY).report
     b = config.batch_size // 4
     by_hand = 2 * 2 * b * K * K * (3 * DEPTH - 1)
-    assert [p["name"] for p in report["programs"]] == ["train_step"]  # no mask: no inference program
-    assert report["step"]["flops_per_chip"] == pytest.approx(by_hand, rel=0.01)
-    assert report["step"]["flops_per_chip"] > by_hand
+    for unroll in (True, False):
+        config.step_unroll = unroll
+        report = aot.compile_run(config, devices, TOPOLOGY).report
+        assert [p["name"] for p in report["programs"]] == ["train_step"]  # no mask: no inference program
+        assert report["step"]["flops_per_chip"] == pytest.approx(by_hand, rel=0.01)
+        assert report["step"]["flops_per_chip"] > by_hand
 
 
 # --------------------------------------------------------------------------- local devices

@@ -19,10 +19,11 @@ Per program, from the compiled executable (all figures per chip):
                     `-start` / `-done` pair counted once. This is the program text: an
                     instruction in a loop body counts once, however often the loop runs.
 
-XLA's cost analysis also counts a loop body once. The step runs repeated updates (DeepFill's
-`n_critic` critic updates) as a `lax.scan`, so each such update is compiled once more on
-its own (`jit_update`) and its cost added `count - 1` times to the step's flops and bytes;
-the notes of the report say so and how long that took.
+XLA's cost analysis also counts a loop body once. The step writes every update out by
+default; with `step_unroll=False` it runs repeated updates (DeepFill's `n_critic` critic
+updates) as a `lax.scan`, and then each such update is compiled once more on its own
+(`jit_update`) and its cost added `count - 1` times to the step's flops and bytes; the
+notes of the report say so and how long that took.
 
 The step summary weighs each program by how often the loop runs it per step, takes the
 largest step program's memory, and compares it with the chip's HBM (`CHIPS`). Its time is
@@ -280,7 +281,7 @@ def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], l
     from jattn.train.sharding import data_sharding, replicated
     from jattn.train.steps import jit_update, make_train_step
 
-    unroll = bool(config.get("step_unroll", False))
+    unroll = bool(config.get("step_unroll", True))
     state = abstract_train_state(task, config, mesh)
     batches = abstract_step_batches(task, config, mesh, global_batch)
     step_fn = make_train_step(task.updates, mesh, unroll=unroll)  # what the loop calls once per step

@@ -163,7 +163,7 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     total = int(config.total_steps)
 
     # One program per step (all its updates), the state donated; see jattn.train.steps.
-    step_fn = make_train_step(task.updates, mesh, unroll=bool(config.get("step_unroll", False)))
+    step_fn = make_train_step(task.updates, mesh, unroll=bool(config.get("step_unroll", True)))
     batches = StepBatches(data, len(task.updates), mesh, size=int(config.get("prefetch_steps", 2)))
     writer = MetricWriter(workdir, process_index=jax.process_index())
     predict = jax.jit(task.predict)

@@ -7,7 +7,8 @@ supervised model has a single update. The engine is the same for every model.
 
 `make_train_step` compiles a whole step, every update of it, as one jitted program over
 the mesh: it takes the state (donated) and one stacked global batch, `[n_updates, B, ...]`
-per field, and runs repeated updates (the critic's) as a `lax.scan` over their batches.
+per field, every update written out in order (or repeated updates, the critic's, as a
+`lax.scan` over their batches).
 Its metrics stay on the device; `metrics["finite"]` is 1 when every update was applied.
 
 A loss function has the signature
@@ -116,15 +117,26 @@ def _groups(updates: Sequence[Update]) -> list[tuple[Update, int, int]]:
     return groups
 
 
-def train_step(updates: Sequence[Update], state: TrainState, batches: dict, *, unroll: bool = False) -> tuple[TrainState, dict]:
+def train_step(updates: Sequence[Update], state: TrainState, batches: dict, *, unroll: bool = True) -> tuple[TrainState, dict]:
     """All updates of one step, in order; `batches` holds one batch per update, stacked:
-    each leaf `[len(updates), B, ...]`. Repeats of one update (the critic's `n_critic`) run
-    as a `lax.scan` over their batches (`unroll=True`: unrolled instead).
+    each leaf `[len(updates), B, ...]`.
+
+    unroll: True (the default) writes every update into the program one after the other;
+      False runs repeats of one update (the critic's `n_critic`) as a `lax.scan` over their
+      batches: a smaller program that compiles faster, but XLA:CPU runs a loop body several
+      times slower than the same operations outside a loop (`docs/benchmarks.md`).
 
     Returns the new state and the step's metrics: each one averaged over the updates that
     report it, plus "finite" (1.0 when no update was dropped)."""
     collected: dict[str, list[jax.Array]] = {}
     for update, first, count in _groups(updates):
+        if unroll or count == 1:
+            for i in range(first, first + count):
+                batch = jax.tree_util.tree_map(lambda x, i=i: x[i], batches)
+                state, metrics = apply_update(update, state, batch, jnp.int32(i))
+                for k, v in metrics.items():
+                    collected.setdefault(k, []).append(v[None])
+            continue
         part = jax.tree_util.tree_map(lambda x: x[first:first + count], batches)
         indices = jnp.arange(first, first + count, dtype=jnp.int32)
 
@@ -132,7 +144,7 @@ def train_step(updates: Sequence[Update], state: TrainState, batches: dict, *, u
             batch, index = xs
             return apply_update(update, s, batch, index)
 
-        state, metrics = jax.lax.scan(body, state, (part, indices), unroll=count if unroll else 1)
+        state, metrics = jax.lax.scan(body, state, (part, indices))
         for k, v in metrics.items():
             collected.setdefault(k, []).append(v)
     out = {k: jnp.mean(jnp.concatenate(v)) for k, v in collected.items()}
@@ -140,7 +152,7 @@ def train_step(updates: Sequence[Update], state: TrainState, batches: dict, *, u
     return state, out
 
 
-def make_train_step(updates: Sequence[Update], mesh: Mesh, *, unroll: bool = False, donate: bool = True):
+def make_train_step(updates: Sequence[Update], mesh: Mesh, *, unroll: bool = True, donate: bool = True):
     """`train_step` jitted over `mesh`: `fn(state, batches) -> (state, metrics)`, the state
     replicated (and donated), the stacked batches split along `data` (`[n, B, ...]`, B
     sharded). Call and lower it under `jax.set_mesh(mesh)` (tasks may constrain arrays they
