@@ -1,9 +1,17 @@
 """Experiment configs: Python files with `get_config()` returning an `ml_collections.ConfigDict`.
 
-`load_config(path, overrides)` runs the file, checks its keys against the schema below
-(an unknown key is a typo until proven otherwise: it is an error naming the key), then
-applies command-line overrides `key.sub=value` (values parsed as Python literals, else
-kept as strings) to the locked config, so an override of an unknown key is an error too.
+Every key and its default is declared once, in a schema: :func:`trainer_schema` holds the
+keys every run has, and each task adds its own (its `model`, `loss` and `optimizer` blocks
+and any task-specific defaults, see `jattn.train.task.register_task`); :func:`schema_for`
+joins the two. `load_config(path, overrides)` runs the file, overlays its values on the
+schema of its task (an unknown key is a typo until proven otherwise: it is an error naming
+the key and the valid keys), then applies command-line overrides `key.sub=value` (values
+parsed as Python literals, else kept as strings; an unknown key is an error too). A loaded
+config therefore has every key, with its default where the file does not set it.
+
+In a schema, a block (a nested dict) is merged key by key; any other value, None included,
+is replaced whole: None marks a free-form value (e.g. `data.source`, checked by the code
+that reads it), an optional one, or a required one (:data:`REQUIRED`).
 """
 
 from __future__ import annotations
@@ -16,62 +24,138 @@ from collections.abc import Iterable
 
 import ml_collections
 
-__all__ = ["ConfigError", "load_config", "apply_overrides", "validate"]
+__all__ = ["ConfigError", "REQUIRED", "load_config", "apply_overrides", "overlay", "optimizer_schema",
+           "trainer_schema", "schema_for", "with_defaults"]
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the problem."""
 
 
-# Keys every training config may have. Blocks marked None are free-form (checked by the
-# code that reads them: the task for `model` and `loss`, the data package for `source`
-# and `mask`).
-SCHEMA = {
-    "seed": True,
-    "model": None,
-    "data": {
-        "source": None,
-        "image_size": True,
-        "mask": None,
-        "scale": True,  # super-resolution: the "lowres" field is the image downscaled by it
-        "shuffle_buffer": True,
-        "worker_count": True,
-        "loader": True,
-        "eval_source": None,
-        "eval_mask": None,
-    },
-    "batch_size": True,
-    "total_steps": True,
-    "learning_rate": True,
-    "n_critic": True,
-    "compute_dtype": True,
-    "optimizer": None,
-    "loss": None,
-    "log_every": True,
-    "image_every": True,
-    "checkpoint_every": True,
-    "keep_checkpoints": True,
-    "eval_every": True,
-    "eval_images": True,
-    "eval_batch_size": True,
-    "best_metric": True,
-    "best_mode": True,
-    "skip_nonfinite": True,
-    "jattn": None,  # provenance written by the loop (version, git commit) into saved configs
-}
+#: Keys a loaded config must set (their schema value is None).
+REQUIRED = ("model.name", "data.source", "data.image_size", "batch_size", "total_steps")
 
 
-def validate(config, schema=SCHEMA, prefix: str = "") -> None:
-    """Raise ConfigError naming every key of `config` that the schema does not know."""
-    unknown = []
-    for key in config.keys():
-        if key not in schema:
-            unknown.append(prefix + key)
-        elif isinstance(schema[key], dict) and isinstance(config[key], (ml_collections.ConfigDict, dict)):
-            validate(config[key], schema[key], prefix + key + ".")
-    if unknown:
-        valid = ", ".join(prefix + k for k in schema)
+def optimizer_schema(*networks: str) -> ml_collections.ConfigDict:
+    """The Adam block read by `jattn.train.task.make_optimizer`; with `networks`, one such
+    block per network (e.g. `optimizer_schema("generator", "critic")`)."""
+    if networks:
+        return ml_collections.ConfigDict({net: optimizer_schema() for net in networks})
+    return ml_collections.ConfigDict({
+        "lr": None,  # None: the config's learning_rate
+        "b1": 0.9,
+        "b2": 0.999,
+        "clip_norm": None,  # a global gradient-norm clip
+        "schedule": "constant",  # "constant" | "cosine" | "linear" (to 0 over decay_steps)
+        "warmup_steps": 0,  # linear warm-up from 0
+        "decay_steps": 0,
+    })
+
+
+def trainer_schema() -> ml_collections.ConfigDict:
+    """The keys every run has, with their defaults (a task's schema adds to it)."""
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "model": None,  # the task's block; "name" picks the task (jattn.train.task)
+        "data": {
+            "source": None,  # where the images come from (jattn.data.sources)
+            "image_size": None,  # training crop: an int or (height, width)
+            "mask": None,  # the hole masks (jattn.data.masks); None: no masks
+            "scale": None,  # super-resolution: the "lowres" field is the image downscaled by it
+            "shuffle_buffer": None,
+            "worker_count": 0,
+            "loader": "grain",  # "grain" | "tfdata"
+            "eval_source": None,  # None: the training source, in order, centre crops
+            "eval_mask": None,  # None: the training masks (with the fixed eval seed)
+        },
+        "batch_size": None,  # global: split over every device of every process
+        "total_steps": None,
+        "learning_rate": None,  # every network's, unless its optimizer block sets lr
+        "n_critic": 1,  # critic updates per generator update (GAN tasks)
+        "compute_dtype": "float32",  # "bfloat16": bf16 compute, float32 parameters
+        "optimizer": None,  # the task's block (optimizer_schema)
+        "loss": None,  # the task's block
+        "log_every": 10,
+        "image_every": 0,  # 0: never
+        "checkpoint_every": 0,  # 0: only at the end
+        "keep_checkpoints": 3,  # the latest ones, plus the best by best_metric
+        "eval_every": 0,  # 0: never
+        "eval_images": 64,
+        "eval_batch_size": None,  # None: batch_size
+        "best_metric": None,  # e.g. "eval_psnr"; None: no best checkpoint kept
+        "best_mode": "max",  # "max" | "min"
+        "skip_nonfinite": False,  # False: stop on a non-finite loss; True: drop the update, go on
+        "step_unroll": True,  # every update written out in the step program (False: repeats as a lax.scan)
+        "prefetch_steps": 2,  # steps of batches put on the devices ahead
+        "jattn": None,  # provenance written by the loop (version, git commit) into saved configs
+    })
+
+
+def _plain(value):
+    """A ConfigDict (at any depth) as plain dicts; anything else unchanged."""
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def _merge(base: dict, top: dict, *, strict: bool, prefix: str = "") -> dict:
+    """`top`'s values over `base`: a block of `base` (a dict) is merged key by key, any other
+    value replaced whole. strict: a key of `top` that `base` lacks is a ConfigError naming it
+    and the valid keys; a block given a value that is no dict is one too."""
+    unknown = [prefix + key for key in top if key not in base]
+    if strict and unknown:
+        valid = ", ".join(prefix + key for key in base) or "(none)"
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys here: {valid}")
+    out = dict(base)
+    for key, value in top.items():
+        value = _plain(value)
+        if isinstance(base.get(key), dict) and isinstance(value, dict):
+            out[key] = _merge(base[key], value, strict=strict, prefix=f"{prefix}{key}.")
+        elif isinstance(base.get(key), dict) and strict:
+            raise ConfigError(f"config key {prefix}{key} must be a block of keys ({', '.join(base[key])}), "
+                              f"got {value!r}")
+        else:
+            out[key] = value
+    return out
+
+
+def overlay(schema, values) -> ml_collections.ConfigDict:
+    """A new ConfigDict: `schema` with `values` (a ConfigDict or dict) over it; an unknown key
+    of `values` is a ConfigError naming it and the valid keys."""
+    return ml_collections.ConfigDict(_merge(_plain(schema), _plain(values), strict=True))
+
+
+def schema_for(name: str | None) -> ml_collections.ConfigDict:
+    """The schema of a config whose `model.name` is `name`: :func:`trainer_schema` with the
+    task's own schema over it (None: no task, the trainer's keys only). An unknown task name
+    is a ConfigError naming the known ones."""
+    schema = _plain(trainer_schema())
+    if name is not None:
+        from jattn.train.task import task_schema  # the task registry imports JAX: only when needed
+
+        schema = _merge(schema, _plain(task_schema(name)), strict=False)
+    return ml_collections.ConfigDict(schema)
+
+
+def _task_name(config) -> str | None:
+    model = _plain(config).get("model")
+    return model.get("name") if isinstance(model, dict) else None
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+    """`config` (a ConfigDict or dict) completed: a new ConfigDict with every key of the schema
+    of its task, the defaults where `config` has no value. An unknown key is a ConfigError."""
+    return overlay(schema_for(_task_name(config)), config)
+
+
+def _missing(config) -> list[str]:
+    """The keys of :data:`REQUIRED` that `config` leaves None."""
+    missing = []
+    for key in REQUIRED:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if node is None:
+            missing.append(key)
+    return missing
 
 
 def _parse_value(text: str):
@@ -109,7 +193,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
 
 
 def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Load `path` (a Python file with `get_config()`), validate it, apply `overrides`."""
+    """Load `path` (a Python file with `get_config()`): its values over the schema of its
+    task (:func:`with_defaults`), then `overrides`; a required key left unset is an error, and
+    `eval_batch_size` left None becomes `batch_size`."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -127,5 +213,10 @@ def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_c
     config = module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, got {type(config).__name__}")
-    validate(config)
-    return apply_overrides(config, overrides)
+    config = apply_overrides(with_defaults(config), overrides)
+    missing = _missing(config)
+    if missing:
+        raise ConfigError(f"{path}: required config key(s) not set: {', '.join(missing)}")
+    if config.eval_batch_size is None:
+        config.eval_batch_size = config.batch_size
+    return config

@@ -1,25 +1,31 @@
-"""Pieces the GAN inpainting tasks share (DeepFill v1 / v2): optimizers and updates of a
-critic-then-generator step, and the outputs shown in grids and evaluated."""
+"""Pieces the GAN tasks share (DeepFill v1 / v2, SAGAN, self-attention inpainting): the
+optimizer schema and updates of a critic-then-generator step, and the outputs of the
+inpainting GANs shown in grids and evaluated."""
 
 from __future__ import annotations
 
 import jax
 
+from jattn.config import optimizer_schema
 from jattn.train.steps import Update
 from jattn.train.task import make_optimizer
 
+NETWORKS = ("generator", "critic")
 
-def critic_generator_updates(config, critic_loss, generator_loss, default_n_critic: int):
-    """(optimizers, updates): `n_critic` critic updates then one generator update, Adam per
-    network from `config.optimizer.{critic, generator}`."""
-    optimizers = {
-        "generator": make_optimizer(config.optimizer.generator, config.get("learning_rate")),
-        "critic": make_optimizer(config.optimizer.critic, config.get("learning_rate")),
-    }
+
+def gan_optimizer_schema():
+    """The `optimizer` block of a GAN task: one Adam block per network."""
+    return optimizer_schema(*NETWORKS)
+
+
+def critic_generator_updates(config, critic_loss, generator_loss, n_critic: int, ema_decay: float | None = None):
+    """(optimizers, updates): `n_critic` critic updates then one generator update (keeping an
+    EMA of the generator's parameters when `ema_decay` is set), Adam per network from
+    `config.optimizer.{generator, critic}` with `config.learning_rate` as the default lr."""
+    optimizers = {net: make_optimizer(config.optimizer[net], config.learning_rate) for net in NETWORKS}
     d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)
-    g_update = Update("g", "generator", generator_loss, optimizers["generator"])
-    n_critic = int(config.get("n_critic", default_n_critic))
-    return optimizers, (d_update,) * n_critic + (g_update,)
+    g_update = Update("g", "generator", generator_loss, optimizers["generator"], ema_decay=ema_decay)
+    return optimizers, (d_update,) * int(n_critic) + (g_update,)
 
 
 def inpainting_outputs(x_in: jax.Array, x1: jax.Array, x2: jax.Array, mask: jax.Array, flow: jax.Array) -> dict:

@@ -6,8 +6,8 @@
   (``"batch_stats"`` of batch norm or spectral norm), updating them in train mode;
 * :func:`init_net`, :func:`split_params` -- init a network and split its params from its
   other collections;
-* :func:`net_optimizer`, :func:`compute_dtype`, :func:`plain` -- config helpers;
-* :func:`supervised_task` -- a single-network supervised task (one update per step).
+* :func:`supervised_schema`, :func:`supervised_task` -- the config schema and the task of a
+  single-network supervised task (one update per step).
 """
 
 from __future__ import annotations
@@ -17,36 +17,15 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
+import ml_collections
 
+from jattn.config import optimizer_schema
 from jattn.train.steps import Update
 from jattn.train.task import Task, make_optimizer
 
-__all__ = ["apply_net", "init_net", "split_params", "net_optimizer", "compute_dtype", "plain", "supervised_task"]
+__all__ = ["apply_net", "init_net", "split_params", "supervised_schema", "supervised_task"]
 
 Outputs = Any
-
-
-def plain(block) -> dict:
-    """A config block (ConfigDict or mapping, or None) as a plain dict."""
-    if block is None:
-        return {}
-    return dict(block.to_dict() if hasattr(block, "to_dict") else block)
-
-
-def compute_dtype(config):
-    """``config.compute_dtype`` (default float32) as a numpy dtype."""
-    return jnp.dtype(config.get("compute_dtype", "float32") or "float32")
-
-
-def net_optimizer(config, net: str):
-    """The optimizer of network ``net``: ``config.optimizer.<net>`` when that block exists,
-    else the ``config.optimizer`` block itself (Adam settings for the only network)."""
-    block = config.optimizer
-    sub = block.get(net)
-    if sub is not None and hasattr(sub, "get"):
-        block = sub
-    return make_optimizer(block, config.get("learning_rate"))
 
 
 def split_params(variables) -> tuple[dict, dict]:
@@ -78,6 +57,12 @@ def apply_net(module, params, variables: Mapping, *args, train: bool, train_arg:
     return module.apply(collections, *args, **kwargs), dict(variables)
 
 
+def supervised_schema(model: dict, loss: dict | None = None) -> ml_collections.ConfigDict:
+    """The schema of a single-network task: its `model` and `loss` blocks (keys and defaults)
+    and one Adam `optimizer` block (`jattn.config.optimizer_schema`)."""
+    return ml_collections.ConfigDict({"model": model, "loss": loss or {}, "optimizer": optimizer_schema()})
+
+
 def supervised_task(
     name: str,
     config,
@@ -106,8 +91,8 @@ def supervised_task(
       init_variables: ``(key, *inputs) -> variables`` replacing ``model.init`` (e.g. an
         initialisation with other variances).
 
-    The optimizer is :func:`net_optimizer` (``config.optimizer.<net>`` or ``config.optimizer``);
-    the update is named ``net`` (metrics ``<net>_loss``, ``<net>_grad_norm``, ...) and
+    The optimizer is Adam from the ``config.optimizer`` block (``config.learning_rate`` the
+    default lr); the update is named ``net`` (metrics ``<net>_loss``, ``<net>_grad_norm``, ...) and
     returns the network's updated non-parameter variables (batch norm statistics).
     """
 
@@ -133,6 +118,6 @@ def supervised_task(
 
         return predict(run, batch)
 
-    tx = net_optimizer(config, net)
+    tx = make_optimizer(config.optimizer, config.learning_rate)
     return Task(name, init, {net: tx}, (Update(net, net, loss_fn, tx),), predict_fn, fields=fields,
                 eval_metrics=eval_metrics, export_network=net)

@@ -7,27 +7,52 @@ import jax.numpy as jnp
 import optax
 
 from jattn.models.classifiers import PRESETS, SEResNet
-from jattn.train.task import Task, register_task
-from jattn.train.tasks._supervised import compute_dtype, plain, supervised_task
+from jattn.train.task import Task, compute_dtype, register_task
+from jattn.train.tasks._supervised import supervised_schema, supervised_task
 
-__all__ = ["se_resnet_task", "build_se_resnet", "cross_entropy", "classification_metrics"]
+__all__ = ["se_resnet_task", "schema", "build_se_resnet", "cross_entropy", "classification_metrics"]
+
+#: Model keys that set the layout without a preset (None: SEResNet's default); a preset fixes them.
+LAYOUT = ("stage_sizes", "width", "bottleneck", "cifar_stem")
 
 
-def build_se_resnet(model_block, dtype=None) -> SEResNet:
-    """The SE-ResNet of a config's model block: ``preset`` ("se_resnet18", "se_resnet50",
-    "se_resnet_cifar" with ``depth``) or explicit ``stage_sizes`` / ``width`` / ``bottleneck`` /
-    ``cifar_stem``; ``num_classes``, ``reduction``, ``zero_init_last_bn`` in either case."""
-    kw = plain(model_block)
-    kw.pop("name", None)
-    preset = kw.pop("preset", None)
-    num_classes = int(kw.pop("num_classes"))
-    if "stage_sizes" in kw:
-        kw["stage_sizes"] = tuple(int(n) for n in kw["stage_sizes"])
-    if preset is None:
-        return SEResNet(num_classes=num_classes, dtype=dtype, **kw)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown SE-ResNet preset {preset!r}; known: {sorted(PRESETS)}")
-    return PRESETS[preset](num_classes, dtype=dtype, **kw)
+def schema():
+    """SE-ResNet's config keys with their defaults."""
+    return supervised_schema(
+        {
+            "num_classes": None,  # required
+            "preset": None,  # "se_resnet18" | "se_resnet50" | "se_resnet_cifar"; None: the layout keys
+            "depth": None,  # se_resnet_cifar: 6n + 2 (None: 20)
+            "stage_sizes": None,  # blocks per stage, without a preset
+            "width": None,
+            "bottleneck": None,
+            "cifar_stem": None,
+            "reduction": 16,  # SE reduction
+            "zero_init_last_bn": False,
+        },
+        {"label_smoothing": 0.0},
+    )
+
+
+def build_se_resnet(m, dtype=None) -> SEResNet:
+    """The SE-ResNet of a config's (complete) model block: a ``preset`` ("se_resnet18",
+    "se_resnet50", "se_resnet_cifar" with ``depth``), or without one the layout keys
+    ``stage_sizes`` / ``width`` / ``bottleneck`` / ``cifar_stem``; ``num_classes``,
+    ``reduction``, ``zero_init_last_bn`` in either case."""
+    kw = {"reduction": int(m.reduction), "zero_init_last_bn": bool(m.zero_init_last_bn), "dtype": dtype}
+    given = {k: m[k] for k in LAYOUT if m[k] is not None}
+    if m.preset is None:
+        if "stage_sizes" not in given:
+            raise ValueError("se_resnet: set model.preset or model.stage_sizes")
+        given["stage_sizes"] = tuple(int(n) for n in given["stage_sizes"])
+        return SEResNet(num_classes=int(m.num_classes), **given, **kw)
+    if m.preset not in PRESETS:
+        raise ValueError(f"unknown SE-ResNet preset {m.preset!r}; known: {sorted(PRESETS)}")
+    if given:
+        raise ValueError(f"se_resnet: model.preset {m.preset!r} fixes the layout; unset model.{', model.'.join(given)}")
+    if m.depth is not None:
+        kw["depth"] = int(m.depth)
+    return PRESETS[m.preset](int(m.num_classes), **kw)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -52,19 +77,19 @@ def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, ja
     return out
 
 
-@register_task("se_resnet")
+@register_task("se_resnet", schema=schema)
 def se_resnet_task(config) -> Task:
     """SE-ResNet: one cross-entropy update per step; batch norm statistics are updated in
     the train step (returned as the network's new variables) and used in ``predict``.
 
-    Config: model.{num_classes, preset | stage_sizes, width, bottleneck, cifar_stem;
-    reduction, zero_init_last_bn, depth (cifar preset)}; loss.label_smoothing (0);
+    Config (:func:`schema`): model.{num_classes, preset | stage_sizes, width, bottleneck,
+    cifar_stem; reduction, zero_init_last_bn, depth (cifar preset)}; loss.label_smoothing;
     optimizer (Adam); compute_dtype.
     predict: "output" (logits ``[B, num_classes]``).
     eval_metrics: :func:`classification_metrics`.
     """
     model = build_se_resnet(config.model, compute_dtype(config))
-    smoothing = float(plain(config.get("loss")).get("label_smoothing", 0.0))
+    smoothing = float(config.loss.label_smoothing)
 
     def loss(logits, batch):
         value = cross_entropy(logits, batch["label"], smoothing)

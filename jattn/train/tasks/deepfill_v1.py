@@ -1,4 +1,5 @@
-"""Built-in tasks: how each model of `jattn.models` trains on the shared engine."""
+"""DeepFill v1 on the shared engine: generator with contextual attention, local and global
+WGAN-GP critics."""
 
 from __future__ import annotations
 
@@ -6,35 +7,55 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jattn import losses as L
 from jattn.models.deepfill import DeepFillV1Critics, DeepFillV1Generator, offsets_to_flow
 from jattn.ops.masks import hole_boxes
-from jattn.train.task import Task, register_task
-from jattn.train.tasks._gan import critic_generator_updates, inpainting_outputs
+from jattn.train.task import Task, compute_dtype, register_task
+from jattn.train.tasks._gan import critic_generator_updates, gan_optimizer_schema, inpainting_outputs
 
-__all__ = ["deepfill_v1_task"]
-
-
-def _dtype(config):
-    return jnp.dtype(config.get("compute_dtype", "float32"))
+__all__ = ["deepfill_v1_task", "schema"]
 
 
-@register_task("deepfill_v1")
+def schema() -> ml_collections.ConfigDict:
+    """DeepFill v1's config keys with the official defaults (inpaint.yml of the v1 code)."""
+    return ml_collections.ConfigDict({
+        "model": {
+            "cnum": 32,
+            "critic_cnum": 64,
+            "local_size": None,  # the local critic's crop (the official 128); None: image_size // 2
+            "ca_block_size": None,  # contextual attention in blocks of this many positions; None: whole
+        },
+        "loss": {
+            "l1_alpha": 1.2,  # COARSE_L1_ALPHA
+            "l1_loss_alpha": 1.2,
+            "ae_loss_alpha": 1.2,
+            "gan_loss_alpha": 0.001,
+            "wgan_gp_lambda": 10.0,
+            "global_wgan_loss_alpha": 1.0,
+            "gamma": 0.9,  # spatial discounting
+        },
+        "optimizer": gan_optimizer_schema(),
+        "n_critic": 5,
+    })
+
+
+@register_task("deepfill_v1", schema=schema)
 def deepfill_v1_task(config) -> Task:
     """DeepFill v1: `n_critic` WGAN-GP critic updates, then one generator update.
 
-    Config: model.{cnum, critic_cnum, local_size, ca_block_size}, loss.{l1_alpha,
+    Config (:func:`schema`): model.{cnum, critic_cnum, local_size, ca_block_size}, loss.{l1_alpha,
     l1_loss_alpha, ae_loss_alpha, gan_loss_alpha, wgan_gp_lambda, global_wgan_loss_alpha,
     gamma}, optimizer.{generator, critic}.{lr, b1, b2, ...}, n_critic, compute_dtype.
     Each image has its own mask; its critic crop is a `local_size` box around its hole.
     """
     m, size = config.model, config.data.image_size
-    local = int(m.get("local_size", size // 2))
-    dtype = _dtype(config)
-    gen = DeepFillV1Generator(cnum=int(m.cnum), dtype=dtype, ca_block_size=m.get("ca_block_size"))
-    critics = DeepFillV1Critics(cnum=int(m.get("critic_cnum", 64)), dtype=dtype)
-    weights = dict(config.loss.to_dict() if hasattr(config.loss, "to_dict") else config.loss)
+    local = size // 2 if m.local_size is None else int(m.local_size)
+    dtype = compute_dtype(config)
+    gen = DeepFillV1Generator(cnum=int(m.cnum), dtype=dtype, ca_block_size=m.ca_block_size)
+    critics = DeepFillV1Critics(cnum=int(m.critic_cnum), dtype=dtype)
+    weights = config.loss.to_dict()
 
     def init(key, batch):
         image, mask = batch["image"], batch["mask"]
@@ -87,5 +108,5 @@ def deepfill_v1_task(config) -> Task:
         x_in, x1, x2, offsets = forward(params, batch)
         return inpainting_outputs(x_in, x1, x2, batch["mask"], offsets_to_flow(offsets))
 
-    optimizers, updates = critic_generator_updates(config, critic_loss, generator_loss, default_n_critic=5)
+    optimizers, updates = critic_generator_updates(config, critic_loss, generator_loss, config.n_critic)
     return Task("deepfill_v1", init, optimizers, updates, predict)

@@ -4,34 +4,38 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jattn import losses as L
 from jattn.models.deepfill_v2 import DeepFillV2Generator, SNPatchGANCritic, offsets_to_flow_v2
-from jattn.train.task import Task, register_task
-from jattn.train.tasks._gan import critic_generator_updates, inpainting_outputs
+from jattn.train.task import Task, compute_dtype, register_task
+from jattn.train.tasks._gan import critic_generator_updates, gan_optimizer_schema, inpainting_outputs
 
-__all__ = ["deepfill_v2_task"]
-
-#: loss-block entries and their official defaults (inpaint.yml of the v2 code).
-LOSS_DEFAULTS = {"l1_loss_alpha": 1.0, "gan_loss_alpha": 1.0, "gan_with_mask": True, "ae_loss": True}
+__all__ = ["deepfill_v2_task", "schema"]
 
 
-def _loss_weights(config) -> dict:
-    block = config.get("loss") or {}
-    block = dict(block.to_dict() if hasattr(block, "to_dict") else block)
-    unknown = sorted(set(block) - set(LOSS_DEFAULTS))
-    if unknown:
-        raise ValueError(f"deepfill_v2: unknown loss setting(s) {unknown}; known: {sorted(LOSS_DEFAULTS)}")
-    return {**LOSS_DEFAULTS, **block}
+def schema() -> ml_collections.ConfigDict:
+    """DeepFill v2's config keys with the official defaults (inpaint.yml of the v2 code)."""
+    return ml_collections.ConfigDict({
+        "model": {"cnum": 48, "critic_cnum": 64, "ca_block_size": None},
+        "loss": {
+            "l1_loss_alpha": 1.0,  # ae loss = alpha * (mean|gt - x1| + mean|gt - x2|)
+            "gan_loss_alpha": 1.0,  # hinge generator loss weight
+            "gan_with_mask": True,  # the critic sees the mask as a 4th channel
+            "ae_loss": True,
+        },
+        "optimizer": gan_optimizer_schema(),
+        "n_critic": 1,  # D:G = 1:1
+    })
 
 
-@register_task("deepfill_v2")
+@register_task("deepfill_v2", schema=schema)
 def deepfill_v2_task(config) -> Task:
     """DeepFill v2: `n_critic` (official 1) SN-PatchGAN hinge updates, then one generator update.
 
-    Config: model.{cnum (official 48), critic_cnum (64), ca_block_size}, loss.{l1_loss_alpha,
-    gan_loss_alpha, gan_with_mask, ae_loss}, optimizer.{generator, critic}.{lr, b1, b2, ...}
-    (official Adam 1e-4, (0.5, 0.999)), n_critic, compute_dtype.
+    Config (:func:`schema`): model.{cnum (official 48), critic_cnum (64), ca_block_size},
+    loss.{l1_loss_alpha, gan_loss_alpha, gan_with_mask, ae_loss}, optimizer.{generator,
+    critic}.{lr, b1, b2, ...} (official Adam 1e-4, (0.5, 0.999)), n_critic, compute_dtype.
 
     The critic's spectral-norm vectors live in `variables["critic"]["batch_stats"]`; every
     critic forward pass (in the critic's and in the generator's update, as every run of the
@@ -39,10 +43,10 @@ def deepfill_v2_task(config) -> Task:
     its own mask; the critic sees `[image, mask]` of the real and the completed images.
     """
     m = config.model
-    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-    gen = DeepFillV2Generator(cnum=int(m.get("cnum", 48)), dtype=dtype, ca_block_size=m.get("ca_block_size"))
-    critic = SNPatchGANCritic(cnum=int(m.get("critic_cnum", 64)), dtype=dtype)
-    weights = _loss_weights(config)
+    dtype = compute_dtype(config)
+    gen = DeepFillV2Generator(cnum=int(m.cnum), dtype=dtype, ca_block_size=m.ca_block_size)
+    critic = SNPatchGANCritic(cnum=int(m.critic_cnum), dtype=dtype)
+    weights = config.loss.to_dict()
 
     def init(key, batch):
         image, mask = batch["image"], batch["mask"]
@@ -86,5 +90,5 @@ def deepfill_v2_task(config) -> Task:
         x_in, x1, x2, offsets = forward(params, batch)
         return inpainting_outputs(x_in, x1, x2, batch["mask"], offsets_to_flow_v2(offsets))
 
-    optimizers, updates = critic_generator_updates(config, critic_loss, generator_loss, default_n_critic=1)
+    optimizers, updates = critic_generator_updates(config, critic_loss, generator_loss, config.n_critic)
     return Task("deepfill_v2", init, optimizers, updates, predict)

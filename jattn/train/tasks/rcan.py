@@ -9,10 +9,10 @@ import jax.numpy as jnp
 
 from jattn import metrics as M
 from jattn.models.rcan import DIV2K_RGB_MEAN, RCAN, init_rcan
-from jattn.train.task import Task, register_task
-from jattn.train.tasks._supervised import compute_dtype, supervised_task
+from jattn.train.task import Task, compute_dtype, register_task
+from jattn.train.tasks._supervised import supervised_schema, supervised_task
 
-__all__ = ["rcan_task", "sr_metrics", "quantize_8bit", "upscale_bicubic", "PSNR_CAP"]
+__all__ = ["rcan_task", "schema", "sr_metrics", "quantize_8bit", "upscale_bicubic", "PSNR_CAP"]
 
 #: Per-image Y-PSNR cap in dB (identical images would give +inf, which poisons means).
 PSNR_CAP = 100.0
@@ -47,22 +47,35 @@ def sr_metrics(pred: jax.Array, target: jax.Array, scale: int, prefix: str = "")
     return {prefix + "psnr_y": jnp.mean(psnr), prefix + "ssim_y": jnp.mean(M.ssim(y_pred, y_true, data_range=255.0))}
 
 
+def schema():
+    """RCAN's config keys with the paper's defaults (no loss settings: L1 only)."""
+    return supervised_schema({
+        "scale": None,  # None: data.scale (when set, it must equal data.scale)
+        "n_resgroups": 10,
+        "n_resblocks": 20,
+        "n_feats": 64,
+        "reduction": 16,
+        "non_local": False,
+        "res_scale": 1.0,
+        "rgb_mean": DIV2K_RGB_MEAN,  # subtracted from the input, added to the output; None: no mean shift
+    })
+
+
 def _scale(config) -> int:
-    scale = config.data.get("scale")
+    scale, model_scale = config.data.scale, config.model.scale
     if scale is None:
         raise ValueError("the rcan task needs config.data.scale (the super-resolution factor)")
-    model_scale = config.model.get("scale")
     if model_scale is not None and int(model_scale) != int(scale):
         raise ValueError(f"config.model.scale={model_scale} differs from config.data.scale={scale}")
     return int(scale)
 
 
-@register_task("rcan")
+@register_task("rcan", schema=schema)
 def rcan_task(config) -> Task:
     """RCAN: one L1 update per step on ("image", "lowres") batches.
 
     Initialisation: :func:`jattn.models.rcan.init_rcan` (PyTorch's conv variance).
-    Config: data.scale; model.{n_resgroups, n_resblocks, n_feats, reduction, non_local,
+    Config (:func:`schema`): data.scale; model.{n_resgroups, n_resblocks, n_feats, reduction, non_local,
     res_scale, rgb_mean (None: no mean shift)}; optimizer (Adam; paper: lr 1e-4, betas
     0.9 / 0.999, halved every 200k steps); compute_dtype.
     predict: "output" (the upscaled image, clipped to [-1, 1]), "bicubic" (bicubic
@@ -71,16 +84,15 @@ def rcan_task(config) -> Task:
     (``bicubic_psnr_y``, ``bicubic_ssim_y``).
     """
     m, scale = config.model, _scale(config)
-    rgb_mean = m.get("rgb_mean", DIV2K_RGB_MEAN)
     model = RCAN(
         scale,
-        n_resgroups=int(m.get("n_resgroups", 10)),
-        n_resblocks=int(m.get("n_resblocks", 20)),
-        n_feats=int(m.get("n_feats", 64)),
-        reduction=int(m.get("reduction", 16)),
-        non_local=bool(m.get("non_local", False)),
-        res_scale=float(m.get("res_scale", 1.0)),
-        rgb_mean=None if rgb_mean is None else tuple(float(v) for v in rgb_mean),
+        n_resgroups=int(m.n_resgroups),
+        n_resblocks=int(m.n_resblocks),
+        n_feats=int(m.n_feats),
+        reduction=int(m.reduction),
+        non_local=bool(m.non_local),
+        res_scale=float(m.res_scale),
+        rgb_mean=None if m.rgb_mean is None else tuple(float(v) for v in m.rgb_mean),
         dtype=compute_dtype(config),
     )
 

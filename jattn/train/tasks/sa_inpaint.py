@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jattn import losses as L
 from jattn.models.sa_inpaint import PatchCritic, SAInpaintGenerator
-from jattn.train.steps import Update
-from jattn.train.task import Task, register_task
-from jattn.train.tasks._supervised import apply_net, compute_dtype, init_net, net_optimizer, plain
+from jattn.train.task import Task, compute_dtype, register_task
+from jattn.train.tasks._gan import critic_generator_updates, gan_optimizer_schema
+from jattn.train.tasks._supervised import apply_net, init_net
 
-__all__ = ["sa_inpaint_task", "masked_l1", "GAN_LOSSES"]
+__all__ = ["sa_inpaint_task", "schema", "masked_l1", "GAN_LOSSES"]
 
 #: name -> (critic loss(pos, neg), generator loss(neg)), on the critic's logits.
 GAN_LOSSES = {
@@ -28,14 +29,27 @@ def masked_l1(a: jax.Array, b: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.sum(jnp.abs(a - b) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-@register_task("sa_inpaint")
+def schema() -> ml_collections.ConfigDict:
+    """Self-attention inpainting's config keys with their defaults."""
+    return ml_collections.ConfigDict({
+        "model": {
+            "widths": (64, 128, 256),  # generator encoder widths (two stride-2 steps)
+            "attention": True,  # self-attention at the bottleneck
+            "critic_widths": (64, 128, 256, 512),
+            "spectral_norm": False,  # in the critic
+        },
+        "loss": {"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.01, "gan": "hinge"},  # gan: "hinge" | "nonsaturating"
+        "optimizer": gan_optimizer_schema(),
+    })
+
+
+@register_task("sa_inpaint", schema=schema)
 def sa_inpaint_task(config) -> Task:
     """Self-attention inpainting GAN.
 
-    Config: model.{widths (64, 128, 256), attention, critic_widths (64, 128, 256, 512),
-    spectral_norm}; loss.{l1_hole (1.0), l1_valid (1.0), adv (0.01), gan ("hinge" |
-    "nonsaturating")}; optimizer.{generator, critic} (Adam); n_critic (critic updates per
-    generator update, 1); compute_dtype.
+    Config (:func:`schema`): model.{widths, attention, critic_widths, spectral_norm};
+    loss.{l1_hole, l1_valid, adv, gan}; optimizer.{generator, critic} (Adam); n_critic (critic
+    updates per generator update; 0 or None: 1); compute_dtype.
 
     Losses: the critic sees ``[image, mask]`` (real) and ``[composite, mask]`` (fake, the
     generator's output inside the hole pasted on the known pixels); the generator loss is
@@ -43,13 +57,11 @@ def sa_inpaint_task(config) -> Task:
     predict: "input" (hole shown white), "raw", "output" (the composite).
     """
     m, dtype = config.model, compute_dtype(config)
-    gen = SAInpaintGenerator(tuple(m.get("widths", (64, 128, 256))), attention=bool(m.get("attention", True)),
-                             dtype=dtype)
-    critic = PatchCritic(tuple(m.get("critic_widths", (64, 128, 256, 512))),
-                         spectral_norm=bool(m.get("spectral_norm", False)), dtype=dtype)
-    w = plain(config.get("loss"))
-    w_hole, w_valid, w_adv = float(w.get("l1_hole", 1.0)), float(w.get("l1_valid", 1.0)), float(w.get("adv", 0.01))
-    gan = w.get("gan", "hinge")
+    gen = SAInpaintGenerator(tuple(m.widths), attention=bool(m.attention), dtype=dtype)
+    critic = PatchCritic(tuple(m.critic_widths), spectral_norm=bool(m.spectral_norm), dtype=dtype)
+    w = config.loss
+    w_hole, w_valid, w_adv = float(w.l1_hole), float(w.l1_valid), float(w.adv)
+    gan = w.gan
     if gan not in GAN_LOSSES:
         raise ValueError(f"unknown loss.gan {gan!r}; use one of {sorted(GAN_LOSSES)}")
     d_gan, g_gan = GAN_LOSSES[gan]
@@ -94,9 +106,5 @@ def sa_inpaint_task(config) -> Task:
         raw, comp = complete(params, batch)
         return {"input": batch["image"] * (1.0 - batch["mask"]) + batch["mask"], "raw": raw, "output": comp}
 
-    optimizers = {"generator": net_optimizer(config, "generator"), "critic": net_optimizer(config, "critic")}
-    d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)
-    g_update = Update("g", "generator", generator_loss, optimizers["generator"])
-    n_critic = int(config.get("n_critic", 1) or 1)
-    return Task("sa_inpaint", init, optimizers, (d_update,) * n_critic + (g_update,), predict, fields=("mask",),
-                export_network="generator")
+    optimizers, updates = critic_generator_updates(config, critic_loss, generator_loss, config.n_critic or 1)
+    return Task("sa_inpaint", init, optimizers, updates, predict, fields=("mask",), export_network="generator")

@@ -20,13 +20,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+import ml_collections
+
 from jattn import losses as L
 from jattn.models.sagan import SAGANDiscriminator, SAGANGenerator
 from jattn.train.sharding import shard_batch
-from jattn.train.steps import Update
-from jattn.train.task import Task, make_optimizer, register_task
+from jattn.train.task import Task, compute_dtype, register_task
+from jattn.train.tasks._gan import critic_generator_updates, gan_optimizer_schema
 
-__all__ = ["sagan_task", "SAMPLE_SEED", "sample_latents"]
+__all__ = ["sagan_task", "schema", "SAMPLE_SEED", "sample_latents"]
 
 SAMPLE_SEED = 1234  # the latents of `predict` never depend on the training seed
 _LOSSES = {"hinge": (L.hinge_d_loss, L.hinge_g_loss), "nonsaturating": (L.nonsaturating_d_loss, L.nonsaturating_g_loss)}
@@ -38,32 +40,55 @@ def sample_latents(index: jax.Array, z_dim: int, seed: int = SAMPLE_SEED) -> jax
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), (z_dim,)))(index)
 
 
-@register_task("sagan")
+def schema() -> ml_collections.ConfigDict:
+    """SAGAN's config keys with their defaults (the paper's where it has one)."""
+    return ml_collections.ConfigDict({
+        "model": {
+            "ch": 64,
+            "z_dim": 128,
+            "num_classes": 0,  # 0: unconditional
+            "attention_resolution": "auto",  # feature size of the self-attention; "auto": 32 at 64 px and up, else 16
+            "bn_momentum": 0.9,
+            "ema_decay": 0.9999,  # None: no EMA; samples from the generator
+            "ema_stats": "track",  # "track" | "batch" (see the module docstring)
+            "inception_weights": None,  # .npz / .safetensors of the FID Inception: enables IS / FID
+            "is_splits": 10,  # Inception Score splits
+        },
+        "loss": {"kind": "hinge"},  # "hinge" (the paper's) | "nonsaturating"
+        "optimizer": gan_optimizer_schema(),
+    })
+
+
+def _attention_resolution(value, image_size: int):
+    """`model.attention_resolution` with "auto" resolved for `image_size`."""
+    if value == "auto":
+        return 32 if image_size >= 64 else 16
+    return value
+
+
+@register_task("sagan", schema=schema)
 def sagan_task(config) -> Task:
     """SAGAN from the config.
 
-    Config: model.{ch (64), z_dim (128), num_classes (0: unconditional), attention_resolution
-    (32 at 128 px), ema_decay (None: no EMA; samples from the generator), ema_stats ("track" |
-    "batch"), bn_momentum, inception_weights (for IS / FID, see jattn.gan_metrics)},
-    data.image_size (32, 64, 128), optimizer.{generator, critic} (TTUR: 1e-4 / 4e-4, betas 0 /
-    0.9), n_critic (1), loss.kind ("hinge", the paper's; or "nonsaturating"), compute_dtype.
+    Config (:func:`schema`): model.{ch, z_dim, num_classes, attention_resolution, ema_decay,
+    ema_stats, bn_momentum, inception_weights (for IS / FID, see jattn.gan_metrics)},
+    data.image_size (32, 64, 128), optimizer.{generator, critic} (paper: TTUR 1e-4 / 4e-4,
+    betas 0 / 0.9), n_critic (1), loss.kind, compute_dtype.
     Conditional models need the "label" field; fake images get uniformly drawn labels.
     """
     m, size = config.model, int(config.data.image_size)
-    num_classes = int(m.get("num_classes", 0))
-    z_dim = int(m.get("z_dim", 128))
-    attention = m.get("attention_resolution", 32 if size >= 64 else 16)
-    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-    gen = SAGANGenerator(size, int(m.get("ch", 64)), z_dim, num_classes, attention,
-                         float(m.get("bn_momentum", 0.9)), dtype=dtype)
-    disc = SAGANDiscriminator(size, int(m.get("ch", 64)), num_classes, attention, dtype=dtype)
-    ema_decay = m.get("ema_decay", 0.9999)
-    ema_decay = None if ema_decay is None else float(ema_decay)
-    ema_stats = m.get("ema_stats", "track")
+    num_classes = int(m.num_classes)
+    z_dim = int(m.z_dim)
+    attention = _attention_resolution(m.attention_resolution, size)
+    dtype = compute_dtype(config)
+    gen = SAGANGenerator(size, int(m.ch), z_dim, num_classes, attention, float(m.bn_momentum), dtype=dtype)
+    disc = SAGANDiscriminator(size, int(m.ch), num_classes, attention, dtype=dtype)
+    ema_decay = None if m.ema_decay is None else float(m.ema_decay)
+    ema_stats = m.ema_stats
     if ema_stats not in ("track", "batch"):
         raise ValueError(f"model.ema_stats must be 'track' or 'batch', got {ema_stats!r}")
     track = ema_decay is not None and ema_stats == "track"
-    loss_kind = (config.get("loss") or {}).get("kind", "hinge")
+    loss_kind = config.loss.kind
     if loss_kind not in _LOSSES:
         raise ValueError(f"loss.kind must be one of {sorted(_LOSSES)}, got {loss_kind!r}")
     d_loss_fn, g_loss_fn = _LOSSES[loss_kind]
@@ -136,14 +161,8 @@ def sagan_task(config) -> Task:
             out, _ = generate(gparams, gvars, z, y)
         return {"output": out.astype(jnp.float32), "real": real}
 
-    optimizers = {
-        "generator": make_optimizer(config.optimizer.generator, config.get("learning_rate")),
-        "critic": make_optimizer(config.optimizer.critic, config.get("learning_rate")),
-    }
-    d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)
-    g_update = Update("g", "generator", generator_loss, optimizers["generator"], ema_decay=ema_decay)
-    n_critic = int(config.get("n_critic", 1))
-    task = Task("sagan", init, optimizers, (d_update,) * n_critic + (g_update,), predict,
+    optimizers, updates = critic_generator_updates(config, critic_loss, generator_loss, config.n_critic, ema_decay)
+    task = Task("sagan", init, optimizers, updates, predict,
                 fields=("label",) if num_classes else (), eval_metrics=None, export_network="generator")
 
     def evaluate(state, config, mesh, real_batches):

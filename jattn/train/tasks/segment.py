@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import optax
 
 from jattn.models.unet import AttentionUNet, unet_features
-from jattn.train.task import Task, register_task
-from jattn.train.tasks._supervised import compute_dtype, plain, supervised_task
+from jattn.train.task import Task, compute_dtype, register_task
+from jattn.train.tasks._supervised import supervised_schema, supervised_task
 
-__all__ = ["attention_unet_task", "pixel_cross_entropy", "soft_dice_loss", "segmentation_metrics", "labels_to_image"]
+__all__ = ["attention_unet_task", "schema", "pixel_cross_entropy", "soft_dice_loss", "segmentation_metrics", "labels_to_image"]
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -61,19 +61,33 @@ def labels_to_image(labels: jax.Array, num_classes: int) -> jax.Array:
     return (labels.astype(jnp.float32) / max(num_classes - 1, 1) * 2.0 - 1.0)[..., None]
 
 
+def schema():
+    """Attention U-Net's config keys with their defaults (the paper's widths)."""
+    return supervised_schema(
+        {
+            "num_classes": None,  # required: background included
+            "features": None,  # widths per level; None: base * 2^i for depth levels
+            "base": 64,
+            "depth": 5,
+            "attention": True,  # attention gates on the skips
+        },
+        {"dice_weight": 0.0, "dice_smooth": 1.0},  # loss: cross-entropy + dice_weight * soft Dice
+    )
+
+
 def _features(m) -> tuple[int, ...]:
-    if m.get("features") is not None:
+    if m.features is not None:
         return tuple(int(f) for f in m.features)
-    return unet_features(int(m.get("base", 64)), int(m.get("depth", 5)))
+    return unet_features(int(m.base), int(m.depth))
 
 
-@register_task("attention_unet")
+@register_task("attention_unet", schema=schema)
 def attention_unet_task(config) -> Task:
     """Attention U-Net: one update per step on ("image", "segmentation") batches; batch norm
     statistics updated in the train step and used in ``predict``.
 
-    Config: model.{num_classes, features | base + depth, attention}; loss.{dice_weight (0),
-    dice_smooth (1)}; optimizer (Adam); compute_dtype.
+    Config (:func:`schema`): model.{num_classes, features | base + depth, attention};
+    loss.{dice_weight, dice_smooth}; optimizer (Adam); compute_dtype.
     predict: "input" (the image), "target" / "labels" (true / predicted classes as gray
     images), "attention_{i}" (gate coefficients of level i, mapped from (0, 1) to (-1, 1)
     for display), "output" (logits ``[B, H, W, num_classes]``).
@@ -81,10 +95,9 @@ def attention_unet_task(config) -> Task:
     """
     m = config.model
     k = int(m.num_classes)
-    model = AttentionUNet(k, _features(m), attention=bool(m.get("attention", True)), dtype=compute_dtype(config))
-    loss_cfg = plain(config.get("loss"))
-    dice_weight = float(loss_cfg.get("dice_weight", 0.0))
-    dice_smooth = float(loss_cfg.get("dice_smooth", 1.0))
+    model = AttentionUNet(k, _features(m), attention=bool(m.attention), dtype=compute_dtype(config))
+    dice_weight = float(config.loss.dice_weight)
+    dice_smooth = float(config.loss.dice_smooth)
 
     def loss(logits, batch):
         ce = pixel_cross_entropy(logits, batch["segmentation"])
