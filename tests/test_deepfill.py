@@ -3,11 +3,14 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from jattn import models
+from jattn.config import ConfigError
 from jattn.export import deepfill_import as di
+from jattn.train import task as task_module
+from jattn.train.task import build_task, register_task, task_names
 from jattn.models.deepfill import DeepFillV1Critics, DeepFillV1Generator, offsets_to_flow
 
 GEN_PARAMS = 3_601_542
@@ -175,24 +178,58 @@ def test_bf16_compute(small_model):
     assert np.abs(np.asarray(x2)).max() <= 1.0
 
 
-def test_registry():
-    assert "deepfill_v1" in models.names()
-    bundle = models.get("deepfill_v1", cnum=16)
-    assert isinstance(bundle.generator, DeepFillV1Generator) and bundle.generator.cnum == 16
-    assert isinstance(bundle.critics, DeepFillV1Critics)
-    with pytest.raises(KeyError, match="deepfill_v1"):
-        models.get("no_such_model")
+def _abstract_params(task, size):
+    """The task's params as shapes, initialised (abstractly) on an image of `size` x `size`."""
+    batch = {"image": jnp.zeros((1, size, size, 3)), "mask": jnp.zeros((1, size, size, 1))}
+    params, _ = jax.eval_shape(task.init, jax.random.key(0), batch)
+    return params
 
-    @models.register("_test_dummy")
-    def _dummy(width=3):
-        return ("dummy", width)
+
+def test_registry():
+    """The task registry builds DeepFill v1 by name from a config, with the schema's defaults."""
+    assert "deepfill_v1" in task_names()
+    config = ml_collections.ConfigDict({"model": {"name": "deepfill_v1", "cnum": 16}, "data": {"image_size": 32},
+                                        "learning_rate": 1e-4})
+    task = build_task(config)
+    assert task.name == "deepfill_v1" and task.fields == ("mask",) and set(task.optimizers) == {"generator", "critic"}
+    assert [u.name for u in task.updates] == ["d"] * 5 + ["g"]  # the official n_critic
+    params = _abstract_params(task, 32)
+    assert params["generator"]["conv1"]["kernel"].shape[-1] == 16
+    assert params["critic"]["discriminator_local"]["conv1"]["kernel"].shape[-1] == 64  # critic_cnum's default
+    assert params["critic"]["dout_local_fc"]["kernel"].shape == (512, 1)  # local_size: image_size // 2 -> 16 px
+    assert config.to_dict() == {"model": {"name": "deepfill_v1", "cnum": 16}, "data": {"image_size": 32},
+                                "learning_rate": 1e-4}  # the caller's config is left as it was
+    config.model.name = "no_such_model"
+    with pytest.raises(ValueError, match=r"unknown model 'no_such_model'; known models: .*deepfill_v1.*deepfill_v2"):
+        build_task(config)
+
+
+def test_registry_takes_new_tasks_with_their_schema():
+    """A registered task gets its config completed with its schema's defaults; an unknown key
+    in a block its schema declares is an error naming the valid keys."""
+    seen = {}
+
+    def schema():
+        return ml_collections.ConfigDict({"model": {"width": 3}, "loss": {"weight": 0.5}, "n_critic": 2})
+
+    @register_task("_test_dummy", schema=schema)
+    def _dummy(config):
+        seen["config"] = config
+        return "a task"
 
     try:
-        assert models.get("_test_dummy", width=5) == ("dummy", 5)
-        with pytest.raises(ValueError, match="already registered"):
-            models.register("_test_dummy")(lambda: None)
+        assert "_test_dummy" in task_names()
+        config = ml_collections.ConfigDict({"model": {"name": "_test_dummy", "width": 5}, "data": {"image_size": 8}})
+        assert build_task(config) == "a task"
+        got = seen["config"]
+        assert (got.model.name, got.model.width, got.loss.weight, got.n_critic) == ("_test_dummy", 5, 0.5, 2)
+        assert got.log_every == 10 and got.optimizer is None  # trainer defaults; no optimizer schema: free-form
+        config.model.depth = 4
+        with pytest.raises(ConfigError, match=r"unknown config key\(s\): model.depth; valid keys here: "
+                                              r"model.name, model.width"):
+            build_task(config)
     finally:
-        models.registry._REGISTRY.pop("_test_dummy")
+        task_module._TASKS.pop("_test_dummy")
 
 
 # --------------------------------------------------------------------------- importer

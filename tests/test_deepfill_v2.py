@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jattn import losses as L
-from jattn import models
 from jattn.export import deepfill_import as di
 from jattn.models.deepfill_v2 import DeepFillV2Generator, KernelSpectralNorm, SNPatchGANCritic, offsets_to_flow_v2
 
@@ -70,9 +69,23 @@ def test_cnum_must_allow_gating(cnum):
 
 
 def test_registry():
-    bundle = models.get("deepfill_v2", cnum=16, critic_cnum=8)
-    assert isinstance(bundle.generator, DeepFillV2Generator) and bundle.generator.cnum == 16
-    assert isinstance(bundle.critic, SNPatchGANCritic) and bundle.critic.cnum == 8
+    """The task registry builds DeepFill v2 by name from a config, with the schema's defaults."""
+    from jattn.train.task import build_task, task_names
+
+    assert "deepfill_v2" in task_names()
+    config = ml_collections.ConfigDict({"model": {"name": "deepfill_v2", "cnum": 16, "critic_cnum": 8},
+                                        "data": {"image_size": 32}, "learning_rate": 1e-4})
+    task = build_task(config)
+    assert task.name == "deepfill_v2" and [u.name for u in task.updates] == ["d", "g"]  # the official n_critic
+    batch = {"image": jnp.zeros((1, 32, 32, 3)), "mask": jnp.zeros((1, 32, 32, 1))}
+    params, variables = jax.eval_shape(task.init, jax.random.key(0), batch)
+    assert params["generator"]["conv1"]["kernel"].shape[-1] == 16
+    critic_conv1 = params["critic"]["sn_patch_gan"]["conv1"]["kernel"]
+    assert critic_conv1.shape[-2:] == (4, 8)  # gan_with_mask's default: [image, mask] in
+    assert "u" in variables["critic"]["batch_stats"]["sn_patch_gan"]["conv1"]["kernel_sn"]
+    config.model.name = "deepfill_v3"
+    with pytest.raises(ValueError, match=r"unknown model 'deepfill_v3'; known models: .*deepfill_v1, deepfill_v2"):
+        build_task(config)
 
 
 def test_spectral_norm_power_iteration():

@@ -1,9 +1,8 @@
-"""Models and their registry."""
+"""Models: Flax modules. How each trains, and the registry by model name, are the tasks of
+`jattn.train.task` (`build_task(config)`, `task_names()`)."""
 
-from jattn.models import registry
 from jattn.models.deepfill import DeepFillV1Critics, DeepFillV1Generator, DisConv, offsets_to_flow
 from jattn.models.deepfill_v2 import DeepFillV2Generator, SNPatchGANCritic, offsets_to_flow_v2
-from jattn.models.registry import GAN, DeepFillV1, DeepFillV2, get, names, register
 from jattn.models.classifiers import SEResNet, se_resnet18, se_resnet50, se_resnet_cifar
 from jattn.models.rcan import RCAN
 from jattn.models.sa_inpaint import PatchCritic, SAInpaintGenerator
@@ -12,7 +11,6 @@ from jattn.models.unet import AttentionUNet
 
 __all__ = [
     "AttentionUNet",
-    "GAN",
     "PatchCritic",
     "RCAN",
     "SAGANDiscriminator",
@@ -22,17 +20,11 @@ __all__ = [
     "se_resnet18",
     "se_resnet50",
     "se_resnet_cifar",
-    "DeepFillV1",
     "DeepFillV1Critics",
     "DeepFillV1Generator",
-    "DeepFillV2",
     "DeepFillV2Generator",
     "DisConv",
     "SNPatchGANCritic",
-    "get",
-    "names",
     "offsets_to_flow",
     "offsets_to_flow_v2",
-    "register",
-    "registry",
 ]
