@@ -13,12 +13,9 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict({"name": "deepfill_v2", "cnum": 48, "critic_cnum": 64, "ca_block_size": None})
+    c.model = ml_collections.ConfigDict({"name": "deepfill_v2", "cnum": 48, "critic_cnum": 64})
     c.data = ml_collections.ConfigDict()
     c.data.source = {"kind": "sample_photos", "num_examples": 4096, "crop_size": 256}
-    c.data.eval_source = None  # None: the training source, in order, centre crops
-    c.data.loader = "grain"
     c.data.image_size = 256
     c.data.mask = {
         "kind": "union",
@@ -27,15 +24,11 @@ def get_config():
             {"kind": "free_form"},  # brush_stroke_mask: 1-3 strokes, 4-11 vertices, width 12-40
         ],
     }
-    c.data.eval_mask = None  # None: the training masks (with the fixed eval seed)
-    c.data.shuffle_buffer = None
-    c.data.worker_count = 0
     c.batch_size = 16  # global: split over every device of every process
     c.total_steps = 1_000_000
     c.n_critic = 1  # D:G = 1:1
-    c.compute_dtype = "float32"
     c.learning_rate = 1e-4  # every network's, unless optimizer.<network>.lr is set
-    adam = {"lr": None, "b1": 0.5, "b2": 0.999, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
+    adam = {"b1": 0.5, "b2": 0.999}
     c.optimizer = ml_collections.ConfigDict({"generator": dict(adam), "critic": dict(adam)})
     c.loss = ml_collections.ConfigDict(
         {
@@ -51,8 +44,5 @@ def get_config():
     c.eval_every = 5000
     c.eval_images = 512
     c.eval_batch_size = 16
-    c.keep_checkpoints = 3
     c.best_metric = "eval_psnr"
-    c.best_mode = "max"
-    c.skip_nonfinite = False
     return c

@@ -21,7 +21,6 @@ import ml_collections
 def rcan_config(scale: int) -> ml_collections.ConfigDict:
     """The paper's RCAN settings for ``scale`` (2, 3, 4, 8) on DIV2K."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
     c.model = ml_collections.ConfigDict(
         {"name": "rcan", "n_resgroups": 10, "n_resblocks": 20, "n_feats": 64, "reduction": 16,
          "non_local": False, "res_scale": 1.0}
@@ -32,31 +31,19 @@ def rcan_config(scale: int) -> ml_collections.ConfigDict:
                      "file_format": "array_record"}
     c.data.eval_source = {"kind": "tfds", "name": tfds_name, "split": "validation", "image_key": "hr",
                           "data_dir": None, "file_format": "array_record"}
-    c.data.loader = "grain"
     c.data.image_size = 48 * scale  # high-res crop; the low-res patch is 48x48
     c.data.scale = scale
-    c.data.mask = None  # no inpainting masks
-    c.data.eval_mask = None
-    c.data.shuffle_buffer = None
-    c.data.worker_count = 0
     c.batch_size = 16
     c.total_steps = 1_000_000
-    c.compute_dtype = "float32"
     c.learning_rate = 1e-4
-    c.optimizer = ml_collections.ConfigDict(
-        {"lr": None, "b1": 0.9, "b2": 0.999, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
-    )
-    c.loss = ml_collections.ConfigDict({})  # L1 only
+    c.optimizer = ml_collections.ConfigDict({"b1": 0.9, "b2": 0.999})
     c.log_every = 100
     c.image_every = 5000
     c.checkpoint_every = 10000
     c.eval_every = 10000
     c.eval_images = 96  # 100 validation images, whole batches of 16
     c.eval_batch_size = 16
-    c.keep_checkpoints = 3
     c.best_metric = "eval_psnr_y"
-    c.best_mode = "max"
-    c.skip_nonfinite = False
     return c
 
 

@@ -13,7 +13,6 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.seed = 0
     c.model = ml_collections.ConfigDict(
         {"name": "sa_inpaint", "widths": (64, 128, 256), "attention": True, "critic_widths": (64, 128, 256, 512),
          "spectral_norm": True}
@@ -23,19 +22,14 @@ def get_config():
                      "file_format": "array_record"}
     c.data.eval_source = {"kind": "tfds", "name": "places365_small", "split": "validation", "data_dir": None,
                           "file_format": "array_record"}
-    c.data.loader = "grain"
     c.data.image_size = 256
     c.data.mask = [[0.5, {"kind": "box", "hole_size": [128, 128], "margin": [0, 0], "max_delta": [32, 32]}],
                    [0.5, "free_form"]]
-    c.data.eval_mask = None
-    c.data.shuffle_buffer = None
-    c.data.worker_count = 0
     c.batch_size = 16
     c.total_steps = 500_000
     c.n_critic = 1
-    c.compute_dtype = "float32"
     c.learning_rate = 1e-4
-    adam = {"lr": None, "b1": 0.5, "b2": 0.999, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
+    adam = {"b1": 0.5, "b2": 0.999}
     c.optimizer = ml_collections.ConfigDict({"generator": dict(adam), "critic": dict(adam)})
     c.loss = ml_collections.ConfigDict({"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.01, "gan": "hinge"})
     c.log_every = 100
@@ -44,8 +38,5 @@ def get_config():
     c.eval_every = 5000
     c.eval_images = 512
     c.eval_batch_size = 16
-    c.keep_checkpoints = 3
     c.best_metric = "eval_psnr"
-    c.best_mode = "max"
-    c.skip_nonfinite = False
     return c

@@ -16,7 +16,6 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.seed = 0
     c.model = ml_collections.ConfigDict(
         {
             "name": "sagan",
@@ -24,11 +23,7 @@ def get_config():
             "z_dim": 128,
             "num_classes": 1000,
             "attention_resolution": 32,
-            "bn_momentum": 0.9,
             "ema_decay": 0.9999,
-            "ema_stats": "track",  # EMA generator keeps its own batch-norm statistics
-            "inception_weights": None,  # .npz / .safetensors of the FID Inception: enables IS / FID
-            "is_splits": 10,
         }
     )
     c.data = ml_collections.ConfigDict()
@@ -36,18 +31,11 @@ def get_config():
                      "manual_dir": None, "file_format": "array_record"}
     c.data.eval_source = {"kind": "tfds", "name": "imagenet2012", "split": "validation", "data_dir": None,
                           "manual_dir": None, "file_format": "array_record"}
-    c.data.loader = "grain"
     c.data.image_size = 128
-    c.data.mask = None  # no masks: the task's only field is "label"
-    c.data.eval_mask = None
-    c.data.shuffle_buffer = None
-    c.data.worker_count = 0
     c.batch_size = 256  # global: split over every device of every process
     c.total_steps = 1_000_000
     c.n_critic = 1
-    c.compute_dtype = "float32"
-    c.learning_rate = None  # each network has its own (TTUR)
-    adam = {"b1": 0.0, "b2": 0.9, "clip_norm": None, "schedule": "constant", "warmup_steps": 0}
+    adam = {"b1": 0.0, "b2": 0.9}  # TTUR: each network has its own lr
     c.optimizer = ml_collections.ConfigDict(
         {"generator": {"lr": 1e-4, **adam}, "critic": {"lr": 4e-4, **adam}}
     )
@@ -58,8 +46,5 @@ def get_config():
     c.eval_every = 50_000
     c.eval_images = 50_000  # FID-50k against the validation set
     c.eval_batch_size = 400
-    c.keep_checkpoints = 3
-    c.best_metric = None  # "eval_fid" (best_mode "min") once inception_weights is set
-    c.best_mode = "min"
-    c.skip_nonfinite = False
+    c.best_mode = "min"  # for best_metric "eval_fid", once model.inception_weights is set
     return c

@@ -16,38 +16,28 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.seed = 0
     c.model = ml_collections.ConfigDict(
-        {"name": "se_resnet", "preset": "se_resnet50", "num_classes": 1000, "reduction": 16, "zero_init_last_bn": False}
+        {"name": "se_resnet", "preset": "se_resnet50", "num_classes": 1000, "reduction": 16}
     )
     c.data = ml_collections.ConfigDict()
     c.data.source = {"kind": "tfds", "name": "imagenet2012", "split": "train", "data_dir": None,
                      "file_format": "array_record"}
     c.data.eval_source = {"kind": "tfds", "name": "imagenet2012", "split": "validation", "data_dir": None,
                           "file_format": "array_record"}
-    c.data.loader = "grain"
     c.data.image_size = 224
-    c.data.mask = None
-    c.data.eval_mask = None
-    c.data.shuffle_buffer = None
     c.data.worker_count = 8
     c.batch_size = 256
     c.total_steps = 500_000  # 100 epochs of 1.28 M images at batch 256
     c.compute_dtype = "bfloat16"
     c.learning_rate = 1e-3
     c.optimizer = ml_collections.ConfigDict(
-        {"lr": None, "b1": 0.9, "b2": 0.999, "clip_norm": None, "schedule": "cosine", "decay_steps": 495_000,
-         "warmup_steps": 5000}
+        {"schedule": "cosine", "decay_steps": 495_000, "warmup_steps": 5000}
     )
-    c.loss = ml_collections.ConfigDict({"label_smoothing": 0.0})
     c.log_every = 100
     c.image_every = 0  # no picture to show for a classifier
     c.checkpoint_every = 10000
     c.eval_every = 10000
     c.eval_images = 10240
     c.eval_batch_size = 256
-    c.keep_checkpoints = 3
     c.best_metric = "eval_accuracy"
-    c.best_mode = "max"
-    c.skip_nonfinite = False
     return c

@@ -12,7 +12,6 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.seed = 0
     c.model = ml_collections.ConfigDict(
         {"name": "se_resnet", "preset": "se_resnet_cifar", "depth": 20, "num_classes": 10, "reduction": 16}
     )
@@ -20,29 +19,18 @@ def get_config():
     c.data.source = {"kind": "tfds", "name": "cifar10", "split": "train", "data_dir": None, "file_format": "array_record"}
     c.data.eval_source = {"kind": "tfds", "name": "cifar10", "split": "test", "data_dir": None,
                           "file_format": "array_record"}
-    c.data.loader = "grain"
     c.data.image_size = 32
-    c.data.mask = None
-    c.data.eval_mask = None
-    c.data.shuffle_buffer = None
-    c.data.worker_count = 0
     c.batch_size = 128
     c.total_steps = 64_000
-    c.compute_dtype = "float32"
     c.learning_rate = 1e-3
     c.optimizer = ml_collections.ConfigDict(
-        {"lr": None, "b1": 0.9, "b2": 0.999, "clip_norm": None, "schedule": "cosine", "decay_steps": 64_000,
-         "warmup_steps": 0}
+        {"schedule": "cosine", "decay_steps": 64_000}
     )
-    c.loss = ml_collections.ConfigDict({"label_smoothing": 0.0})
     c.log_every = 100
     c.image_every = 0
     c.checkpoint_every = 4000
     c.eval_every = 4000
     c.eval_images = 10000
     c.eval_batch_size = 500
-    c.keep_checkpoints = 3
     c.best_metric = "eval_accuracy"
-    c.best_mode = "max"
-    c.skip_nonfinite = False
     return c
