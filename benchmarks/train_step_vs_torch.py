@@ -1,14 +1,17 @@
-"""jattn's DeepFill v1 training iteration side by side with the PyTorch reference (not a test).
+"""jattn's DeepFill v1 training iteration side by side with PyTorch (not a test).
 
-Runs `benchmarks/train_step.py` (jattn, this interpreter) and `benchmarks/torch_reference.py`
-(PyTorch, `--torch-python`, a separate virtualenv: PyTorch is not a jattn dependency) one
-after the other in one invocation, on one core (`taskset -c 0`, PyTorch with 1 thread) and
-on every allowed core, and prints one JSON line per run and a table of seconds per
-iteration with the ratios. Nothing else should run on the machine meanwhile. Where the
+Runs `benchmarks/train_step.py` (jattn, this interpreter), `benchmarks/torch_reference.py`
+(the same iteration written in plain PyTorch from the spec) and, with `--port-dir`,
+`benchmarks/torch_port.py` (the public PyTorch port daa233/generative-inpainting-pytorch
+with its own trainer, from a checkout the user provides) one after the other in one
+invocation, the PyTorch ones with `--torch-python` (a separate virtualenv: PyTorch is not a
+jattn dependency), on one core (`taskset -c 0`, PyTorch with 1 thread) and on every allowed
+core, and prints one JSON line per run and a table of seconds per iteration with the ratios. Nothing else should run on the machine meanwhile. Where the
 machine has tcmalloc, both libraries run under it (`jattn/_alloc.py`); `JATTN_TCMALLOC=0`
 runs both under the C library's malloc.
 
-    python benchmarks/train_step_vs_torch.py --torch-python /tmp/torchvenv/bin/python [--batch 4] [--repeats 3]
+    python benchmarks/train_step_vs_torch.py --torch-python /tmp/torchvenv/bin/python \
+        [--port-dir /tmp/gip] [--batch 4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def _run(cmd: list[str], out: pathlib.Path, env: dict | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--torch-python", required=True, help="python of a virtualenv with torch installed")
+    parser.add_argument("--port-dir", help="a checkout of daa233/generative-inpainting-pytorch: time it too")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write all results here")
@@ -46,6 +50,8 @@ def main() -> None:
     jattn_cmd = [sys.executable, str(HERE / "train_step.py"), "--batch", str(args.batch), "--repeats", str(args.repeats)]
     torch_cmd = [args.torch_python, str(HERE / "torch_reference.py"), "--batch", str(args.batch),
                  "--repeats", str(args.repeats), "--no-flop-count"]
+    port_cmd = ([args.torch_python, str(HERE / "torch_port.py"), "--port-dir", args.port_dir, "--batch", str(args.batch),
+                 "--repeats", str(args.repeats)] if args.port_dir else None)
     # train_step.py runs under tcmalloc when the machine has it, as `jattn` does; PyTorch gets
     # the same allocator so that the comparison is between the libraries, not the mallocs.
     torch_env = preload_environment(os.environ)
@@ -54,12 +60,12 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        for label, cmd in (
-            ("jattn, 1 core", pin + jattn_cmd),
-            ("PyTorch, 1 core, 1 thread", pin + torch_cmd + ["--threads", "1"]),
-            (f"jattn, {cores} cores", jattn_cmd),
-            (f"PyTorch, {cores} cores, {cores} threads", torch_cmd + ["--threads", str(cores)]),
-        ):
+        plan = [("jattn, 1 core", pin + jattn_cmd), ("PyTorch reference, 1 core, 1 thread", pin + torch_cmd + ["--threads", "1"])]
+        plan += [("PyTorch port, 1 core, 1 thread", pin + port_cmd + ["--threads", "1"])] if port_cmd else []
+        plan += [(f"jattn, {cores} cores", jattn_cmd),
+                 (f"PyTorch reference, {cores} cores, {cores} threads", torch_cmd + ["--threads", str(cores)])]
+        plan += [(f"PyTorch port, {cores} cores, {cores} threads", port_cmd + ["--threads", str(cores)])] if port_cmd else []
+        for label, cmd in plan:
             result = _run(cmd, tmp / "out.json", None if "jattn" in label else torch_env)
             first = result["results"][0]
             runs[label] = {"seconds_per_iteration": first["seconds_per_iteration"],
@@ -67,11 +73,13 @@ def main() -> None:
                            **{k: first[k] for k in ("pct_of_matmul_nominal", "pct_of_matmul_interleaved_nominal") if k in first},
                            "raw": result}
             print(json.dumps({label: {k: v for k, v in runs[label].items() if k != "raw"}}), flush=True)
-    labels = list(runs)
     print(f"\nbatch {args.batch}, {time.strftime('%Y-%m-%d')}, seconds per iteration (median of {args.repeats}):")
-    for jattn_label, torch_label in ((labels[0], labels[1]), (labels[2], labels[3])):
-        j, t = runs[jattn_label]["seconds_per_iteration"], runs[torch_label]["seconds_per_iteration"]
-        print(f"  {jattn_label}: {j:.2f} s | {torch_label}: {t:.2f} s | PyTorch / jattn = {t / j:.2f}")
+    for jattn_label in [k for k in runs if k.startswith("jattn")]:
+        setting = jattn_label.split(", ", 1)[1]
+        j = runs[jattn_label]["seconds_per_iteration"]
+        for other in [k for k in runs if k.startswith("PyTorch") and k.split(", ")[1] == setting]:
+            t = runs[other]["seconds_per_iteration"]
+            print(f"  {jattn_label}: {j:.2f} s | {other}: {t:.2f} s | PyTorch / jattn = {t / j:.2f}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(runs, indent=2))
 
