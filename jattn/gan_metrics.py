@@ -408,7 +408,7 @@ def _inception_network(path: str):
 
 def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: FeatureFn | None = None,
                  mesh=None, real_stats: tuple[np.ndarray, np.ndarray] | None = None,
-                 splits: int | None = None) -> dict[str, float]:
+                 splits: int | None = None, predict: Callable | None = None) -> dict[str, float]:
     """IS and FID of a GAN task's samples over a whole evaluation set.
 
     For every batch of ``real_batches`` (this process's host batches: ``"image" [b, H, W, 3]``
@@ -421,19 +421,21 @@ def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: 
     network: default the Inception-v3 of ``config.model.inception_weights`` (no weights
       configured: returns ``{}``: nothing is computed).
     real_stats: precomputed ``(mu, sigma)`` of the real set (skips the real images' features).
-    splits: IS splits (default ``config.model.get("is_splits", 10)``, at most the sample count).
+    splits: IS splits (default ``config.model.is_splits``, at most the sample count).
+    predict: ``task.predict`` jitted (default: jitted here, so compiled at every call; pass one
+      jitted function to compile it once for all evaluations of a run).
 
     Returns ``eval_fid``, ``eval_is``, ``eval_is_std`` (when there are logits), ``eval_is_real``
     (IS of the real images) and ``eval_images`` (the number of samples).
     """
     if network is None:
-        weights = config.model.get("inception_weights")
+        weights = config.model.inception_weights
         if not weights:
             return {}
         network = inception_network(weights)
     if mesh is not None:
         from jattn.train.sharding import to_global_array
-    predict = jax.jit(task.predict)
+    predict = jax.jit(task.predict) if predict is None else predict
     real, fake = _Moments(), _Moments()
     fake_logits, real_logits = [], []
     offset = 0
@@ -460,7 +462,7 @@ def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: 
     mu_r, sigma_r = real.statistics() if real_stats is None else real_stats
     mu_f, sigma_f = fake.statistics()
     out = {"eval_fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r), "eval_images": fake.n}
-    n_splits = int(splits if splits is not None else config.model.get("is_splits", 10))
+    n_splits = int(splits if splits is not None else config.model.is_splits)
     if fake_logits:
         logits = np.concatenate(fake_logits)
         out["eval_is"], out["eval_is_std"] = inception_score(logits, min(n_splits, len(logits)))

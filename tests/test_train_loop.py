@@ -79,6 +79,25 @@ def test_config_mismatch_is_refused(tmp_path):
         train(other, tmp_path, progress=False)
 
 
+def test_a_model_block_saved_before_a_key_was_declared_still_matches():
+    """A checkpoint's model block lacks the keys declared after it was written: compared
+    with the schema's defaults filled in, it matches the config; a real difference does not."""
+    import pathlib
+
+    from jattn.config import load_config, schema_for
+    from jattn.train.loop import _model_block, _saved_model_block
+
+    config = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo_rcan.py")
+    full = _model_block(config)
+    defaults = schema_for("rcan").model
+    at_default = [k for k, v in defaults.items() if k != "name" and full.get(k) == v]
+    assert at_default, "demo_rcan leaves some model keys at their defaults"
+    saved = {k: v for k, v in full.items() if k not in at_default}
+    assert _saved_model_block(saved) == full
+    changed = dict(saved, n_resgroups=full["n_resgroups"] + 1)
+    assert _saved_model_block(changed) != full
+
+
 def test_eval_during_training_keeps_the_best_and_is_reproducible(tmp_path):
     from jattn.train.evaluate import evaluate
     from jattn.train.setup import restore_for_eval

@@ -281,7 +281,7 @@ def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], l
     from jattn.train.sharding import data_sharding, replicated
     from jattn.train.steps import jit_update, make_train_step
 
-    unroll = bool(config.get("step_unroll", True))
+    unroll = bool(config.step_unroll)
     state = abstract_train_state(task, config, mesh)
     batches = abstract_step_batches(task, config, mesh, global_batch)
     step_fn = make_train_step(task.updates, mesh, unroll=unroll)  # what the loop calls once per step
@@ -327,9 +327,11 @@ def compile_run(config, devices: Sequence, topology: str) -> Compiled:
        "bytes_per_chip", "hbm_gib_per_chip": {"arguments", "outputs", "temporaries",
        "total"}, "collectives": {name: count}}], "step": step_summary(...)}
     """
+    from jattn.config import with_defaults
     from jattn.train.sharding import make_mesh
     from jattn.train.task import build_task
 
+    config = with_defaults(config)
     chips = len(devices)
     global_batch = int(config.batch_size)
     if global_batch <= 0 or global_batch % chips:
@@ -341,7 +343,7 @@ def compile_run(config, devices: Sequence, topology: str) -> Compiled:
     mesh = make_mesh(devices)
     programs, notes, refused = _step_programs(task, config, mesh, global_batch)
     images_per_step = global_batch * len(task.updates)
-    compute_dtype = str(config.get("compute_dtype", "float32") or "float32")
+    compute_dtype = str(config.compute_dtype)
     report = {
         "topology": topology,
         "chip": kind,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import metrics as M
+from jattn.config import with_defaults
 from jattn.train.sharding import to_global_array
 
 __all__ = ["EVAL_MASK_SEED", "eval_mask_set", "eval_batches", "make_evaluator", "evaluate", "inpainting_metrics"]
@@ -35,10 +36,11 @@ def eval_mask_set(config, workdir: str | pathlib.Path):
     """The hashed eval mask set of this config (built once, then reloaded and verified)."""
     from jattn.data.masks import eval_set
 
+    config = with_defaults(config)
     d = config.data
-    spec = _plain(d.get("eval_mask") or d.mask)
+    spec = _plain(d.eval_mask or d.mask)
     return eval_set(
-        "eval", int(config.get("eval_images", 64)), d.image_size, EVAL_MASK_SEED,
+        "eval", int(config.eval_images), d.image_size, EVAL_MASK_SEED,
         directory=pathlib.Path(workdir) / "eval_masks", spec=spec,
     )
 
@@ -49,18 +51,19 @@ def eval_batches(config, fields=("mask",)):
     from jattn.data import make_dataset
     from jattn.data.sharding import per_process_batch_size
 
+    config = with_defaults(config)
     d = config.data
-    mask = d.get("eval_mask") or d.get("mask")
-    n = int(config.get("eval_images", 64))
-    batch = per_process_batch_size(int(config.get("eval_batch_size", config.batch_size)), jax.process_count())
+    mask = d.eval_mask or d.mask
+    n = int(config.eval_images)
+    batch = per_process_batch_size(int(config.eval_batch_size or config.batch_size), jax.process_count())
     it = make_dataset(
-        _plain(d.get("eval_source") or d.source),
+        _plain(d.eval_source or d.source),
         loader="grain",
         image_size=d.image_size,
         batch_size=batch,
         mask_spec=_plain(mask) if "mask" in fields else None,
         fields=tuple(fields),
-        scale=d.get("scale"),
+        scale=d.scale,
         seed=config.seed,
         mask_seed=EVAL_MASK_SEED,
         train=False,
@@ -90,6 +93,7 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path):
     """`evaluator(state) -> dict`: the metrics of `evaluate`, with the metric program
     compiled once (at its first call) for every later evaluation of the run, and the eval
     mask set built and hashed once."""
+    config = with_defaults(config)
     if getattr(task, "evaluate", None) is not None:
         def whole_set(state):
             result = task.evaluate(state, config, mesh, eval_batches(config, task.fields))

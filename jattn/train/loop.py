@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jattn.config import ConfigError, with_defaults
 from jattn.train.checkpoint import Checkpointer
 from jattn.train.evaluate import make_evaluator
 from jattn.train.input import StepBatches
@@ -59,23 +60,24 @@ def make_train_data(config, *, fields=None, process_index: int | None = None, pr
 
     process_count = jax.process_count() if process_count is None else process_count
     process_index = jax.process_index() if process_index is None else process_index
+    config = with_defaults(config)
     fields = build_task(config).fields if fields is None else tuple(fields)
     d = config.data
-    mask = d.get("mask")
+    mask = d.mask
     return make_dataset(
         d.source.to_dict() if hasattr(d.source, "to_dict") else dict(d.source),
-        loader=d.get("loader", "grain"),
+        loader=d.loader,
         image_size=d.image_size,
         batch_size=per_process_batch_size(config.batch_size, process_count),
         mask_spec=mask.to_dict() if hasattr(mask, "to_dict") else mask,
         fields=fields,
-        scale=d.get("scale"),
+        scale=d.scale,
         seed=config.seed,
         train=True,
-        shuffle_buffer=d.get("shuffle_buffer"),
+        shuffle_buffer=d.shuffle_buffer,
         process_index=process_index,
         process_count=process_count,
-        **({"worker_count": d.get("worker_count", 0)} if d.get("loader", "grain") == "grain" else {}),
+        **({"worker_count": d.worker_count} if d.loader == "grain" else {}),
     )
 
 
@@ -92,6 +94,17 @@ def learning_rates(state: TrainState) -> dict[str, float]:
 def _model_block(config) -> dict:
     model = config.model
     return json.loads(json.dumps(model.to_dict() if hasattr(model, "to_dict") else dict(model)))
+
+
+def _saved_model_block(model: dict | None) -> dict | None:
+    """A checkpoint's saved model block completed with the schema's defaults (a run saved
+    before a key was declared has none for it); as saved where the schema rejects it."""
+    if model is None:
+        return None
+    try:
+        return _model_block(with_defaults({"model": model}))
+    except ConfigError:
+        return model
 
 
 def _image_grid(images: dict[str, jax.Array], count: int) -> dict[str, np.ndarray]:
@@ -120,16 +133,13 @@ def _image_grid(images: dict[str, jax.Array], count: int) -> dict[str, np.ndarra
 
 def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `workdir`; returns the last step's metrics and step."""
+    config = with_defaults(config)  # every key of the task's schema, its defaults where unset
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh()
     task = build_task(config)
-    ckpt = Checkpointer(
-        workdir / "checkpoints",
-        keep=config.get("keep_checkpoints", 3),
-        best_metric=config.get("best_metric"),
-        best_mode=config.get("best_mode", "max"),
-    )
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric,
+                        best_mode=config.best_mode)
     data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
     # Only grain iterators have a state to checkpoint (get_state / set_state).
     saved_iter = data if hasattr(data, "get_state") else None
@@ -139,7 +149,7 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     key = jax.random.key(config.seed)
 
     def check_model(saved: dict | None) -> None:
-        saved_model = (saved or {}).get("model")
+        saved_model = _saved_model_block((saved or {}).get("model"))
         if saved_model is not None and saved_model != _model_block(config):
             raise ConfigMismatchError(
                 f"{workdir}: the checkpoints were written with model {saved_model}, "
@@ -163,11 +173,11 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     total = int(config.total_steps)
 
     # One program per step (all its updates), the state donated; see jattn.train.steps.
-    step_fn = make_train_step(task.updates, mesh, unroll=bool(config.get("step_unroll", True)))
-    batches = StepBatches(data, len(task.updates), mesh, size=int(config.get("prefetch_steps", 2)))
+    step_fn = make_train_step(task.updates, mesh, unroll=bool(config.step_unroll))
+    batches = StepBatches(data, len(task.updates), mesh, size=int(config.prefetch_steps))
     writer = MetricWriter(workdir, process_index=jax.process_index())
     predict = jax.jit(task.predict)
-    eval_every = int(config.get("eval_every", 0))
+    eval_every = int(config.eval_every)
     evaluator = make_evaluator(task, config, mesh, workdir) if eval_every else None  # compiled once
     config_dict = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
     config_dict["jattn"] = provenance()
@@ -175,11 +185,11 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
         _write_json(workdir / "config.json", config_dict)
 
     # ----------------------------------------------------------------------- loop
-    log_every = int(config.get("log_every", 10))
-    ckpt_every = int(config.get("checkpoint_every", 0))
-    image_every = int(config.get("image_every", 0))
+    log_every = int(config.log_every)
+    ckpt_every = int(config.checkpoint_every)
+    image_every = int(config.image_every)
     eval_metrics: dict[str, float] | None = None
-    guard = _FiniteGuard(skip=bool(config.get("skip_nonfinite", False)))
+    guard = _FiniteGuard(skip=bool(config.skip_nonfinite))
     metrics: dict[str, float] = {}
     t_last, step_last = time.perf_counter(), start
     bar = _progress(start, total) if progress and jax.process_index() == 0 else None

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jattn.config import with_defaults
 from jattn.data.examples import image_size_pair
 from jattn.train.checkpoint import Checkpointer, abstract_state
 from jattn.train.sharding import data_sharding, make_mesh, replicated, stacked_data_sharding
@@ -75,7 +76,7 @@ def abstract_step_batches(task: Task, config, mesh: Mesh, global_batch: int | No
 
 def abstract_eval_batch(task: Task, config, mesh: Mesh, global_batch: int | None = None) -> dict:
     """One evaluation / inference batch, abstract: `[B, ...]` per field, B split."""
-    b = int(config.get("eval_batch_size", config.batch_size) if global_batch is None else global_batch)
+    b = int((config.eval_batch_size or config.batch_size) if global_batch is None else global_batch)
     sharding = data_sharding(mesh)
     return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
             for k, s in batch_shapes(config, task.fields, b).items()}
@@ -83,6 +84,7 @@ def abstract_eval_batch(task: Task, config, mesh: Mesh, global_batch: int | None
 
 def restore_for_eval(config, workdir: str | pathlib.Path, step: int | None = None) -> tuple[Task, Any, Mesh, int]:
     """(task, state, mesh, step) of a workdir's checkpoint, for evaluation and inference."""
+    config = with_defaults(config)
     workdir = pathlib.Path(workdir)
     mesh = make_mesh()
     task = build_task(config)

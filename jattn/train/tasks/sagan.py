@@ -165,11 +165,13 @@ def sagan_task(config) -> Task:
     task = Task("sagan", init, optimizers, updates, predict,
                 fields=("label",) if num_classes else (), eval_metrics=None, export_network="generator")
 
+    predict_jit = jax.jit(predict)  # compiled at the first evaluation, reused by every later one
+
     def evaluate(state, config, mesh, real_batches):
         """FID and Inception Score with the user's Inception weights (model.inception_weights;
         none: no metrics, at no cost); see `jattn.gan_metrics.evaluate_gan`."""
         from jattn.gan_metrics import evaluate_gan
 
-        return evaluate_gan(task, state, config, real_batches, mesh=mesh)
+        return evaluate_gan(task, state, config, real_batches, mesh=mesh, predict=predict_jit)
 
     return dataclasses.replace(task, evaluate=evaluate)
