@@ -36,10 +36,11 @@ SCRIPT = textwrap.dedent(
     y, off = contextual_attention(f, f, rate=2)
     gen = DeepFillV1Generator(cnum=4)
     x = jnp.zeros((1, 32, 32, 3)); m = jnp.zeros((1, 32, 32, 1))
-    params = gen.init(jax.random.key(0), x, m)["params"]
+    params = jax.jit(gen.init)(jax.random.key(0), x, m)["params"]
     loss = lambda p, v, b, k: (jnp.mean(gen.apply({"params": p["g"]}, b["x"], b["m"])[1] ** 2), ({}, {}))
     state = create_state({"g": params}, {"g": optax.adam(1e-3)}, jax.random.key(1))
-    state, metrics = apply_update(Update("g", "g", loss, optax.adam(1e-3)), state, {"x": x, "m": m}, 0)
+    update = Update("g", "g", loss, optax.adam(1e-3))
+    state, metrics = jax.jit(lambda s, b: apply_update(update, s, b, 0))(state, {"x": x, "m": m})
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         ck = Checkpointer(d, async_save=False)

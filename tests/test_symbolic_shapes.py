@@ -34,7 +34,8 @@ def test_inpainting_models_export_with_symbolic_sizes(config, overrides):
 
     cfg = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / config, [*overrides, "data.image_size=32"])
     task = build_task(cfg)
-    params, variables = task.init(jax.random.key(0), {"image": jnp.zeros((1, 32, 32, 3)), "mask": jnp.zeros((1, 32, 32, 1))})
+    params, variables = jax.jit(task.init)(jax.random.key(0), {"image": jnp.zeros((1, 32, 32, 3)),
+                                                                "mask": jnp.zeros((1, 32, 32, 1))})
 
     def run(image, mask):
         out = task.predict(params, variables, {"image": image, "mask": mask})
