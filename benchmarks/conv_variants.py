@@ -3,9 +3,11 @@
 1. The critics' part of a critic update: both critics on [real; fake] (WGAN) plus the
    gradient penalty on interpolates (a second derivative), gradient w.r.t. the critics'
    parameters, with `DisConv`'s convolution as
-   - `strided`: `jattn.ops.conv.strided_conv2d` (what DisConv uses),
+   - `strided`: `jattn.ops.conv.conv2d` (what DisConv uses: on CPU polyphase input
+     gradients, and Winograd convolutions of the space-to-depth input for wide layers),
    - `im2col`: `jattn.ops.conv.conv2d_im2col` (what it used before),
-   - `native`: `jax.lax.conv_general_dilated` differentiated by XLA (slow: ~25 s).
+   - `native`: `jax.lax.conv_general_dilated` differentiated by XLA (slow: ~25 s; the
+     same as `strided` with `JATTN_CPU_KERNELS=0`).
 2. `gen_deconv` (2x nearest upsampling, then a 3x3 conv), forward and backward at the two
    DeepFill v1 shapes, as `upsample_conv3x3` and as upsampling followed by the conv.
 
@@ -27,16 +29,20 @@ import numpy as np
 import jattn  # noqa: F401  (jattn's XLA:CPU flags, before the first computation)
 import jattn.models.deepfill as deepfill
 from jattn import losses
-from jattn.ops.conv import DN, conv2d_im2col, strided_conv2d, upsample_conv3x3
+from jattn.ops.conv import DN, conv2d, conv2d_im2col, upsample_conv3x3
 from jattn.ops.resize import resize_nearest_align_corners
 
 
 def _native(x, kernel, stride, *, preferred_element_type=None):
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=DN,
+    return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride), "SAME", dimension_numbers=DN,
                                         preferred_element_type=preferred_element_type)
 
 
-CRITIC_CONVS = {"strided": strided_conv2d, "im2col": conv2d_im2col, "native": _native}
+def _im2col(x, kernel, stride, *, preferred_element_type=None):
+    return conv2d_im2col(x, kernel.astype(x.dtype), stride, preferred_element_type=preferred_element_type)
+
+
+CRITIC_CONVS = {"strided": conv2d, "im2col": _im2col, "native": _native}
 
 
 def _median_ms(fn, *args, repeats: int) -> float:
@@ -51,8 +57,8 @@ def _median_ms(fn, *args, repeats: int) -> float:
 
 def critic_gp(variant: str, batch: int, repeats: int) -> tuple[float, float]:
     """(ms, XLA GFLOP) of grad w.r.t. the critics of WGAN + GP on 256x256 / 128x128 inputs."""
-    original = deepfill.strided_conv2d
-    deepfill.strided_conv2d = CRITIC_CONVS[variant]  # DisConv looks it up at trace time
+    original = deepfill.conv2d
+    deepfill.conv2d = CRITIC_CONVS[variant]  # DisConv looks it up at trace time
     try:
         critics = deepfill.DeepFillV1Critics()
         rng = np.random.default_rng(0)
@@ -73,7 +79,7 @@ def critic_gp(variant: str, batch: int, repeats: int) -> tuple[float, float]:
 
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
     finally:
-        deepfill.strided_conv2d = original
+        deepfill.conv2d = original
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return _median_ms(compiled, params, repeats=repeats), float(cost.get("flops", 0.0)) / 1e9

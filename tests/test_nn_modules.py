@@ -14,6 +14,7 @@ from jattn.nn.attention import (
 from jattn.nn.channel import CBAM, RCAB, ChannelAttention, SqueezeExcitation
 from jattn.nn.conv import GatedConv, GenConv, GenDeconv, SNConv, SNDense
 from jattn.ops import attention as ops
+from jattn.ops import cpu_kernels
 from jattn.ops.resize import resize_nearest_align_corners
 
 KEY = jax.random.PRNGKey(0)
@@ -399,6 +400,32 @@ def test_gen_deconv(gated):
     # GenDeconv convolves X itself with sums of the kernel's taps (upsample_conv3x3):
     # the same values up to float32 rounding of the re-associated sums
     np.testing.assert_allclose(y, _apply(layer, {"params": v["params"]["conv"]}, up), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["SYMMETRIC", "REFLECT"])
+@pytest.mark.parametrize("ksize", [3, 5])
+def test_upsampling_gen_conv_pads_the_upsampled_image(padding, ksize):
+    """With ``upsample``, "SYMMETRIC" / "REFLECT" pad the upsampled image (a 3x3 conv does
+    it from x's edge pixels, without building the upsampled image on CPU)."""
+    model = GenConv(8, ksize, padding=padding, upsample=True)
+    p = _init(model, X)["params"]
+    up = np.asarray(resize_nearest_align_corners(X, 2 * H, 2 * W))
+    pad = (ksize - 1) // 2
+    xp = np.pad(up, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=padding.lower())
+    np.testing.assert_allclose(_apply(model, {"params": p}, X), _elu(_conv_ref(xp, p, padding="VALID")), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [GenConv(8, 3, stride=2), GatedConv(3, 5), GenDeconv(8, gated=True)])
+def test_conv_layers_forward_mode(layer):
+    """jax.jvp through the layers (conv2d's and elu's custom derivatives are forward-mode
+    too) equals plain XLA's (the CPU kernels off)."""
+    v = _init(layer, X)
+    t = jnp.asarray(_rand(9, *X.shape))
+    tangents = []
+    for on in (True, False):
+        with cpu_kernels(on):
+            tangents.append(jax.jit(lambda x: jax.jvp(lambda x_: layer.apply(v, x_), (x,), (t,))[1])(X))
+    np.testing.assert_allclose(tangents[0], tangents[1], rtol=1e-5, atol=1e-5 * float(jnp.abs(tangents[1]).max()))
 
 
 # --------------------------------------------------------------------------- spectral norm

@@ -30,8 +30,8 @@ from jattn.nn._util import Dtype
 from jattn.nn.contextual import ContextualAttention
 from jattn.nn.conv import GenConv, GenDeconv
 from jattn.ops.activations import elu
+from jattn.ops.conv import conv2d
 from jattn.ops.flow import flow_to_color
-from jattn.ops.conv import strided_conv2d
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = [
@@ -124,6 +124,10 @@ class DeepFillV1Generator(nn.Module):
         x = self._conv(x, 3, 3, activation=None, name=f"{prefix}{first + 6}")
         return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
 
+    def _refine_input(self, x, ones, mask_ch):
+        """The refinement branches' input: ``[x, ones, mask]`` (``[B, H, W, 5]``)."""
+        return jnp.concatenate([x, ones, mask_ch], axis=-1)
+
     def _atrous(self, x, prefix: str, first: int):
         for i, rate in enumerate((2, 4, 8, 16)):
             x = self._conv(x, 4 * self.cnum, 3, rate=rate, name=f"{prefix}{first + i}_atrous")
@@ -139,9 +143,9 @@ class DeepFillV1Generator(nn.Module):
         ones = jnp.ones_like(x_in[..., :1])
         mask_ch = ones * mask  # [B, H, W, 1]
 
-        # Stage 1 (coarse). The 5-channel inputs [x, ones, mask] go in as parts, so the
-        # refinement's first layers compute input gradients for x only (narrow_conv2d).
-        x = self._conv((x_in, ones, mask_ch), c, 5, name="conv1")
+        # Stage 1 (coarse) on [x, ones, mask].
+        x = jnp.concatenate([x_in, ones, mask_ch], axis=-1)
+        x = self._conv(x, c, 5, name="conv1")
         x = self._conv(x, 2 * c, 3, 2, name="conv2_downsample")
         x = self._conv(x, 2 * c, 3, name="conv3")
         x = self._conv(x, 4 * c, 3, 2, name="conv4_downsample")
@@ -154,7 +158,7 @@ class DeepFillV1Generator(nn.Module):
 
         # Stage 2 (refinement) on the composite.
         x = x1 * mask + x_in * (1.0 - mask)
-        xnow = (x, ones, mask_ch)
+        xnow = self._refine_input(x, ones, mask_ch)
         # Conv (hallucination) branch.
         x = self._conv(xnow, c, 5, name="xconv1")
         x = self._conv(x, c, 3, 2, name="xconv2_downsample")
@@ -211,12 +215,9 @@ class DisConv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         acc = jnp.promote_types(dtype, jnp.float32)
-        # The gradient penalty differentiates the critics twice. XLA:CPU's second derivative
-        # of a native stride-2 conv is ~20x slower than strided_conv2d's, whose input
-        # gradient is stride-1 (polyphase) convolutions on CPU, and whose 5x5 stride-2
-        # layers on maps of 32+ outputs are Winograd 3x3 convolutions of the
-        # space-to-depth input there (docs/benchmarks.md).
-        y = strided_conv2d(x.astype(dtype), kernel.astype(dtype), self.stride, preferred_element_type=acc)
+        # The gradient penalty differentiates the critics twice: on CPU conv2d's derivatives
+        # are stride-1 (polyphase) or Winograd convolutions there (jattn.ops.conv).
+        y = conv2d(x.astype(dtype), kernel, self.stride, preferred_element_type=acc)
         return nn.leaky_relu(y + bias.astype(acc), 0.2).astype(dtype)
 
 

@@ -80,14 +80,11 @@ class DeepFillV2Generator(DeepFillV1Generator):
 
     The layout is v1's ``__call__``; this class changes its layers through the ``_conv`` /
     ``_deconv`` hooks: gated convs; ``tanh`` on the 3-channel outputs (v1's final clip is
-    then the identity); the stage-2 branch inputs (``xconv1``, ``pmconv1``) keep only the
-    first 3 channels of v1's ``[composite, ones, mask]``, i.e. the composite.
+    then the identity); and through ``_refine_input``: the stage-2 branches (``xconv1``,
+    ``pmconv1``) read the 3-channel composite alone (v1: ``[composite, ones, mask]``).
     """
 
     cnum: int = 48
-
-    #: First layers of the two stage-2 branches: in v2 they read the 3-channel composite only.
-    _COMPOSITE_ONLY = ("xconv1", "pmconv1")
 
     def __post_init__(self):
         if self.cnum < 4 or self.cnum % 4 or self.cnum == 12:
@@ -96,9 +93,12 @@ class DeepFillV2Generator(DeepFillV1Generator):
             )
         super().__post_init__()
 
+    def _refine_input(self, x, ones, mask_ch):
+        """The refinement branches' input: the composite ``[B, H, W, 3]`` alone."""
+        del ones, mask_ch
+        return x
+
     def _conv(self, x, features, ksize, stride=1, rate=1, activation=elu, *, name):
-        if name in self._COMPOSITE_ONLY:
-            x = x[0]  # v1 passes (composite, ones, mask) as parts
         output = activation is None
         y = GatedConv(
             3 if output else features // 2, ksize, stride, rate, activation=activation,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
 from jattn.ops.activations import elu
-from jattn.ops.conv import NARROW_MAX_CHANNELS, conv3x3, narrow_conv2d, strided_conv2d, upsample_conv3x3
+from jattn.ops.conv import conv2d
 from jattn.ops.resize import resize_nearest_align_corners
 
 __all__ = ["GenConv", "GatedConv", "GenDeconv", "SNConv", "SNDense"]
@@ -31,26 +31,36 @@ Activation = Callable[[jax.Array], jax.Array] | None
 _PADDINGS = ("SAME", "VALID", "SYMMETRIC", "REFLECT")
 
 
-def _gen_conv(
-    module: nn.Module, x: jax.Array | tuple[jax.Array, ...], out_features: int, dtype: Dtype
-) -> jax.Array:
+def _mode_padding(x: jax.Array, padding: str, ksize: int, rate: int, upsample: bool):
+    """DeepFill's "SYMMETRIC" / "REFLECT" padding as an explicit pad of ``x`` by
+    ``rate * (ksize - 1) // 2``, then a "VALID" conv: returns ``(x, padding, upsample)``
+    for :func:`jattn.ops.conv.conv2d`. With ``upsample`` the upsampled image is padded: by
+    one pixel (3x3, rate 1) that is ``x``'s edge pixel, so ``x`` is padded by its edge and
+    the conv crops one upsampled pixel (pads -1) without building the upsampled image;
+    wider pads upsample ``x`` first."""
+    if padding not in ("SYMMETRIC", "REFLECT"):
+        return x, padding, upsample
+    p = rate * (ksize - 1) // 2
+    if upsample and p == 1:
+        return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"), ((-1, -1), (-1, -1)), True
+    if upsample:
+        x = resize_nearest_align_corners(x, 2 * x.shape[1], 2 * x.shape[2])
+    return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=padding.lower()), "VALID", False
+
+
+def _gen_conv(module: nn.Module, x: jax.Array, out_features: int, dtype: Dtype) -> jax.Array:
     """Declares ``kernel``/``bias`` in ``module``'s scope and convolves ``x`` with them.
 
     Uses ``module.ksize``, ``stride``, ``rate`` (dilation), ``padding``, ``upsample``,
     ``kernel_init``, ``bias_init``, ``param_dtype``. Padding "SAME" / "VALID" is
     TF's; "SYMMETRIC" / "REFLECT" pad ``rate * (ksize - 1) // 2`` on each side
     with that mode, then convolve "VALID" (as DeepFill's gen_conv does). With
-    ``upsample`` the conv reads ``x`` 2x nearest-upsampled (TF1 align corners); a 3x3
-    stride-1 conv then runs on ``x`` itself (:func:`jattn.ops.conv.upsample_conv3x3`).
-    Other 3x3 stride-1 convs go through :func:`jattn.ops.conv.conv3x3` (Winograd's
-    forward pass and gradients on CPU for wide float32 layers), stride-1 convs with at
-    most ``NARROW_MAX_CHANNELS`` input or output channels through ``narrow_conv2d``,
-    stride > 1 through ``strided_conv2d``.
+    ``upsample`` the conv reads ``x`` 2x nearest-upsampled (TF1 align corners). The
+    convolution is :func:`jattn.ops.conv.conv2d` (XLA's; on CPU a faster formulation
+    where there is one).
 
     Args:
-      x: ``[B, H, W, Cin]`` (already in ``dtype``), or a tuple of such arrays whose
-        channels concatenate to the input: ``narrow_conv2d`` then computes input
-        gradients only for the parts that need one (other paths concatenate them).
+      x: ``[B, H, W, Cin]``, already in ``dtype``.
       out_features: Cout.
 
     Returns:
@@ -64,56 +74,12 @@ def _gen_conv(
             f"ksize, stride, rate must be >= 1, got {module.ksize}, {module.stride}, {module.rate}"
         )
     k = module.ksize
-    parts = x if isinstance(x, tuple) else (x,)
-    channels = sum(p.shape[-1] for p in parts)
-    kernel = module.param(
-        "kernel", module.kernel_init, (k, k, channels, out_features), module.param_dtype
-    )
+    kernel = module.param("kernel", module.kernel_init, (k, k, x.shape[-1], out_features), module.param_dtype)
     bias = module.param("bias", module.bias_init, (out_features,), module.param_dtype)
-    padding = module.padding
     acc = jnp.promote_types(dtype, jnp.float32)
-    if (module.stride == 1 and module.rate == 1 and not module.upsample and padding in ("SAME", "VALID")
-            and min(channels, out_features) <= NARROW_MAX_CHANNELS):
-        # few channels in or out: planes and shifted sums on CPU (jattn.ops.conv.narrow_conv2d)
-        y = narrow_conv2d(parts, kernel.astype(dtype), padding, preferred_element_type=acc)
-        return y + bias.astype(acc)
-    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-    if module.upsample:
-        if k == 3 and module.stride == 1 and module.rate == 1:
-            y = upsample_conv3x3(x, kernel.astype(acc), padding, preferred_element_type=acc)
-            return y + bias.astype(acc)
-        x = resize_nearest_align_corners(x, 2 * x.shape[1], 2 * x.shape[2])
-    if padding in ("SYMMETRIC", "REFLECT"):
-        p = module.rate * (k - 1) // 2
-        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=padding.lower())
-        padding = "VALID"
-    if module.stride > 1 and module.rate == 1:  # fast derivatives on CPU (polyphase parts, or Winograd after space-to-depth)
-        y = strided_conv2d(x, kernel.astype(dtype), module.stride, padding, preferred_element_type=acc)
-        return y + bias.astype(acc)
-    if k == 3 and module.stride == 1:  # Winograd on CPU where it is faster (jattn.ops.conv.conv3x3)
-        y = conv3x3(x, kernel.astype(dtype), module.rate, padding, preferred_element_type=acc)
-        return y + bias.astype(acc)
-    y = jax.lax.conv_general_dilated(
-        x, kernel.astype(dtype),
-        window_strides=(module.stride, module.stride),
-        padding=padding,
-        rhs_dilation=(module.rate, module.rate),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=acc,
-    )
+    x, padding, upsample = _mode_padding(x, module.padding, k, module.rate, module.upsample)
+    y = conv2d(x, kernel, module.stride, module.rate, padding, upsample=upsample, preferred_element_type=acc)
     return y + bias.astype(acc)
-
-
-def _channel_parts(x) -> tuple[jax.Array, ...]:
-    """``x`` as a tuple of NHWC arrays: an array, or a sequence of arrays (parts of one
-    input along channels) with equal ``[B, H, W]``."""
-    parts = (x,) if hasattr(x, "ndim") else tuple(x)
-    if not parts:
-        raise ValueError("x must be an NHWC array or a non-empty sequence of them")
-    parts = tuple(check_nhwc("x", p) for p in parts)
-    if any(p.shape[:3] != parts[0].shape[:3] for p in parts):
-        raise ValueError(f"x's parts must share [B, H, W], got {[tuple(p.shape) for p in parts]}")
-    return parts
 
 
 class _ConvAttributes(nn.Module):
@@ -145,23 +111,20 @@ class GenConv(_ConvAttributes):
       rate: dilation (1).
       activation: default ELU; None for none.
       padding: "SAME" (TF semantics, dilation aware), "VALID", "SYMMETRIC", "REFLECT".
-      upsample: convolve ``x`` 2x nearest-upsampled (as :class:`GenDeconv`), without
-        building the upsampled image when the conv is 3x3 stride 1.
+      upsample: convolve ``x`` 2x nearest-upsampled (as :class:`GenDeconv`); on CPU
+        without building the upsampled image when the conv is 3x3 stride 1.
       kernel_init: glorot uniform (TF ``conv2d`` default); bias_init: zeros.
 
     Call: ``x [B, H, W, Cin] -> [B, ceil(H / stride), ceil(W / stride), features]``
-    for "SAME" (``2H, 2W`` in place of ``H, W`` with ``upsample``). ``x`` may also be
-    a sequence of ``[B, H, W, Ci]`` arrays, the input's channels in parts (the same
-    values as their concatenation): a layer with few input channels then computes an
-    input gradient only for the parts that need one.
+    for "SAME" (``2H, 2W`` in place of ``H, W`` with ``upsample``).
     Params: ``kernel [ksize, ksize, Cin, features]``, ``bias [features]``.
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
-        parts = _channel_parts(x)
-        dtype = compute_dtype(parts[0], self.dtype, self.param_dtype)
-        y = _gen_conv(self, tuple(p.astype(dtype) for p in parts), self.features, dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = check_nhwc("x", x)
+        dtype = compute_dtype(x, self.dtype, self.param_dtype)
+        y = _gen_conv(self, x.astype(dtype), self.features, dtype)
         if self.activation is not None and self.features != 3:
             y = self.activation(y)
         return y.astype(dtype)
@@ -177,19 +140,18 @@ class GatedConv(_ConvAttributes):
 
     Attributes: as :class:`GenConv`.
 
-    Call: ``x [B, H, W, Cin] -> [B, H', W', features]`` (``x`` in parts as for
-    :class:`GenConv`).
+    Call: ``x [B, H, W, Cin] -> [B, H', W', features]``.
     Params: ``kernel [ksize, ksize, Cin, 2 * features]``, ``bias [2 * features]``.
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
-        parts = _channel_parts(x)
-        dtype = compute_dtype(parts[0], self.dtype, self.param_dtype)
-        parts = tuple(p.astype(dtype) for p in parts)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = check_nhwc("x", x)
+        dtype = compute_dtype(x, self.dtype, self.param_dtype)
+        x = x.astype(dtype)
         if self.activation is None or self.features == 3:
-            return _gen_conv(self, parts, self.features, dtype).astype(dtype)
-        y = _gen_conv(self, parts, 2 * self.features, dtype)
+            return _gen_conv(self, x, self.features, dtype).astype(dtype)
+        y = _gen_conv(self, x, 2 * self.features, dtype)
         a, g = jnp.split(y, 2, axis=-1)
         return (self.activation(a) * nn.sigmoid(g)).astype(dtype)
 
@@ -201,8 +163,8 @@ class GenDeconv(nn.Module):
     ``(2H, 2W)`` (:func:`jattn.ops.resize.resize_nearest_align_corners`); the conv
     is a :class:`GenConv` (v1) or, with ``gated=True``, a :class:`GatedConv` (v2),
     named ``f"{name}_conv"`` as in the official code (``conv13_upsample`` holds
-    ``conv13_upsample_conv``), or ``conv`` when the module has no name. The upsampled
-    image is never built: the conv runs on the input as four 2x2 convolutions
+    ``conv13_upsample_conv``), or ``conv`` when the module has no name. On CPU the
+    upsampled image is never built: the conv runs on the input as four 2x2 convolutions
     (:func:`jattn.ops.conv.upsample_conv3x3`, 2.25x fewer FLOPs, the same values up to
     float rounding).
 

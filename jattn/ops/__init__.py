@@ -2,6 +2,7 @@
 
 from jattn.ops.attention import additive_attention, attention_weights, dot_product_attention, multi_head_attention
 from jattn.ops.contextual import ContextualAttentionOutput, contextual_attention
+from jattn.ops.conv import conv2d, cpu_kernels, cpu_kernels_enabled
 from jattn.ops.flow import color_wheel, flow_to_color
 from jattn.ops.resize import resize_bilinear_align_corners, resize_nearest_align_corners
 
@@ -11,6 +12,9 @@ __all__ = [
     "attention_weights",
     "color_wheel",
     "contextual_attention",
+    "conv2d",
+    "cpu_kernels",
+    "cpu_kernels_enabled",
     "dot_product_attention",
     "flow_to_color",
     "multi_head_attention",

@@ -1,44 +1,115 @@
-"""Convolutions whose derivatives XLA:CPU runs slowly, written so that they run fast.
+"""Convolutions: `conv2d`, the one convolution of jattn's DeepFill models, plain XLA
+everywhere except on CPU, where it is a formulation XLA:CPU runs faster.
 
-`strided_conv2d`: a stride > 1 convolution whose input gradient on CPU is its polyphase
-parts, stride**2 stride-1 convolutions (2.2-2.8x faster than XLA's for DeepFill's
-stride-2 layers, `docs/benchmarks.md`). Its second derivative is made of stride-1
-convolutions too, which is why DeepFill v1's critics use it: the WGAN-GP penalty
-differentiates them twice, and XLA:CPU's second derivative of a native strided
-convolution is ~20x slower. A 5x5 stride-2 kernel on wide enough maps is, on CPU, the
-Winograd 3x3 convolution of the input's space-to-depth image, value and derivatives.
+`conv2d(x, kernel, stride, rate, padding, upsample=...)` is `jax.lax.conv_general_dilated`
+(NHWC, HWIO; with `upsample`, of x 2x nearest-upsampled). On GPU and TPU it is exactly
+that, and so are its derivatives. On CPU, for the shapes where it is faster, it is one of
+the kernels below, chosen when the program is lowered (`jax.lax.platform_dependent`); each
+is written with `jax.custom_jvp`, `jax.checkpoint` or plain linear operations, so that
+forward mode (`jax.jvp`), reverse mode (`jax.grad`) and their compositions (the WGAN-GP
+penalty differentiates the critics twice) all work:
 
-`upsample_conv3x3`: 2x nearest upsampling then a 3x3 convolution (DeepFill's
-`gen_deconv`) as four 2x2 convolutions of the input, 2.25x fewer FLOPs.
+* strides > 1: the input gradient is `stride**2` stride-1 convolutions of the output
+  gradient (its polyphase parts) instead of XLA's convolution of the zero-dilated gradient
+  (2.2-2.8x faster for DeepFill's stride-2 layers, `docs/benchmarks.md`); its second
+  derivative is made of stride-1 convolutions too (XLA:CPU's second derivative of a native
+  strided convolution is ~20x slower). A 5x5 stride-2 kernel on wide enough maps is the
+  Winograd convolution of the input's space-to-depth image, value and derivatives.
+* `upsample` with a 3x3 kernel: four 2x2 convolutions of the input (`upsample_conv3x3`),
+  2.25x fewer FLOPs, no upsampled image. (An identity valid on any platform, but its
+  values differ from the convolution of the upsampled image by float rounding, the taps
+  being summed first: GPU and TPU keep XLA's convolution, as for every other kernel here.)
+* 3x3 stride-1 (any dilation), wide float32 layers: Winograd's F(4x4, 3x3)
+  (`winograd_conv3x3`), value and gradients: no convolution, hence none of XLA:CPU's layout
+  transposes for the kernel gradient.
+* at most `NARROW_MAX_CHANNELS` input or output channels, stride 1: the value (few
+  outputs) or the input gradient (few inputs) as matrix products to per-tap planes plus a
+  fused shifted sum.
 
-`conv3x3`: a 3x3 stride-1 convolution (any dilation) whose gradients on CPU are those of
-`winograd_conv3x3` (Winograd's F(4x4, 3x3)): no convolution, hence none of XLA:CPU's
-layout transposes for the kernel gradient (DeepFill's generators use it).
+Where the backward pass is not autodiff of the value (the polyphase and few-input input
+gradients), the kernel is a `jax.custom_jvp` whose primal is XLA's convolution and whose
+tangent is conv(dx, kernel) written as the transpose of the wanted gradient function
+(`_transposed`), so that reverse mode, transposing the tangent, runs that function
+itself. Winograd is autodiff under `jax.checkpoint`, its tile transforms written so that
+their transposes are the hand-derived ones (`_unstack`, `_output_transform`).
 
-`narrow_conv2d`: a stride-1 convolution with at most 5 input or output channels whose
-value (few outputs) or input gradient (few inputs) on CPU is matrix products to per-tap
-channel-major planes plus a fused shifted sum; given its input in channel parts, it
-computes input gradients only for the parts that need one.
+The switch: the environment variable `JATTN_CPU_KERNELS=0` (or `false`, `off`, `no`), read
+when a convolution is traced (`cpu_kernels_enabled`), turns these kernels off: the CPU
+program is then plain XLA as well (and `jattn.ops.activations.elu` is `jax.nn.elu`).
+`cpu_kernels(False)` sets it in-process, for a `with` block or from then on (clearing JAX's
+caches, so that jitted functions are traced again under the new setting).
 
 `conv2d_im2col`: TF 'SAME' convolution as patches + one matrix product, equal to
-`jax.lax.conv_general_dilated(..., "SAME")`; its derivatives are matrix products, slices
-and pads (DeepFill v1's critics used it before `strided_conv2d`, which is faster).
-`extract_patches` is TF's `extract_image_patches` (contextual attention uses it).
+`jax.lax.conv_general_dilated(..., "SAME")`; `extract_patches` is TF's
+`extract_image_patches` (contextual attention uses it).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax.custom_derivatives import SymbolicZero
 
-__all__ = ["same_padding", "extract_patches", "conv2d_im2col", "strided_conv2d", "upsample_conv3x3", "winograd_conv3x3", "conv3x3",
-           "narrow_conv2d"]
+from jattn.ops.resize import resize_nearest_align_corners
+
+__all__ = ["conv2d", "cpu_kernels", "cpu_kernels_enabled", "same_padding", "extract_patches", "conv2d_im2col",
+           "upsample_conv3x3", "winograd_conv3x3"]
 
 DN = ("NHWC", "HWIO", "NHWC")
 _DN_HWOI = ("NHWC", "HWOI", "NHWC")  # the kernel's last axis is the input's channels
+
+# --------------------------------------------------------------------------- the switch
+
+_ENV = "JATTN_CPU_KERNELS"
+_OFF = ("0", "false", "off", "no")
+_setting: list[bool | None] = [None]  # cpu_kernels' in-process setting; None: the environment's
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether `conv2d` (and `jattn.ops.activations.elu`) use their CPU kernels: the
+    in-process setting of `cpu_kernels`, else the environment variable `JATTN_CPU_KERNELS`
+    (unset or anything but 0 / false / off / no: on). Read when a function is traced."""
+    if _setting[0] is not None:
+        return _setting[0]
+    return os.environ.get(_ENV, "1").strip().lower() not in _OFF
+
+
+def _set(enabled: bool | None) -> None:
+    """Sets the in-process setting; where that changes `cpu_kernels_enabled()`, clears
+    JAX's trace and compilation caches, whose keys do not hold it, so that every function
+    is traced again with the new setting."""
+    before = cpu_kernels_enabled()
+    _setting[0] = enabled
+    if cpu_kernels_enabled() != before:
+        jax.clear_caches()
+
+
+class cpu_kernels:  # noqa: N801  (a function that is also a context manager)
+    """Turns the CPU kernels on (True) or off (False) in this process, over
+    `JATTN_CPU_KERNELS`; None goes back to the environment variable. Called, it holds from
+    then on; as a context manager (`with cpu_kernels(False): ...`) it is undone on exit.
+    A change clears JAX's caches (`jax.clear_caches`): a jitted function is traced and
+    compiled again at its next call, under the setting then in force (to compare both,
+    keep `jax.jit(f).lower(...).compile()` of each). The environment variable itself is
+    read at every trace but is not part of JAX's cache keys: set it before the process
+    traces anything."""
+
+    def __init__(self, enabled: bool | None):
+        self._previous = _setting[0]
+        _set(None if enabled is None else bool(enabled))
+
+    def __enter__(self) -> "cpu_kernels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _set(self._previous)
+
+
+# --------------------------------------------------------------------------- TF helpers
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -79,6 +150,137 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int = 1, *, precision
     )
 
 
+# --------------------------------------------------------------------------- conv2d
+
+
+def _xla_conv(x, kernel, stride, rate, padding, preferred_element_type):
+    """`jax.lax.conv_general_dilated`, NHWC / HWIO, the kernel cast to x's dtype."""
+    return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride), padding, rhs_dilation=(rate, rate),
+                                        dimension_numbers=DN, preferred_element_type=preferred_element_type)
+
+
+def _plain(x, kernel, stride, rate, padding, upsample, preferred_element_type):
+    """`conv2d` as XLA's convolution (of the upsampled x with `upsample`)."""
+    if upsample:
+        x = resize_nearest_align_corners(x, 2 * x.shape[1], 2 * x.shape[2])
+    return _xla_conv(x, kernel, stride, rate, padding, preferred_element_type)
+
+
+def _explicit_pads(hw, window, stride: int, rate: int, padding):
+    """((top, bottom), (left, right)) of `padding` ("SAME" / "VALID" as TF's, or pairs);
+    None where "SAME" at a stride > 1 depends on symbolic sizes."""
+    if not isinstance(padding, str):
+        return tuple((int(lo), int(hi)) for lo, hi in padding)
+    if padding == "VALID":
+        return ((0, 0), (0, 0))
+    dilated = [rate * (k - 1) + 1 for k in window]
+    if stride == 1:  # independent of the (possibly symbolic) size
+        return tuple(((d - 1) // 2, d - 1 - (d - 1) // 2) for d in dilated)
+    if not all(isinstance(n, int) for n in hw):
+        return None
+    return tuple(tuple(p) for p in jax.lax.padtype_to_pads(hw, dilated, (stride, stride), "SAME"))
+
+
+def _upsample_fits(kernel, stride: int, rate: int, pads) -> bool:
+    """Whether `upsample_conv3x3` computes this upsampling conv: 3x3, stride 1, rate 1,
+    pads of the upsampled image between -1 and 1."""
+    return (tuple(kernel.shape[:2]) == (3, 3) and stride == rate == 1 and pads is not None
+            and all(-1 <= p <= 1 for pair in pads for p in pair))
+
+
+def _cpu_kernel(x, kernel, stride: int, rate: int, pads, preferred_element_type):
+    """The CPU formulation of a (not upsampling) `conv2d`, as a function (x, kernel) -> y,
+    or None where XLA's convolution is kept (`conv2d`'s docstring lists the rules)."""
+    kh, kw, c, o = kernel.shape
+    concrete = all(isinstance(n, int) for n in x.shape[1:])
+    if pads is None or (stride > 1 and (rate > 1 or not concrete)):
+        return None
+    if stride > 1:
+        if _space_to_depth_fits(x, kernel, stride, pads):
+            return functools.partial(_space_to_depth_conv, stride=stride, pads=pads,
+                                     preferred_element_type=preferred_element_type)
+        return functools.partial(_polyphase_conv, stride=stride, pads=pads,
+                                 preferred_element_type=preferred_element_type)
+    float32 = x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+    if rate == 1 and float32 and (_narrow(c) or _narrow(o)) and _narrow_fits(x.shape[1:3], (kh, kw), pads):
+        return functools.partial(_narrow_conv, pads=pads, preferred_element_type=preferred_element_type)
+    if (kh, kw) == (3, 3) and concrete:
+        out = [n + lo + hi - 2 * rate for n, (lo, hi) in zip(x.shape[1:3], pads)]
+        if _winograd_fits(out, c, o, x.dtype, kernel.dtype, rate):
+            return functools.partial(_winograd_conv, rate=rate, pads=pads, preferred_element_type=preferred_element_type)
+    return None
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, rate: int = 1, padding="SAME", *,
+           upsample: bool = False, preferred_element_type=None) -> jax.Array:
+    """`jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+    rhs_dilation=(rate, rate))`, NHWC / HWIO, fast on CPU with its derivatives.
+
+    x: [B, H, W, C]; kernel: [kh, kw, C, O], cast to x's dtype (an upsampling 3x3 conv
+    sums its taps in the kernel's dtype first); padding: "SAME" / "VALID" (TF's, dilation
+    aware) or ((top, bottom), (left, right)). upsample: convolve x 2x nearest-upsampled
+    (TF1 align corners, `jattn.ops.resize.resize_nearest_align_corners`); padding then
+    applies to the upsampled image. Returns [B, H', W', O] in `preferred_element_type`
+    (default: x's dtype).
+
+    On GPU and TPU, and on CPU with `cpu_kernels_enabled()` False, it is XLA's convolution
+    (after the resize). On CPU otherwise (see the module docstring), in this order:
+    - `upsample`, 3x3, stride 1, rate 1, pads within -1..1: `upsample_conv3x3` (other
+      upsampling convs resize x, then follow the rules below);
+    - stride > 1 (rate 1, concrete sizes): a 5x5 stride-2 (3 taps per axis after
+      space-to-depth) float32 kernel that Winograd fits is the Winograd convolution of the
+      space-to-depth image; otherwise XLA's value and kernel gradient with the polyphase
+      input gradient;
+    - stride 1, rate 1, float32, at most `NARROW_MAX_CHANNELS` input or output channels:
+      planes and shifted sums;
+    - 3x3, stride 1, float32, at least `WINOGRAD_MIN_CHANNELS` channels in and out, outputs
+      of at least `WINOGRAD_MIN_SIZE` whose tiles fit (`_tiles_fit`): Winograd;
+    - anything else: XLA's convolution.
+    Winograd's values and derivatives differ from the exact ones by about 1e-5 of their
+    largest value (1e-7 for XLA's); the others by float32 rounding (sums in another order).
+    """
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"conv2d: kernel {tuple(kernel.shape)} does not fit input {tuple(x.shape)}")
+    stride, rate = int(stride), int(rate)
+    if stride < 1 or rate < 1:
+        raise ValueError(f"conv2d: stride and rate must be >= 1, got {stride}, {rate}")
+    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+        raise ValueError(f"conv2d: padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+    if not isinstance(padding, str):
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    plain = functools.partial(_plain, stride=stride, rate=rate, padding=padding, upsample=upsample,
+                              preferred_element_type=preferred_element_type)
+    if not cpu_kernels_enabled():
+        return plain(x, kernel)
+    if upsample:
+        hw = tuple(2 * n for n in x.shape[1:3])
+        pads = _explicit_pads(hw, kernel.shape[:2], stride, rate, padding)
+        if _upsample_fits(kernel, stride, rate, pads):
+            fast = functools.partial(upsample_conv3x3, padding=pads, preferred_element_type=preferred_element_type)
+            return jax.lax.platform_dependent(x, kernel, cpu=fast, default=plain)
+        x = resize_nearest_align_corners(x, *hw)
+        return conv2d(x, kernel, stride, rate, padding, preferred_element_type=preferred_element_type)
+    kernel = kernel.astype(x.dtype)
+    pads = _explicit_pads(x.shape[1:3], kernel.shape[:2], stride, rate, padding)
+    fast = _cpu_kernel(x, kernel, stride, rate, pads, preferred_element_type)
+    if fast is None:
+        return plain(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=fast, default=plain)
+
+
+def _add(terms):
+    """The sum of the tangent terms that are not symbolic zeros (at least one is not)."""
+    terms = [t for t in terms if t is not None]
+    return functools.reduce(jnp.add, terms)
+
+
+def _tangents(dx, dkernel, of_input, of_kernel):
+    """A bilinear conv's tangent: of_input(dx) + of_kernel(dkernel), skipping the terms
+    whose tangent is a symbolic zero (an input or kernel that is not differentiated)."""
+    return _add([None if isinstance(dx, SymbolicZero) else of_input(dx),
+                 None if isinstance(dkernel, SymbolicZero) else of_kernel(dkernel)])
+
+
 # --------------------------------------------------------------------------- strided conv
 
 
@@ -91,12 +293,27 @@ def _space_to_depth_kernel(kernel: jax.Array, stride: int) -> jax.Array:
     """HWIO kernel [kh, kw, C, O] -> [M, M', s*s*C, O] with M = ceil(kh / s),
     M' = ceil(kw / s): tap (s*m + py, s*n + px) of channel c moves to tap (m, n) of channel
     (py, px, c); taps past the kernel's end are zeros. A stride-s convolution of x is the
-    stride-1 convolution of x's space-to-depth image with it (`_space_to_depth_conv`)."""
+    stride-1 convolution of x's space-to-depth image with it (`_space_to_depth_image`)."""
     s = stride
     kh, kw = kernel.shape[:2]
     mh, mw = -(-kh // s), -(-kw // s)
     kt = jnp.pad(kernel, ((0, s * mh - kh), (0, s * mw - kw), (0, 0), (0, 0)))  # tap p + s*m -> [m, p]
     return rearrange(kt, "(m p) (n q) c o -> m n (p q c) o", p=s, q=s)
+
+
+def _space_to_depth_image(x, window, stride: int, pads):
+    """z[b, i, j, (py, px, c)] = x_pad[b, s i + py, s j + px, c], x padded by `pads` and cut
+    or extended to whole s x s blocks covering every tap of every output: the stride-s
+    convolution of x is the stride-1 "VALID" convolution of z with
+    `_space_to_depth_kernel`: y[i] = sum_{m, p} x_pad[s (i + m) + p] w[s m + p]
+    = sum_m z[i + m] w'[m]. [B, Ho + M - 1, Wo + M' - 1, s*s*C] with M = ceil(kh / s)."""
+    s, (kh, kw) = stride, window
+    (h, w), (pad_t, pad_b), (pad_l, pad_r) = x.shape[1:3], pads[0], pads[1]
+    out_h, out_w = (h + pad_t + pad_b - kh) // s + 1, (w + pad_l + pad_r - kw) // s + 1
+    rows, cols = s * (out_h + -(-kh // s) - 1), s * (out_w + -(-kw // s) - 1)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (pad_t, rows - h - pad_t, 0), (pad_l, cols - w - pad_l, 0), (0, 0, 0)))
+    return rearrange(xp, "b (i p) (j q) c -> b i j (p q c)", p=s, q=s)
 
 
 def _phase_kernels(kernel: jax.Array, stride: int) -> jax.Array:
@@ -164,101 +381,51 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
     return full[:, pad_t : pad_t + h, pad_l : pad_l + w]
 
 
-def _conv(x, kernel, stride, padding, preferred_element_type, rate=1):
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(rate, rate),
-                                        dimension_numbers=DN, preferred_element_type=preferred_element_type)
+def _transposed(grad, dx, cotangent):
+    """The linear map whose transpose is `grad` (a linear map of the output's cotangent to
+    the input's), applied to the input tangent dx: conv(dx, kernel) written so that
+    reverse mode, transposing it, runs `grad` itself (the transpose of a transpose is the
+    original operations: convolutions, pads, slices, products), to any order.
+    cotangent: the output's shape and dtype."""
+    cotangent = jax.ShapeDtypeStruct(cotangent.shape, cotangent.dtype)
+    (dy,) = jax.linear_transpose(lambda g: grad(g).astype(dx.dtype), cotangent)(dx)
+    return dy
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _strided_conv(x, kernel, stride, padding, preferred_element_type):
-    return _conv(x, kernel, stride, padding, preferred_element_type)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _polyphase_conv(x, kernel, stride, pads, preferred_element_type):
+    """XLA's strided convolution; its tangent in x is conv(dx, kernel) as the transpose of
+    `_polyphase_input_grad` (`_transposed`: stride-1 convolutions of dx's space-to-depth
+    image or phases), so that its input gradient is the polyphase one; its tangent in the
+    kernel is XLA's, and so is the kernel gradient."""
+    return _xla_conv(x, kernel, stride, 1, pads, preferred_element_type)
 
 
-def _strided_conv_fwd(x, kernel, stride, padding, preferred_element_type):
-    return _conv(x, kernel, stride, padding, preferred_element_type), (x, kernel)
+@functools.partial(_polyphase_conv.defjvp, symbolic_zeros=True)
+def _polyphase_conv_jvp(stride, pads, preferred_element_type, primals, tangents):
+    x, kernel = primals
+    y = _polyphase_conv(x, kernel, stride, pads, preferred_element_type)
+    grad = functools.partial(_polyphase_input_grad, kernel=kernel, x_hw=x.shape[1:3], stride=stride, pads=pads)
+    dy = _tangents(*tangents, lambda dx: _transposed(grad, dx, y),
+                   lambda dk: _xla_conv(x, dk, stride, 1, pads, preferred_element_type))
+    return y, dy
 
 
-def _strided_conv_bwd(stride, padding, preferred_element_type, residuals, g):
-    x, kernel = residuals
-    conv = functools.partial(_conv, stride=stride, padding=padding, preferred_element_type=preferred_element_type)
-    window = kernel.shape[:2]
-    pads = padding if not isinstance(padding, str) else tuple(
-        jax.lax.padtype_to_pads(x.shape[1:3], window, (stride, stride), padding))
-    dx = jax.lax.platform_dependent(
-        g, kernel,
-        cpu=lambda g_, k_: _polyphase_input_grad(g_, k_, x.shape[1:3], stride, pads).astype(x.dtype),
-        default=lambda g_, k_: jax.vjp(lambda x_: conv(x_, k_), x)[1](g_)[0],
-    )
-    dw = jax.vjp(lambda k_: conv(x, k_), kernel)[1](g)[0]
-    return dx, dw
-
-
-_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
-
-
-def _space_to_depth_conv(x, kernel, stride, pads, preferred_element_type):
+def _space_to_depth_conv(x, kernel, stride: int, pads, preferred_element_type):
     """A stride-s convolution with a kernel of ceil(k / s) = 3 taps per axis (5x5 at
-    stride 2) as the 3x3 stride-1 "VALID" `conv3x3` (Winograd on CPU) of the padded
-    input's space-to-depth image z[i, j, (py, px, c)] = x_pad[s i + py, s j + px, c]:
-    y[i] = sum_{m, p} x_pad[s (i + m) + p] w[s m + p] = sum_m z[i + m] w'[m]."""
-    s = stride
-    (h, w), (pad_t, pad_b), (pad_l, pad_r) = x.shape[1:3], pads[0], pads[1]
-    kh, kw = kernel.shape[:2]
-    out_h, out_w = (h + pad_t + pad_b - kh) // s + 1, (w + pad_l + pad_r - kw) // s + 1
-    rows, cols = s * (out_h + 2), s * (out_w + 2)  # whole s x s blocks for 3 taps per axis
-    xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                     ((0, 0, 0), (pad_t, rows - h - pad_t, 0), (pad_l, cols - w - pad_l, 0), (0, 0, 0)))
-    z = rearrange(xp, "b (i p) (j q) c -> b i j (p q c)", p=s, q=s)
-    return _conv3x3(z, _space_to_depth_kernel(kernel, s), 1, "VALID", preferred_element_type)
+    stride 2) as the 3x3 stride-1 "VALID" Winograd convolution (`_winograd_conv`) of the
+    padded input's space-to-depth image (`_space_to_depth_image`)."""
+    z = _space_to_depth_image(x, kernel.shape[:2], stride, pads)
+    return _winograd_conv(z, _space_to_depth_kernel(kernel, stride), 1, ((0, 0), (0, 0)), preferred_element_type)
 
 
 def _space_to_depth_fits(x, kernel, stride, pads) -> bool:
-    """Whether `_space_to_depth_conv` applies and its 3x3 convolution is Winograd's on CPU."""
+    """Whether `_space_to_depth_conv` applies and Winograd fits its 3x3 convolution."""
     kh, kw, c, o = kernel.shape
     if -(-kh // stride) != 3 or -(-kw // stride) != 3:
         return False
-    if not all(isinstance(d, int) for d in x.shape[1:]):
-        return False
     out = [(n + lo + hi - k) // stride + 1 for n, (lo, hi), k in zip(x.shape[1:3], pads, (kh, kw))]
     return _winograd_fits(out, stride * stride * c, o, x.dtype, kernel.dtype, 1)
-
-
-def strided_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding="SAME", *, preferred_element_type=None):
-    """`jax.lax.conv_general_dilated` (NHWC, HWIO, rate 1) with stride > 1, fast on CPU
-    with its first and second derivatives (the WGAN-GP penalty differentiates twice).
-
-    On CPU:
-    - a kernel of 3 taps per axis after space-to-depth (5x5 at stride 2) on float32 maps
-      that Winograd fits (`conv3x3`: at least `WINOGRAD_MIN_CHANNELS` channels after
-      space-to-depth, outputs of at least `WINOGRAD_MIN_SIZE`) is the Winograd 3x3
-      convolution of the input's space-to-depth image (`_space_to_depth_conv`), value and
-      derivatives: 9 products per output and channel pair instead of 25 (DeepFill v1's
-      critics' second and third layers);
-    - otherwise the value and the kernel gradient are XLA's, and the input gradient is
-      `stride**2` stride-1 convolutions of the output gradient (its polyphase parts)
-      instead of XLA's convolution of the zero-dilated gradient.
-    On GPU and TPU it is XLA's convolution and its derivatives.
-
-    padding: "SAME" / "VALID" (TF's) or ((top, bottom), (left, right)). Winograd's values
-    differ from the exact convolution by about 1e-5 of their largest value.
-    """
-    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
-        raise ValueError(f"strided_conv2d: kernel {tuple(kernel.shape)} does not fit input {tuple(x.shape)}")
-    stride = int(stride)
-    if not isinstance(padding, str):
-        padding = tuple(tuple(int(v) for v in p) for p in padding)
-        pads = padding
-    elif all(isinstance(d, int) for d in x.shape[1:3]):
-        pads = tuple(jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding))
-    else:
-        pads = None
-    if pads is not None and _space_to_depth_fits(x, kernel, stride, pads):
-        return jax.lax.platform_dependent(
-            x, kernel,
-            cpu=lambda x_, k_: _space_to_depth_conv(x_, k_, stride, pads, preferred_element_type),
-            default=lambda x_, k_: _strided_conv(x_, k_, stride, padding, preferred_element_type),
-        )
-    return _strided_conv(x, kernel, stride, padding, preferred_element_type)
 
 
 # --------------------------------------------------------------------------- upsample + conv
@@ -272,7 +439,18 @@ def _phase_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack([w0, w1 + w2], axis=axis), jnp.stack([w0 + w1, w2], axis=axis)
 
 
-def upsample_conv3x3(x: jax.Array, kernel: jax.Array, padding: str = "SAME", *, preferred_element_type=None) -> jax.Array:
+def _phase_range(size: int, pads: tuple[int, int]) -> tuple[int, int, int]:
+    """Along one axis of size n, for pads (lo, hi) of the upsampled image within -1..1:
+    (a, b, start): the phase convolutions compute input rows a .. b - 1, i.e. rows 2a ..
+    2b - 1 of the "SAME" result (pads (1, 1)), whose rows start .. start + 2n + lo + hi - 3
+    are the output."""
+    lo, hi = pads
+    start, stop = 1 - lo, 2 * size - 1 + hi
+    a, b = start // 2, -(-stop // 2)
+    return a, b, start - 2 * a
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, padding="SAME", *, preferred_element_type=None) -> jax.Array:
     """2x nearest upsampling (TF1 align-corners, which for exact doubling repeats each
     pixel, `jattn.ops.resize`) then a 3x3 stride-1 convolution, computed on the input.
 
@@ -281,40 +459,48 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, padding: str = "SAME", *, 
     taps per input pixel instead of 36 (2.25x fewer FLOPs), and no upsampled intermediate
     (nor its gradient). Padding of the upsampled image maps onto the input: "SAME" zeros
     are zeros, "SYMMETRIC" and "REFLECT" by one pixel repeat the edge pixel, "VALID" is
-    "SAME" without its border.
+    "SAME" without its border; explicit pads ((top, bottom), (left, right)) of the
+    upsampled image may be -1 (cropping), 0 or 1.
 
-    x: [B, H, W, C]; kernel: [3, 3, C, O] (HWIO). Returns [B, 2H, 2W, O] ("VALID":
-    [B, 2H - 2, 2W - 2, O]), equal to `conv(resize_nearest_align_corners(x, 2H, 2W))` up to
-    float rounding (the taps are summed first).
+    x: [B, H, W, C]; kernel: [3, 3, C, O] (HWIO), its taps summed in its own dtype, then
+    cast to x's. Returns [B, 2H, 2W, O] ("VALID": [B, 2H - 2, 2W - 2, O]), equal to
+    `conv(resize_nearest_align_corners(x, 2H, 2W))` up to float rounding (the taps are
+    summed first). Linear in x and in the kernel: autodiff gives its derivatives.
     """
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"upsample_conv3x3: kernel {tuple(kernel.shape)} is not a 3x3 kernel for input {tuple(x.shape)}")
-    modes = {"SAME": "constant", "VALID": "constant", "SYMMETRIC": "edge", "REFLECT": "edge"}
-    if padding not in modes:
-        raise ValueError(f"upsample_conv3x3: padding must be one of {tuple(modes)}, got {padding!r}")
-    b, h, w, _ = x.shape
-    # Phase (py, px) reads the input padded by one pixel, rows py .. py + H, columns
-    # px .. px + W. Zero padding is the convolution's own; edge padding is padded once.
-    # Expressed as each conv's padding of one shared operand (negative = cropping), so
-    # that the four kernel gradients share one layout transpose of it on CPU.
-    if modes[padding] == "edge":
-        operand, base = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"), 0
-    else:
-        operand, base = x, 1
+    named = {"SAME": ((1, 1), (1, 1)), "VALID": ((0, 0), (0, 0)), "SYMMETRIC": ((-1, -1), (-1, -1)),
+             "REFLECT": ((-1, -1), (-1, -1))}
+    if isinstance(padding, str):
+        if padding not in named:
+            raise ValueError(f"upsample_conv3x3: padding must be one of {tuple(named)} or pairs, got {padding!r}")
+        if padding in ("SYMMETRIC", "REFLECT"):  # the edge pixel, upsampled, cropped to one
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        padding = named[padding]
+    if not all(-1 <= p <= 1 for pair in padding for p in pair):
+        raise ValueError(f"upsample_conv3x3: explicit pads must be within -1..1, got {padding}")
+    (a_h, b_h, start_h), (a_w, b_w, start_w) = (_phase_range(n, p) for n, p in zip(x.shape[1:3], padding))
+    n_h, n_w = x.shape[1:3]
+    out_h, out_w = (2 * n + lo + hi - 2 for n, (lo, hi) in zip(x.shape[1:3], padding))
+    # Phase (py, px) reads the input padded by one pixel, rows py - 1 + a .. py - 1 + b,
+    # expressed as each conv's padding of x itself (negative = cropping), so that the four
+    # kernel gradients share one layout transpose of x on CPU.
     rows = []
     for py, k_rows in enumerate(_phase_taps(kernel, 0)):
         cols = [
             jax.lax.conv_general_dilated(
-                operand, k_phase.astype(x.dtype), (1, 1),
-                ((base - py, base + py - 1), (base - px, base + px - 1)),
+                x, k_phase.astype(x.dtype), (1, 1),
+                ((1 - py - a_h, py - n_h + b_h), (1 - px - a_w, px - n_w + b_w)),
                 dimension_numbers=DN, preferred_element_type=preferred_element_type,
             )
             for px, k_phase in enumerate(_phase_taps(k_rows, 1))
         ]
-        rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (px), O]
-    y = jnp.stack(rows, axis=2)  # [B, H, 2 (py), W, 2 (px), O]
-    y = y.reshape(b, 2 * h, 2 * w, y.shape[-1])
-    return y[:, 1:-1, 1:-1] if padding == "VALID" else y
+        rows.append(jnp.stack(cols, axis=3))  # [B, b_h - a_h, b_w - a_w, 2 (px), O]
+    y = jnp.stack(rows, axis=2)  # [B, b_h - a_h, 2 (py), b_w - a_w, 2 (px), O]
+    y = y.reshape(x.shape[0], 2 * (b_h - a_h), 2 * (b_w - a_w), y.shape[-1])
+    if (start_h, start_w, out_h, out_w) == (0, 0) + y.shape[1:3]:
+        return y
+    return y[:, start_h : start_h + out_h, start_w : start_w + out_w]
 
 
 # --------------------------------------------------------------------------- Winograd
@@ -347,8 +533,10 @@ def _lincombs(coefficients, parts, axis: int = 0) -> jax.Array:
     return jnp.stack([_lincomb(row, parts) for row in coefficients], axis=axis)
 
 
-def _transposed(coefficients):
-    return tuple(zip(*coefficients))
+def _unstack(a: jax.Array, axis: int = 0) -> list[jax.Array]:
+    """The slices of `a` along `axis`, as one `lax.split`: its transpose (in the backward
+    pass) is one concatenation, where indexing's would be a pad and an add per slice."""
+    return [jnp.squeeze(p, axis) for p in jax.lax.split(a, (1,) * a.shape[axis], axis)]
 
 
 def _tile_elements(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
@@ -378,58 +566,26 @@ def _winograd(x: jax.Array, kernel: jax.Array, preferred_element_type) -> jax.Ar
     return y[:, :out_h, :out_w]
 
 
-
-
-@jax.custom_vjp
 def _kernel_transform(kernel: jax.Array) -> jax.Array:
     """G w G^T per channel pair: [3, 3, C, O] -> [6, 6, C, O], as sums of the kernel's taps
     (rows, then columns). (As an einsum with the 6 x 3 matrix G, XLA:CPU made it and its
     derivative matrix products 6 wide.)"""
-    r = _lincombs(_WINO_G, list(kernel))  # [6, 3 (j), C, O]
-    return _lincombs(_WINO_G, list(jnp.swapaxes(r, 0, 1)), axis=1)
+    r = _lincombs(_WINO_G, _unstack(kernel))  # [6, 3 (j), C, O]
+    return _lincombs(_WINO_G, _unstack(r, 1), axis=1)
 
 
-def _kernel_transform_fwd(kernel):
-    return _kernel_transform(kernel), None
-
-
-def _kernel_transform_bwd(_, du):
-    """dw = G^T du G: the same sums with G transposed."""
-    gt = _transposed(_WINO_G)  # [3, 6]
-    dr = _lincombs(gt, list(jnp.swapaxes(du, 0, 1)), axis=1)  # [6 (p), 3 (j), C, O]
-    return (_lincombs(gt, list(dr)),)  # [3 (i), 3 (j), C, O]
-
-
-_kernel_transform.defvjp(_kernel_transform_fwd, _kernel_transform_bwd)
-
-
-@jax.custom_vjp
 def _output_transform(m: jax.Array) -> jax.Array:
     """Output tiles A^T m A: [6, 6, B, th, tw, O] -> [B, th, 4, tw, 4, O], as sums of m's
-    slices (rows, then columns, stacked straight into the tiles' places). As an einsum
+    slices (columns, then rows, stacked straight into the tiles' places). As an einsum
     with the 4 x 6 matrix A, XLA:CPU ran it as matrix products 6 wide: the whole Winograd
     forward pass of a [4, 64, 64, 128] layer took 18.6 ms that way, 11.7 ms this way
-    (XLA's convolution: 20.1 ms). Its derivative is written by hand below: autodiff of
-    the slices would be a chain of pad-and-add loops, each re-reading the gradient."""
-    rows = [_lincomb(row, list(m)) for row in _WINO_AT]  # 4 x [6 (q), B, th, tw, O]
-    return jnp.stack([_lincombs(_WINO_AT, list(r), axis=-2) for r in rows], axis=2)
-
-
-def _output_transform_fwd(m):
-    return _output_transform(m), None
-
-
-def _output_transform_bwd(_, dy):
-    """dm = A dy A^T per tile, as sums of the tile's rows then columns, each stage one
-    stacked array that XLA fuses into one loop. (Autodiff of the einsum made matrix
-    products 6 wide plus layout transposes: the backward pass of a [4, 64, 64, 128] layer
-    took 39 ms against 28 ms.)"""
-    at = _transposed(_WINO_AT)  # [6, 4]
-    r = _lincombs(at, [dy[:, :, i] for i in range(WINOGRAD_TILE)])  # [6 (p), B, th, tw, 4 (j), O]
-    return (_lincombs(at, [r[..., j, :] for j in range(WINOGRAD_TILE)], axis=1),)  # [6, 6, B, th, tw, O]
-
-
-_output_transform.defvjp(_output_transform_fwd, _output_transform_bwd)
+    (XLA's convolution: 20.1 ms). Its transpose, the backward pass, is then the same
+    construction, A dy A^T as sums of the tile's rows, then columns, each stage one
+    stacked array that XLA fuses into one loop (autodiff of the einsum made matrix
+    products 6 wide plus layout transposes: 39 ms against 28 ms for that layer's
+    backward pass)."""
+    columns = _lincombs(_WINO_AT, _unstack(m, 1), axis=-2)  # [6 (p), B, th, tw, 4 (j), O]
+    return _lincombs(_WINO_AT, _unstack(columns), axis=2)  # [B, th, 4 (i), tw, 4 (j), O]
 
 
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, *, preferred_element_type=None) -> jax.Array:
@@ -485,111 +641,68 @@ def _tiles_fit(out: int, rate: int) -> bool:
 
 
 def _winograd_fits(out_hw, channels_in: int, channels_out: int, x_dtype, kernel_dtype, rate: int) -> bool:
-    """`conv3x3`'s rule for using Winograd on CPU: float32, at least
-    `WINOGRAD_MIN_CHANNELS` channels in and out, and `_tiles_fit` along both output axes."""
+    """`conv2d`'s rule for Winograd on CPU: float32, at least `WINOGRAD_MIN_CHANNELS`
+    channels in and out, and `_tiles_fit` along both output axes. On DeepFill's
+    [4, 64, 64, 128] layers Winograd's forward pass takes about 12 ms against XLA:CPU's 20,
+    and its gradients, which need no convolution and so none of XLA:CPU's channel-major
+    layout transposes for the kernel gradient, about 28 ms against 30-50
+    (`docs/benchmarks.md`)."""
     return (x_dtype == jnp.float32 and kernel_dtype == jnp.float32
             and min(channels_in, channels_out) >= WINOGRAD_MIN_CHANNELS
             and all(_tiles_fit(n, rate) for n in out_hw))
 
 
-def _winograd_same_or_valid(x, kernel, rate, padding, preferred_element_type):
-    if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), (rate, rate), (rate, rate), (0, 0)))
+def _winograd_padded(x, kernel, rate: int, pads, preferred_element_type):
+    (pad_t, pad_b), (pad_l, pad_r) = pads
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pad_t, pad_b, 0), (pad_l, pad_r, 0), (0, 0, 0)))
     return winograd_conv3x3(x, kernel, rate, preferred_element_type=preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv3x3(x, kernel, rate, padding, preferred_element_type):
-    return jax.lax.platform_dependent(
-        x, kernel,
-        cpu=lambda x_, k_: _winograd_same_or_valid(x_, k_, rate, padding, preferred_element_type),
-        default=lambda x_, k_: _conv(x_, k_, 1, padding, preferred_element_type, rate),
-    )
-
-
-def _conv3x3_fwd(x, kernel, rate, padding, preferred_element_type):
-    return _conv3x3(x, kernel, rate, padding, preferred_element_type), (x, kernel)
-
-
-def _conv3x3_bwd(rate, padding, preferred_element_type, residuals, g):
-    x, kernel = residuals
-
-    winograd = functools.partial(_winograd_same_or_valid, rate=rate, padding=padding,
-                                 preferred_element_type=preferred_element_type)
-
-    def direct(x_, k_):
-        return _conv(x_, k_, 1, padding, preferred_element_type, rate)
-
-    dx, dw = jax.lax.platform_dependent(
-        g, x, kernel,
-        cpu=lambda g_, x_, k_: jax.vjp(winograd, x_, k_)[1](g_),
-        default=lambda g_, x_, k_: jax.vjp(direct, x_, k_)[1](g_),
-    )
-    return dx.astype(x.dtype), dw.astype(kernel.dtype)
-
-
-_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-def conv3x3(x: jax.Array, kernel: jax.Array, rate: int = 1, padding="SAME", *, preferred_element_type=None) -> jax.Array:
-    """A 3x3 stride-1 convolution (dilation `rate`, padding "SAME" or "VALID") that on CPU
-    is `winograd_conv3x3`, value and gradients, for float32 operands with at least
-    `WINOGRAD_MIN_CHANNELS` input and output channels and outputs of at least
-    `WINOGRAD_MIN_SIZE` rows and columns whose whole tiles cover at most 25% more than
-    the output (`_tiles_fit`: at 64x64, every rate up to 16).
-
-    Elsewhere (other shapes, bfloat16, GPU, TPU, symbolic sizes) it is XLA's convolution
-    and its derivatives. On DeepFill's [4, 64, 64, 128] layers Winograd's forward pass
-    takes about 12 ms against XLA:CPU's 20, and its gradients, which need no convolution
-    and so none of XLA:CPU's channel-major layout transposes for the kernel gradient,
-    about 28 ms against 30-50 (`docs/benchmarks.md`). The custom VJP keeps only x and the
-    kernel and recomputes the input transform in the backward pass. Values and gradients
-    differ from the exact ones by about 1e-5 of their largest value (1e-7 for XLA's).
-
-    x: [B, H, W, C]; kernel: [3, 3, C, O] (HWIO). Returns [B, H', W', O].
-    """
-    if padding not in ("SAME", "VALID"):
-        raise ValueError(f"conv3x3: padding must be 'SAME' or 'VALID', got {padding!r}")
-    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
-        raise ValueError(f"conv3x3: kernel {tuple(kernel.shape)} is not a 3x3 kernel for input {tuple(x.shape)}")
-    border = 0 if padding == "SAME" else 2 * rate
-    # Symbolic sizes (jax.export with a polymorphic shape) keep XLA's convolution: the
-    # tiling needs concrete sizes, and an exported forward pass has no gradients anyway.
-    concrete = all(isinstance(d, int) for d in x.shape[1:])
-    if not (concrete and _winograd_fits([n - border for n in x.shape[1:3]], x.shape[-1], kernel.shape[-1],
-                                        x.dtype, kernel.dtype, rate)):
-        return _conv(x, kernel, 1, padding, preferred_element_type, rate)
-    return _conv3x3(x, kernel, int(rate), padding, preferred_element_type)
+def _winograd_conv(x, kernel, rate: int, pads, preferred_element_type):
+    """The 3x3 stride-1 convolution of x padded by `pads` as `winograd_conv3x3`, under
+    `jax.checkpoint`: the backward pass keeps only x and the kernel and recomputes the
+    input and kernel transforms (not the products, which it does not need)."""
+    padded = functools.partial(_winograd_padded, rate=rate, pads=pads, preferred_element_type=preferred_element_type)
+    return jax.checkpoint(padded)(x, kernel)
 
 
 # --------------------------------------------------------------------------- few channels
 
 NARROW_MAX_CHANNELS = 5
-"""`narrow_conv2d`'s rule: a side with at most this many channels is "narrow". XLA:CPU
-runs such convolutions far below its rate (DeepFill v1's 16 -> 3 output layer at about
-15 GFLOP/s, the 5-channel input gradient of its refinement branches' first layers at
-about 40); at 8 channels the planes below are no faster (`docs/benchmarks.md`)."""
+"""A side with at most this many channels is "narrow". XLA:CPU runs such convolutions far
+below its rate (DeepFill v1's 16 -> 3 output layer at about 15 GFLOP/s, the 5-channel
+input gradient of its refinement branches' first layers at about 40); at 8 channels the
+planes below are no faster (`docs/benchmarks.md`)."""
 
 
-def _shifted_sum(z: jax.Array, offsets, growth) -> jax.Array:
-    """out[..., y, x] = sum_t z[t, ..., y + dy_t, x + dx_t], zero where that is outside z.
+def _narrow(n: int) -> bool:
+    return n <= NARROW_MAX_CHANNELS
 
-    z: [T, ..., H, W] channel-major planes; offsets: T pairs (dy, dx); growth: the
-    output's size minus the input's, (oh - H, ow - W), a static pair even where H and W
-    are symbolic (`jax.export`). Returns [..., oh, ow]. Each term is one pad (negative
-    where it crops), so XLA fuses the whole sum into one pass over the contiguous planes."""
-    h, w = z.shape[-2:]
-    concrete = isinstance(h, int) and isinstance(w, int)
-    acc = None
-    for t, (dy, dx) in enumerate(offsets):
-        if concrete and not (-(h + growth[0]) < dy < h and -(w + growth[1]) < dx < w):
-            continue  # this tap only ever reads padding
-        part = jax.lax.pad(z[t], jnp.zeros((), z.dtype), [(0, 0, 0)] * (z.ndim - 3)
-                           + [(-dy, growth[0] + dy, 0), (-dx, growth[1] + dx, 0)])
-        acc = part if acc is None else acc + part
-    if acc is None:
-        return jnp.zeros(z.shape[1:-2] + (h + growth[0], w + growth[1]), z.dtype)
-    return acc
+
+def _shift(z: jax.Array, offset, growth) -> jax.Array:
+    """out[..., y, x] = z[..., y + dy, x + dx], zero outside z: one pad (negative where it
+    crops). z: [..., H, W]; offset (dy, dx); growth: the output's size minus the input's,
+    static even where H and W are symbolic (`jax.export`). Returns [..., H + gy, W + gx]."""
+    (dy, dx), (gy, gx) = offset, growth
+    return jax.lax.pad(z, jnp.zeros((), z.dtype), [(0, 0, 0)] * (z.ndim - 2) + [(-dy, gy + dy, 0), (-dx, gx + dx, 0)])
+
+
+def _reaches(size, growth: int, d: int) -> bool:
+    """Whether a shift by d along an axis of `size` (growth as `_shift`) reads any of z."""
+    return not isinstance(size, int) or -(size + growth) < d < size
+
+
+def _shifted_sum(planes, offsets, growth) -> jax.Array:
+    """out[..., y, x] = sum_t planes[t][..., y + dy_t, x + dx_t], zero where that is outside.
+
+    planes: T arrays [..., H, W]; offsets: T pairs (dy, dx); growth as `_shift`. Returns
+    [..., H + gy, W + gx]. Each term is one pad, so XLA fuses the whole sum into one pass."""
+    h, w = planes[0].shape[-2:]
+    terms = [_shift(z, off, growth) for z, off in zip(planes, offsets)
+             if _reaches(h, growth[0], off[0]) and _reaches(w, growth[1], off[1])]
+    if not terms:
+        return jnp.zeros(planes[0].shape[:-2] + (h + growth[0], w + growth[1]), planes[0].dtype)
+    return functools.reduce(jnp.add, terms)
 
 
 def _tap_offsets(window, pads):
@@ -603,136 +716,64 @@ def _growth(window, pads):
     return tuple(lo + hi - k + 1 for (lo, hi), k in zip(pads, window))
 
 
+def _narrow_fits(hw, window, pads) -> bool:
+    """Whether the planes apply: a non-empty output; with symbolic sizes (`jax.export`),
+    not one smaller than the input ("VALID"), whose planes' sizes export cannot prove
+    non-negative (XLA's convolution exports as it is)."""
+    growth = _growth(window, pads)
+    if all(isinstance(n, int) for n in hw):
+        return min(n + g for n, g in zip(hw, growth)) >= 1
+    return min(growth) >= 0
+
+
 def _narrow_output_conv(x, kernel, pads, preferred_element_type):
     """The convolution for few output channels O: one product to the kh*kw*O channel-major
     planes z[t, o] = x . kernel[t, :, o], then their shifted sum; [B, H', W', O]."""
     kh, kw, c, o = kernel.shape
-    z = jnp.einsum("bhwc,tco->tobhw", x, kernel.reshape(kh * kw, c, o),
-                   preferred_element_type=preferred_element_type)
-    y = _shifted_sum(z, _tap_offsets((kh, kw), pads), _growth((kh, kw), pads))
+    z = jnp.einsum("bhwc,tco->tobhw", x, kernel.reshape(kh * kw, c, o), preferred_element_type=preferred_element_type)
+    y = _shifted_sum(list(z), _tap_offsets((kh, kw), pads), _growth((kh, kw), pads))
     return jnp.moveaxis(y, 0, -1)
 
 
-def _narrow_input_grad(g, kernel, pads, channels):
-    """The input gradient for few input channels, channel by channel: the planes
-    z[t] = g . kernel[t, c, :] and their shifted sum (taps mirrored), for the input
-    channels in `channels` only. g: [B, H', W', O]; returns [B, H, W, len(channels)]."""
+def _narrow_input_grad(g, kernel, pads):
+    """The input gradient for few input channels, channel by channel: one product to the
+    kh*kw planes z[..., t] = g . kernel[t, c, :] and their shifted sum (taps mirrored).
+    The planes are tap-minor ([B, H', W', T], the product's own output layout): reverse
+    mode runs this function as the transpose of its transpose (`_transposed`), whose
+    product puts the pixels first. Where the input is a concatenation whose other parts
+    need no gradient (DeepFill's [image, ones, mask]), XLA drops the channels that are
+    sliced away. g: [B, H', W', O]; returns [B, H, W, C]."""
     kh, kw, c, o = kernel.shape
     back = [(-dy, -dx) for dy, dx in _tap_offsets((kh, kw), pads)]
     shrink = tuple(-n for n in _growth((kh, kw), pads))
-    planes = []
-    for ci in channels:
-        z = jnp.einsum("bhwo,to->tbhw", g, kernel[:, :, ci].reshape(kh * kw, o))
-        planes.append(_shifted_sum(z, back, shrink))
-    return jnp.stack(planes, axis=-1)
+
+    def channel(ci):
+        z = jnp.einsum("bhwo,to->bhwt", g, kernel[:, :, ci].reshape(kh * kw, o))
+        return _shifted_sum([z[..., t] for t in range(kh * kw)], back, shrink)
+
+    return jnp.stack([channel(ci) for ci in range(c)], axis=-1)
 
 
-def _narrow(n: int) -> bool:
-    return n <= NARROW_MAX_CHANNELS
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _narrow_conv(x, kernel, pads, preferred_element_type):
+    """A stride-1 conv with few input or output channels: the value is
+    `_narrow_output_conv` for few outputs, else XLA's; the tangent in x is, for few inputs,
+    conv(dx, kernel) as the transpose of `_narrow_input_grad` (`_transposed`: the input
+    gradient is planes and shifted sums), else XLA's; the tangent in the kernel, hence the
+    kernel gradient, is XLA's."""
+    if _narrow(kernel.shape[-1]):
+        return _narrow_output_conv(x, kernel, pads, preferred_element_type)
+    return _xla_conv(x, kernel, 1, 1, pads, preferred_element_type)
 
 
-def _concat(parts):
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _narrow_conv(parts, kernel, pads, preferred_element_type):
-    x = _concat(parts)
-    if not _narrow(kernel.shape[-1]):
-        return _conv(x, kernel, 1, pads, preferred_element_type)
-    return jax.lax.platform_dependent(
-        x, kernel,
-        cpu=lambda x_, k_: _narrow_output_conv(x_, k_, pads, preferred_element_type),
-        default=lambda x_, k_: _conv(x_, k_, 1, pads, preferred_element_type),
-    )
-
-
-def _narrow_conv_fwd(parts, kernel, pads, preferred_element_type):
-    values = tuple(p.value for p in parts)
-    perturbed = (tuple(p.perturbed for p in parts), kernel.perturbed)
-    return _narrow_conv(values, kernel.value, pads, preferred_element_type), (values, kernel.value, perturbed)
-
-
-def _narrow_conv_bwd(pads, preferred_element_type, residuals, g):
-    parts, kernel, (parts_perturbed, kernel_perturbed) = residuals
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        return tuple(None for _ in parts), None
-    x = _concat(parts)
-    conv = functools.partial(_conv, stride=1, padding=pads, preferred_element_type=preferred_element_type)
-    bounds = [0]
-    for p in parts:
-        bounds.append(bounds[-1] + p.shape[-1])
-    ranges = [(a, b) for p, a, b in zip(parts_perturbed, bounds, bounds[1:]) if p]  # channels that need a gradient
-
-    def direct(g_, k_):
-        full = jax.vjp(lambda x_: conv(x_, k_), x)[1](g_)[0]
-        return _concat([full[..., a:b] for a, b in ranges])
-
-    def planes(g_, k_):
-        return _narrow_input_grad(g_, k_, pads, [c for a, b in ranges for c in range(a, b)])
-
-    grads = [None] * len(parts)
-    if ranges:
-        narrow = _narrow(x.shape[-1])
-        dx = jax.lax.platform_dependent(g, kernel, cpu=planes, default=direct) if narrow else direct(g, kernel)
-        used = 0
-        for i, p in enumerate(parts):
-            if parts_perturbed[i]:
-                grads[i] = dx[..., used:used + p.shape[-1]].astype(p.dtype)
-                used += p.shape[-1]
-    dw = jax.vjp(lambda k_: conv(x, k_), kernel)[1](g)[0].astype(kernel.dtype) if kernel_perturbed else None
-    return tuple(grads), dw
-
-
-_narrow_conv.defvjp(_narrow_conv_fwd, _narrow_conv_bwd, symbolic_zeros=True)
-
-
-def narrow_conv2d(x, kernel: jax.Array, padding="SAME", *, preferred_element_type=None) -> jax.Array:
-    """A stride-1, rate-1 convolution (NHWC, HWIO) that on CPU, for float32 operands with
-    at most `NARROW_MAX_CHANNELS` output or input channels, computes the value (few
-    outputs) or the input gradient (few inputs) as matrix products to channel-major
-    planes, one per kernel tap, then a fused shifted sum of those planes, instead of
-    XLA:CPU's convolution, which runs 2-3x slower at such widths (alone: DeepFill v1's
-    16 -> 3 output layers' value 15 -> 5 ms at [4, 256, 256, 16]; the input gradient of
-    `xconv1` / `pmconv1` for the 3 image channels that need one, 55 -> 20 ms). The kernel
-    gradient, and everything on GPU and TPU, is XLA's. Values differ from XLA's by
-    float32 rounding (the sums run in another order).
-
-    Symbolic sizes (`jax.export`) use the planes too, so an exported model computes what
-    the jitted one does, except where the output is smaller than the input ("VALID"),
-    which keeps XLA's convolution there.
-
-    x: [B, H, W, C], or a sequence of such arrays, the input as their concatenation along
-    channels: then only the parts that need a gradient get an input gradient (DeepFill's
-    constant ones and mask channels get none). kernel: [kh, kw, C, O]; padding "SAME" /
-    "VALID" (TF's) or ((top, bottom), (left, right)). Returns [B, H', W', O].
-    """
-    parts = (x,) if isinstance(x, jax.Array) or hasattr(x, "shape") else tuple(x)
-    if not parts or any(p.ndim != 4 or p.shape[:3] != parts[0].shape[:3] or p.dtype != parts[0].dtype for p in parts):
-        raise ValueError("narrow_conv2d: x must be [B, H, W, C] or parts of equal [B, H, W] and dtype, got "
-                         + ", ".join(f"{tuple(p.shape)} {p.dtype}" for p in parts))
-    channels = sum(p.shape[-1] for p in parts)
-    if kernel.ndim != 4 or kernel.shape[2] != channels:
-        raise ValueError(f"narrow_conv2d: kernel {tuple(kernel.shape)} does not fit input of {channels} channels")
-    fits = (parts[0].dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and (_narrow(channels) or _narrow(kernel.shape[-1])))
-    if not fits:
-        return _conv(_concat(parts), kernel, 1, padding, preferred_element_type)
-    window = kernel.shape[:2]
-    if padding == "SAME":  # TF's, at stride 1: independent of the (possibly symbolic) size
-        pads = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in window)
-    elif padding == "VALID":
-        pads = ((0, 0), (0, 0))
-    elif isinstance(padding, str):
-        raise ValueError(f"narrow_conv2d: padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+@functools.partial(_narrow_conv.defjvp, symbolic_zeros=True)
+def _narrow_conv_jvp(pads, preferred_element_type, primals, tangents):
+    x, kernel = primals
+    conv = functools.partial(_xla_conv, stride=1, rate=1, padding=pads, preferred_element_type=preferred_element_type)
+    y = _narrow_conv(x, kernel, pads, preferred_element_type)
+    if _narrow(x.shape[-1]):
+        grad = functools.partial(_narrow_input_grad, kernel=kernel, pads=pads)
+        of_input = lambda dx: _transposed(grad, dx, y)  # noqa: E731
     else:
-        pads = tuple(tuple(int(v) for v in p) for p in padding)
-    hw, growth = parts[0].shape[1:3], _growth(window, pads)
-    if all(isinstance(n, int) for n in hw):
-        if min(n + d for n, d in zip(hw, growth)) < 1:
-            return _conv(_concat(parts), kernel, 1, pads, preferred_element_type)  # XLA's error or empty output
-    elif min(growth) < 0:
-        # Symbolic sizes whose output shrinks ("VALID"): jax.export cannot prove the planes'
-        # sizes non-negative, XLA's convolution exports as it is.
-        return _conv(_concat(parts), kernel, 1, pads, preferred_element_type)
-    return _narrow_conv(parts, kernel, pads, preferred_element_type)
+        of_input = functools.partial(conv, kernel=kernel)
+    return y, _tangents(*tangents, of_input, functools.partial(conv, x))
