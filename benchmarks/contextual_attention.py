@@ -2,7 +2,7 @@
 
 Case (the DeepFill v1 in-model case): batch 16, features 64x64x128, rate 2, ksize 3,
 fuse, a centred 32x32 hole. Prints forward and forward+backward times for the dense and
-the blocked path, and their rate in the issue's nominal FLOPs,
+the blocked path, and their rate in nominal FLOPs,
     2 * N * L * (ksize^2 C + (2 rate)^2 C) per image, N = L = (64 / rate)^2,
 next to a `jnp.matmul` with exactly those FLOPs, timed in the same run. Forward+backward
 counts 3x the forward's nominal FLOPs (each product's backward is two products of its

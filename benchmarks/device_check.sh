@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# GPU / TPU measurements for a session that is lent an accelerator (not a test, not CI).
+# GPU / TPU measurements on a machine with an accelerator (not a test, not CI).
 #
-# The device machine has jax, flax, optax, orbax and einops but no network, TensorFlow or
+# For a machine that has jax, flax, optax, orbax and einops but no network, TensorFlow or
 # grain. What else the benchmarks import (ml_collections, Pillow) travels as wheels: on the
 # development machine, first
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #         --platform manylinux_2_28_x86_64 -d .device_wheels pillow ml_collections
-# then run this script through the device tool with carry [".device_wheels"]:
+# then copy the checkout with .device_wheels to the accelerator machine and run:
 #     bash benchmarks/device_check.sh            # results in $OUT (or ./device_out)
 # It records the accelerator, then the DeepFill v1 training iteration (benchmarks/train_step.py)
 # in float32 and in bfloat16 compute, and contextual attention (benchmarks/contextual_attention.py),
 # each as JSON next to a matmul of the same run, for docs/benchmarks.md. About 5 minutes on
-# an H200 (budget: the device tool gives a session 15 minutes, start-up included).
+# an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-device_out}"

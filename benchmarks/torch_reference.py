@@ -22,7 +22,7 @@ tensors after the timed iterations, so no compute; skip with `--no-flop-count`; 
 in train_step.py also includes elementwise ops), the process's peak RSS (taken before the
 count) and whether the losses are finite.
 
-Nominal rate: 256 GFLOP per image and iteration (the issue's figure, as train_step.py),
+Nominal rate: 256 GFLOP per image and iteration (the nominal figure of train_step.py),
 scaled by (size/256)^2 * (cnum/32)^2 when a smaller size or width is run (field
 `nominal_gflop_per_image` says which figure was used). The scaling is only indicative:
 contextual attention's score and paste convolutions grow as size^4 * cnum, not

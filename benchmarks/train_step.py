@@ -4,7 +4,7 @@ An iteration is one critic update plus one generator update (WGAN-GP), at the of
 widths (cnum 32, critics 64) and 256x256 images, on the local devices, as `jattn train`
 runs them (`jattn.train.steps.jit_update` over a mesh). Prints, per batch size:
 compile time, median seconds per iteration, images/s, XLA's FLOP count of the two
-compiled updates and its rate, the issue's nominal rate (256 GFLOP per image and
+compiled updates and its rate, the nominal rate (256 GFLOP per image and
 iteration), next to a `jnp.matmul` rate in the run's compute dtype measured in the same run,
 two ways: the machine's peak (the best of 20 calls before and 20 after the iterations) and
 its sustained rate interleaved with the iterations (20 calls back to back after each timed
