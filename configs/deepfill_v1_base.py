@@ -22,17 +22,7 @@ def get_config():
     c.learning_rate = 1e-4  # every network's, unless optimizer.<network>.lr is set
     adam = {"b1": 0.5, "b2": 0.9}
     c.optimizer = ml_collections.ConfigDict({"generator": dict(adam), "critic": dict(adam)})
-    c.loss = ml_collections.ConfigDict(
-        {
-            "l1_alpha": 1.2,  # COARSE_L1_ALPHA
-            "l1_loss_alpha": 1.2,
-            "ae_loss_alpha": 1.2,
-            "gan_loss_alpha": 0.001,
-            "wgan_gp_lambda": 10.0,
-            "global_wgan_loss_alpha": 1.0,
-            "gamma": 0.9,  # spatial discounting
-        }
-    )
+    # loss: the official weights are the task's defaults (jattn/train/tasks/deepfill_v1.py)
     c.log_every = 100
     c.image_every = 1000
     c.checkpoint_every = 5000
