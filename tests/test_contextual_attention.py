@@ -173,7 +173,8 @@ def test_gradient_matches_finite_differences():
         def fn(f, b):
             return contextual_attention(f, b, mask, rate=2, softmax_scale=2.0)[0]
 
-        check_grads(fn, (f, b), order=1, modes=["rev"], eps=1e-4, atol=1e-5, rtol=1e-5)
+        # forward and reverse mode, to second order (the dense fuse step's custom JVP)
+        check_grads(fn, (f, b), order=2, modes=["fwd", "rev"], eps=1e-4, atol=1e-5, rtol=1e-5)
 
 
 def test_jit_and_vmap():

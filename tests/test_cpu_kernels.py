@@ -156,11 +156,8 @@ GENERATORS = {
 
 @pytest.fixture(scope="module", params=sorted(GENERATORS))
 def generator(request):
-    """(name, outputs(params, x_in) -> (x1, x2), params, x_in, blocked outputs).
-
-    The blocked outputs evaluate contextual attention in blocks (`ca_block_size`, the same
-    values): its dense evaluation's fuse step is a `jax.custom_vjp`
-    (`jattn.ops.contextual._fuse_dense`), which forward mode cannot differentiate."""
+    """(name, outputs(params, x_in) -> (x1, x2), params, x_in) of the generator as
+    configured by default (dense contextual attention)."""
     x_in, mask = _inpainting_inputs()
     params = _random_params(GENERATORS[request.param](), x_in, mask)
 
@@ -170,8 +167,7 @@ def generator(request):
             return x1, x2
         return outputs
 
-    dense, blocked = GENERATORS[request.param](), GENERATORS[request.param](ca_block_size=16)
-    return request.param, outputs_of(dense), params, x_in, outputs_of(blocked)
+    return request.param, outputs_of(GENERATORS[request.param]()), params, x_in
 
 
 def _derivatives(outputs, params, x_in):
@@ -196,7 +192,7 @@ def test_generator_jvp_and_grad_equal_with_kernels_on_and_off(generator):
     kernels on (within the module docstring's tolerance), and the gradient's program with
     them on does use them (on CPU: no convolution of a zero-dilated gradient, XLA's input
     gradient of a strided convolution)."""
-    name, _, params, x_in, outputs = generator
+    name, outputs, params, x_in = generator
     with cpu_kernels(True):
         (y_on, t_on), g_on, hlo_on = _derivatives(outputs, params, x_in)
     with cpu_kernels(False):
@@ -212,7 +208,7 @@ def test_generator_programs_are_xla_convolutions_off_cpu(generator):
     """The generator's forward pass and gradient, lowered for CUDA with the kernels on, and
     for CPU with them off: no custom calls, no loops, and as many convolutions as plain
     XLA's program has (with the kernels off the CPU program is plain XLA's)."""
-    _, outputs, params, x_in, _ = generator
+    _, outputs, params, x_in = generator
 
     def loss(p, x):
         return sum(jnp.sum(y) for y in outputs(p, x))

@@ -35,6 +35,7 @@ from jattn.models.deepfill import CA_RATE, DeepFillV1Generator
 from jattn.nn._util import Dtype, check_nhwc, compute_dtype
 from jattn.nn.conv import GatedConv, GenDeconv
 from jattn.ops.activations import elu
+from jattn.ops.conv import conv2d
 from jattn.ops.flow import flow_to_color
 
 __all__ = [
@@ -180,10 +181,7 @@ class SNDisConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         kernel = KernelSpectralNorm(name="kernel_sn")(kernel, update_stats)
         acc = jnp.promote_types(dtype, jnp.float32)
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride), "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=acc,
-        )
+        y = conv2d(x.astype(dtype), kernel.astype(dtype), self.stride, 1, "SAME", preferred_element_type=acc)
         return nn.leaky_relu(y + bias.astype(acc), 0.2).astype(dtype)
 
 

@@ -86,25 +86,34 @@ def _col_major_fuse(s: jax.Array, offsets, h: int, w: int, queries=None) -> jax.
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _fuse_dense(s: jax.Array, h: int, w: int, fuse_k: int) -> jax.Array:
-    """The fuse step on all scores s [B, N, L] (N = L = h * w)."""
+def _fuse_dense_forward(s: jax.Array, h: int, w: int, fuse_k: int) -> jax.Array:
     offsets = _window_offsets(fuse_k)
     return _col_major_fuse(_row_major_fuse(s, offsets), offsets, h, w)
 
 
-def _fuse_dense_fwd(s, h, w, fuse_k):
-    return _fuse_dense(s, h, w, fuse_k), None
-
-
-def _fuse_dense_bwd(h, w, fuse_k, _, g):
-    # The fuse is linear and each shift's adjoint is the opposite shift, so the VJP is the
-    # two stages in reverse order with negated offsets: about half the cost of autodiff.
+def _fuse_dense_adjoint(g: jax.Array, h: int, w: int, fuse_k: int) -> jax.Array:
+    """The fuse's adjoint: it is linear and each shift's adjoint is the opposite shift, so
+    the adjoint is the two stages in reverse order with negated offsets, about half the
+    cost of what reverse mode derives from the shifts' pads and slices."""
     negated = tuple(-d for d in _window_offsets(fuse_k))
-    return (_row_major_fuse(_col_major_fuse(g, negated, h, w), negated),)
+    return _row_major_fuse(_col_major_fuse(g, negated, h, w), negated)
 
 
-_fuse_dense.defvjp(_fuse_dense_fwd, _fuse_dense_bwd)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _fuse_dense(s: jax.Array, h: int, w: int, fuse_k: int) -> jax.Array:
+    """The fuse step on all scores s [B, N, L] (N = L = h * w). Its tangent is the fuse of
+    the score tangent written as the transpose of `_fuse_dense_adjoint`, so reverse mode
+    (transposing it) runs the adjoint, and forward mode works to any order."""
+    return _fuse_dense_forward(s, h, w, fuse_k)
+
+
+@_fuse_dense.defjvp
+def _fuse_dense_jvp(h, w, fuse_k, primals, tangents):
+    (s,), (ds,) = primals, tangents
+    y = _fuse_dense(s, h, w, fuse_k)
+    adjoint = functools.partial(_fuse_dense_adjoint, h=h, w=w, fuse_k=fuse_k)
+    (dy,) = jax.linear_transpose(adjoint, jax.ShapeDtypeStruct(y.shape, y.dtype))(ds)
+    return y, dy
 
 
 def _fuse_block(s: jax.Array, *, y0, rows: int, halo: int, h: int, w: int, fuse_k: int) -> jax.Array:
