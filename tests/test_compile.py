@@ -349,3 +349,43 @@ def test_aot_platforms_setting():
     env = {}
     cli._aot_platforms(env, jax_imported=True, tpu_chips=0)  # JAX started here (conftest: cpu): kept
     assert jax.config.jax_platforms == "cpu" and env == {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+@needs_libtpu
+def test_deepfill_v1_step_lowered_for_tpu_takes_no_cpu_kernel():
+    """DeepFill v1's training step (every update, critics' gradient penalty included),
+    lowered for a TPU topology with the CPU kernels switched on, is plain XLA: the same
+    convolutions and products as with them off, no custom calls, no loops. Lowered for the
+    CPU, the same step does take the kernels (another count of XLA convolutions: a
+    polyphase gradient is several stride-1 convolutions, a Winograd layer none)."""
+    import collections
+    import re
+
+    from jattn.config import load_config
+    from jattn.ops.conv import cpu_kernels
+    from jattn.train.setup import abstract_step_batches, abstract_train_state
+    from jattn.train.sharding import make_mesh
+    from jattn.train.steps import make_train_step
+    from jattn.train.task import build_task
+
+    # widths of 24/48 on 64x64 crops: Winograd, space-to-depth, polyphase and narrow layers
+    config = load_config("configs/demo.py", ["model.cnum=24", "model.critic_cnum=24", "batch_size=4"])
+    task = build_task(config)
+
+    def ops(devices) -> collections.Counter:
+        mesh = make_mesh(devices)
+        state = abstract_train_state(task, config, mesh)
+        batches = abstract_step_batches(task, config, mesh, 4)
+        with jax.set_mesh(mesh):
+            text = make_train_step(task.updates, mesh).lower(state, batches).as_text()
+        return collections.Counter(re.findall(r"stablehlo\.([a-z_]+)", text))
+
+    tpu = aot.topology_devices(TOPOLOGY)
+    with cpu_kernels(True):
+        tpu_on, cpu_on = ops(tpu), ops(jax.devices("cpu")[:1])
+    with cpu_kernels(False):
+        tpu_off = ops(tpu)
+    assert not {"custom_call", "while"} & set(tpu_on)
+    for op in ("convolution", "dot_general"):
+        assert tpu_on[op] == tpu_off[op], op
+    assert tpu_on["convolution"] > 100 and cpu_on["convolution"] != tpu_on["convolution"]
