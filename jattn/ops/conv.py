@@ -10,10 +10,10 @@ forward mode (`jax.jvp`), reverse mode (`jax.grad`) and their compositions (the 
 penalty differentiates the critics twice) all work:
 
 * strides > 1: the input gradient is `stride**2` stride-1 convolutions of the output
-  gradient (its polyphase parts) instead of XLA's convolution of the zero-dilated gradient
-  (2.2-2.8x faster for DeepFill's stride-2 layers, `docs/benchmarks.md`); its second
-  derivative is made of stride-1 convolutions too (XLA:CPU's second derivative of a native
-  strided convolution is ~20x slower). A 5x5 stride-2 kernel on wide enough maps is the
+  gradient (its polyphase parts) instead of XLA's convolution of the zero-dilated gradient,
+  which does 4x the FLOPs; its second derivative is made of stride-1 convolutions too
+  (XLA:CPU's second derivative of a native strided convolution is an order of magnitude
+  slower: `benchmarks/cpu_kernels.py`, "critic layer 2 with penalty"). A 5x5 stride-2 kernel on wide enough maps is the
   Winograd convolution of the input's space-to-depth image, value and derivatives.
 * `upsample` with a 3x3 kernel: four 2x2 convolutions of the input (`upsample_conv3x3`),
   2.25x fewer FLOPs, no upsampled image. (An identity valid on any platform, but its
@@ -285,7 +285,7 @@ def _tangents(dx, dkernel, of_input, of_kernel):
 
 
 # Below this many input channels the phases are merged into one convolution (see
-# `_polyphase_input_grad`); measured on DeepFill's layers (docs/benchmarks.md).
+# `_polyphase_input_grad`): a convolution to few output channels runs far below XLA:CPU's rate.
 MERGE_PHASES_BELOW_CHANNELS = 16
 
 
@@ -345,7 +345,7 @@ def _polyphase_input_grad(g: jax.Array, kernel: jax.Array, x_hw: tuple[int, int]
     kh, kw, channels = kernel.shape[:3]
     dtype = jnp.promote_types(g.dtype, kernel.dtype)
 
-    # Under the WGAN-GP's second derivative (docs/benchmarks.md, changes 10 and 14):
+    # Under the WGAN-GP's second derivative:
     # - the sub-kernels are flipped slices of the kernel in its own layout, read as HWOI
     #   (the phase convs map O channels to C), so the kernel's gradient arrives in its
     #   layout, not as transposed parts that every optimizer fusion re-reads;
@@ -642,11 +642,10 @@ def _tiles_fit(out: int, rate: int) -> bool:
 
 def _winograd_fits(out_hw, channels_in: int, channels_out: int, x_dtype, kernel_dtype, rate: int) -> bool:
     """`conv2d`'s rule for Winograd on CPU: float32, at least `WINOGRAD_MIN_CHANNELS`
-    channels in and out, and `_tiles_fit` along both output axes. On DeepFill's
-    [4, 64, 64, 128] layers Winograd's forward pass takes about 12 ms against XLA:CPU's 20,
-    and its gradients, which need no convolution and so none of XLA:CPU's channel-major
-    layout transposes for the kernel gradient, about 28 ms against 30-50
-    (`docs/benchmarks.md`)."""
+    channels in and out, and `_tiles_fit` along both output axes. Winograd does 2.25x fewer
+    multiplications, and its gradients need no convolution, so none of XLA:CPU's
+    channel-major layout transposes for the kernel gradient (`benchmarks/cpu_kernels.py`,
+    "conv3" and "conv7")."""
     return (x_dtype == jnp.float32 and kernel_dtype == jnp.float32
             and min(channels_in, channels_out) >= WINOGRAD_MIN_CHANNELS
             and all(_tiles_fit(n, rate) for n in out_hw))
@@ -670,9 +669,8 @@ def _winograd_conv(x, kernel, rate: int, pads, preferred_element_type):
 
 NARROW_MAX_CHANNELS = 5
 """A side with at most this many channels is "narrow". XLA:CPU runs such convolutions far
-below its rate (DeepFill v1's 16 -> 3 output layer at about 15 GFLOP/s, the 5-channel
-input gradient of its refinement branches' first layers at about 40); at 8 channels the
-planes below are no faster (`docs/benchmarks.md`)."""
+below its rate (DeepFill v1's 16 -> 3 output layer, the 5-channel input gradient of its
+refinement branches' first layers); at 8 channels the planes below are no faster."""
 
 
 def _narrow(n: int) -> bool:

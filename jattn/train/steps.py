@@ -124,7 +124,7 @@ def train_step(updates: Sequence[Update], state: TrainState, batches: dict, *, u
     unroll: True (the default) writes every update into the program one after the other;
       False runs repeats of one update (the critic's `n_critic`) as a `lax.scan` over their
       batches: a smaller program that compiles faster, but XLA:CPU runs a loop body several
-      times slower than the same operations outside a loop (`docs/benchmarks.md`).
+      times slower than the same operations outside a loop (`benchmarks/step_dispatch.py`).
 
     Returns the new state and the step's metrics: each one averaged over the updates that
     report it, plus "finite" (1.0 when no update was dropped)."""
