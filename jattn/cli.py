@@ -306,8 +306,37 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_string() -> str:
+    """`jattn <version> (jax <version>, jaxlib <version>)`, from the installed distributions'
+    metadata (nothing is imported); jattn's own `__version__` when it is not installed."""
+    import importlib.metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    if (jattn_version := version("jattn")) is None:
+        from jattn import __version__ as jattn_version
+    others = ", ".join(f"{dist} {v}" for dist in ("jax", "jaxlib") if (v := version(dist)) is not None)
+    return f"jattn {jattn_version}" + (f" ({others})" if others else "")
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: print `version_string()` and exit (looked up only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_string())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jattn", description="Attention-based image models in JAX/Flax.")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of jattn, jax and jaxlib, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
@@ -329,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="metrics of a workdir's checkpoint on the fixed eval set")
     ev.add_argument("--config", required=True, help="the run's config file")
-    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--workdir", required=True, help="the training workdir whose checkpoint is evaluated")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     ev.set_defaults(func=_cmd_eval)
@@ -356,14 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import-deepfill", help="an official DeepFill TF checkpoint as a jattn workdir")
     imp.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (.../snap-0) or its folder")
-    imp.add_argument("--version", default="v1", choices=["v1", "v2"])
+    imp.add_argument("--version", default="v1", choices=["v1", "v2"], help="DeepFill version of the checkpoint (default v1)")
     imp.add_argument("--output", required=True, help="new workdir to write (checkpoint 0)")
     imp.add_argument("--config", default=None, help="config to store with it (default: configs/deepfill_<version>_base.py)")
     imp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     imp.set_defaults(func=_cmd_import_deepfill)
 
     exp = sub.add_parser("export", help="write a trained generator in a portable format")
-    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--workdir", required=True, help="the training workdir whose checkpoint is exported")
     exp.add_argument("--format", required=True, choices=["safetensors", "jax-export", "saved_model", "onnx"],
                      help="export format (see docs/export.md)")
     exp.add_argument("--output", required=True, help="output file (a folder for saved_model)")

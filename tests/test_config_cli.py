@@ -1,5 +1,6 @@
 """Config files, overrides and the CLI's error handling."""
 
+import argparse
 import pathlib
 import re
 import subprocess
@@ -260,3 +261,44 @@ def test_a_config_saved_before_the_schema_still_builds_its_task_and_state():
     state = abstract_train_state(task, saved, make_mesh(jax.devices()[:1]))
     assert state.params["generator"]["conv1"]["kernel"].shape == (5, 5, 5, 16)
     assert saved.to_dict() == ml_collections.ConfigDict(SAVED_BEFORE_SCHEMA).to_dict()  # left as it was
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _parsers(parser, name="jattn"):
+    """(name, parser) of `parser` and of every subcommand below it."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_and_subcommand_has_help_text():
+    from jattn.cli import build_parser
+
+    parser = build_parser()
+    missing, seen = [], 0
+    for name, p in _parsers(parser):
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {a.dest: a.help for a in action._choices_actions}
+                missing += [f"{name} {sub}" for sub in action.choices if not (helped.get(sub) or "").strip()]
+                continue
+            seen += 1
+            if not (action.help or "").strip():
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert seen > 50 and not missing, missing
+
+
+def test_version_names_jattn_and_jax():
+    import importlib.metadata
+
+    from jattn.cli import version_string
+
+    out = subprocess.run([sys.executable, "-m", "jattn", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == version_string() + "\n"
+    assert out.stdout.startswith(f"jattn {importlib.metadata.version('jattn')} (jax {importlib.metadata.version('jax')}")
