@@ -59,10 +59,57 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_steps(workdir) -> list[int]:
+    """The checkpoint steps of a workdir, read from its folders (nothing is created); a
+    missing workdir or one without checkpoints is a UserError."""
+    import pathlib
+
+    workdir = pathlib.Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"{workdir}: no such workdir")
+    folder = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    if not steps:
+        raise UserError(f"{workdir}: no checkpoints in this workdir (nothing in {folder})")
+    return steps
+
+
+def _saved_config(args: argparse.Namespace, step: int):
+    """The config saved with checkpoint `step` of `args.workdir`, completed with the schema's
+    defaults, with `args.set` applied."""
+    import pathlib
+
+    import ml_collections
+
+    from jattn.config import ConfigError, apply_overrides, with_defaults
+    from jattn.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(pathlib.Path(args.workdir) / "checkpoints")
+    try:
+        saved = ckpt.restore_config(step)
+    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is the user's to fix
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{args.workdir}: cannot read the config saved with checkpoint {step} ({first})") from None
+    finally:
+        ckpt.close()
+    if not saved:
+        raise UserError(f"{args.workdir}: checkpoint {step} has no saved config; pass --config")
+    try:
+        config = apply_overrides(with_defaults(ml_collections.ConfigDict(saved)), args.set or [])
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    if config.eval_batch_size is None:
+        config.eval_batch_size = config.batch_size
+    return config
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import pathlib
 
-    config = _load_config(args)
+    steps = _checkpoint_steps(args.workdir)
+    if args.step is not None and args.step not in steps:
+        raise UserError(f"{args.workdir}: no checkpoint for step {args.step} (have {', '.join(map(str, steps))})")
+    config = _load_config(args) if args.config else _saved_config(args, steps[-1] if args.step is None else args.step)
     from jattn.train.evaluate import evaluate
     from jattn.train.setup import restore_for_eval
 
@@ -357,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="metrics of a workdir's checkpoint on the fixed eval set")
-    ev.add_argument("--config", required=True, help="the run's config file")
+    ev.add_argument("--config", default=None,
+                    help="the run's config file (default: the config saved with the checkpoint)")
     ev.add_argument("--workdir", required=True, help="the training workdir whose checkpoint is evaluated")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")

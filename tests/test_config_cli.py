@@ -302,3 +302,39 @@ def test_version_names_jattn_and_jax():
     out = subprocess.run([sys.executable, "-m", "jattn", "--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == version_string() + "\n"
     assert out.stdout.startswith(f"jattn {importlib.metadata.version('jattn')} (jax {importlib.metadata.version('jax')}")
+
+
+def test_eval_reads_the_config_saved_with_the_checkpoint(tmp_path, capsys):
+    import json
+
+    from jattn.train.loop import train
+    from toy import toy_config
+
+    config = toy_config(total=2)
+    config.eval_images = 8
+    train(config, tmp_path / "run", progress=False)
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(tmp_path / "run")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 2 and result["eval_images"] == 8 and "eval_psnr" in result
+    assert json.loads((tmp_path / "run" / "eval_2.json").read_text()) == result
+    # overrides apply to the saved config; a bad one, or a step that is not there, is one line
+    assert main(["eval", "--workdir", str(tmp_path / "run"), "--step", "1", "--set", "eval_images=16"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"jattn eval: error: {tmp_path / 'run'}: no checkpoint for step 1 (have 2)\n"
+    assert main(["eval", "--workdir", str(tmp_path / "run"), "--set", "eval_imagez=16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval_imagez" in err
+
+
+def test_eval_of_a_workdir_without_checkpoints_is_one_line_and_creates_nothing(tmp_path, capsys):
+    typo = tmp_path / "runs" / "mistyped"
+    for config in ([], ["--config", str(DEMO)]):
+        assert main(["eval", "--workdir", str(typo), *config]) == 2
+        assert capsys.readouterr().err == f"jattn eval: error: {typo}: no such workdir\n"
+        assert not (tmp_path / "runs").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--workdir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoints in this workdir" in err
+    assert list((tmp_path / "empty").iterdir()) == []
