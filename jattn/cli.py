@@ -9,6 +9,7 @@
     jattn demo      the main job on bundled data: a short training run, then an inpainted photo
     jattn devices   the JAX devices this process sees
     jattn compile   compile a run's training step for a TPU topology (or this machine): cost, memory, fit
+    jattn configs   the bundled configs, usable by name: `--config demo`
 
 JAX and the models are imported inside each command, so `jattn --help` is instant.
 """
@@ -19,11 +20,56 @@ import argparse
 import json
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "bundled_configs", "config_path", "version_string"]
 
 
 class UserError(Exception):
     """An error in the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def bundled_configs_dir():
+    """The folder of the configs that ship with jattn, or None.
+
+    Installed, it is the package data folder `jattn/configs` (built from the source tree's
+    top-level `configs/`, see pyproject.toml); running from a source tree, it is that
+    `configs/` folder itself."""
+    import importlib.resources
+    import pathlib
+
+    installed = importlib.resources.files("jattn").joinpath("configs")
+    if isinstance(installed, pathlib.Path) and installed.is_dir():
+        return installed
+    tree = pathlib.Path(__file__).resolve().parents[1]
+    if (tree / "pyproject.toml").is_file() and (tree / "configs").is_dir():
+        return tree / "configs"
+    return None
+
+
+def bundled_configs() -> dict:
+    """{name: path} of the bundled configs, sorted by name."""
+    folder = bundled_configs_dir()
+    if folder is None:
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
+
+
+def config_path(arg: str):
+    """The config file `--config ARG` names: ARG itself when it is a file, else the bundled
+    config of that name (`demo`, `deepfill_v1_places2`; `.py` may be added). UserError if
+    neither."""
+    import os
+    import pathlib
+
+    path = pathlib.Path(arg)
+    if path.is_file():
+        return path
+    is_name = os.sep not in arg and "/" not in arg
+    if is_name:
+        bundled = bundled_configs().get(arg.removesuffix(".py"))
+        if bundled is not None:
+            return bundled
+    hint = " and no bundled config has that name (`jattn configs` lists them)" if is_name else ""
+    raise UserError(f"config file not found: {arg}{hint}")
 
 
 def _load_config(args: argparse.Namespace):
@@ -33,9 +79,37 @@ def _load_config(args: argparse.Namespace):
     if getattr(args, "total_steps", None) is not None:
         overrides.append(f"total_steps={args.total_steps}")
     try:
-        return load_config(args.config, overrides)
+        return load_config(config_path(str(args.config)), overrides)
     except ConfigError as err:
         raise UserError(str(err)) from None
+
+
+def _docstring_summary(path) -> str:
+    """The first line of a Python file's docstring ("" without one), read without running
+    the file; "..." marks a sentence that goes on in the next line."""
+    import ast
+
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return ""
+    lines = (doc or "").strip().splitlines()
+    if not lines:
+        return ""
+    first = lines[0].strip()
+    goes_on = len(lines) > 1 and lines[1].strip() and not first.endswith((".", ":", "!", "?"))
+    return first + " ..." if goes_on else first
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    del args
+    configs = bundled_configs()
+    if not configs:
+        raise UserError("no bundled configs found (is jattn installed completely?)")
+    width = max(map(len, configs))
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {_docstring_summary(path)}".rstrip())
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -216,12 +290,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_deepfill(args: argparse.Namespace) -> int:
-    import pathlib
-
-    from jattn.demo import default_demo_config
-
-    config_path = args.config or pathlib.Path(default_demo_config()).with_name(f"deepfill_{args.version}_base.py")
-    config = _load_config(argparse.Namespace(config=config_path, set=args.set, total_steps=None))
+    config = _load_config(argparse.Namespace(config=args.config or f"deepfill_{args.version}_base", set=args.set,
+                                             total_steps=None))
     from jattn.export.deepfill_import import import_official_checkpoint
 
     try:
@@ -263,7 +333,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from jattn.demo import run_main_demo
 
     try:
-        result = run_main_demo(args.workdir, args.output, config_path=args.config, overrides=args.set or [], photo=args.photo)
+        result = run_main_demo(args.workdir, args.output, config_path=config_path(args.config or "demo"),
+                               overrides=args.set or [], photo=args.photo)
     except (ConfigError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     print(json.dumps(result))
@@ -391,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train (or resume) a model from a config file into a workdir",
         description="Config values can be overridden with --config.KEY=VALUE or --set KEY=VALUE.",
     )
-    train.add_argument("--config", required=True, help="a Python config file with get_config() (see configs/)")
+    train.add_argument("--config", required=True, help="a config file, or the name of a bundled config (`jattn configs` lists them)")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs go here")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     train.add_argument("--total-steps", type=int, dest="total_steps", help="shortcut for --set total_steps=N")
@@ -405,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="metrics of a workdir's checkpoint on the fixed eval set")
     ev.add_argument("--config", default=None,
-                    help="the run's config file (default: the config saved with the checkpoint)")
+                    help="a config file or bundled config name (default: the config saved with the checkpoint)")
     ev.add_argument("--workdir", required=True, help="the training workdir whose checkpoint is evaluated")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
@@ -419,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--output", required=True, help="output image file, or folder in folder mode")
     inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
     inp.add_argument("--batch-size", type=int, default=8, help="folder mode: images of one size per model call")
-    inp.add_argument("--config", default=None, help="use this config file instead of the one saved with the checkpoint")
+    inp.add_argument("--config", default=None,
+                     help="a config file or bundled config name to use instead of the one saved with the checkpoint")
     inp.set_defaults(func=_cmd_inpaint)
 
     up = sub.add_parser("upscale", help="super-resolve images with a trained super-resolution checkpoint")
@@ -428,14 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--output", required=True, help="output image file, or folder in folder mode")
     up.add_argument("--tile", type=int, default=None, help="process in tiles of this many low-res pixels (bounds memory)")
     up.add_argument("--overlap", type=int, default=8, help="context pixels around each tile (default 8)")
-    up.add_argument("--config", default=None, help="use this config file instead of the one saved with the checkpoint")
+    up.add_argument("--config", default=None,
+                    help="a config file or bundled config name to use instead of the one saved with the checkpoint")
     up.set_defaults(func=_cmd_upscale)
 
     imp = sub.add_parser("import-deepfill", help="an official DeepFill TF checkpoint as a jattn workdir")
     imp.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (.../snap-0) or its folder")
     imp.add_argument("--version", default="v1", choices=["v1", "v2"], help="DeepFill version of the checkpoint (default v1)")
     imp.add_argument("--output", required=True, help="new workdir to write (checkpoint 0)")
-    imp.add_argument("--config", default=None, help="config to store with it (default: configs/deepfill_<version>_base.py)")
+    imp.add_argument("--config", default=None,
+                     help="config file or bundled config name to store with it (default: deepfill_<version>_base)")
     imp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     imp.set_defaults(func=_cmd_import_deepfill)
 
@@ -454,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on bundled data: train DeepFill v1 briefly, then inpaint a photo")
     demo.add_argument("--workdir", default="workdirs/demo", help="training workdir (default: workdirs/demo; resumed if present)")
     demo.add_argument("--output", default="demo_out", help="folder for the PNGs (default: demo_out)")
-    demo.add_argument("--config", default=None, help="config file (default: configs/demo.py)")
+    demo.add_argument("--config", default=None, help="a config file or bundled config name (default: demo)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     demo.add_argument("--photo", default="astronaut", help="a scikit-image bundled photo (default: astronaut)")
     demo.add_argument("--attention-only", action="store_true",
@@ -472,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "whether the step fits the chip's HBM and a roofline time estimate. Config values can be "
                     "overridden with --config.KEY=VALUE or --set KEY=VALUE.",
     )
-    comp.add_argument("--config", required=True, help="a Python config file with get_config() (see configs/)")
+    comp.add_argument("--config", required=True, help="a config file, or the name of a bundled config (`jattn configs` lists them)")
     comp.add_argument("--topology", required=True,
                       help="a TPU topology NAME:AxB[xC] (v5e:2x2, v5e:4x4, v5p:4x4x8, v4:2x2x1, v6e:16x16, ...) "
                            "or 'local' (this process's devices)")
@@ -486,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="print the JAX devices this process sees")
     devices.set_defaults(func=_cmd_devices)
+
+    configs = sub.add_parser("configs", help="list the bundled configs (names for --config) with their summaries")
+    configs.set_defaults(func=_cmd_configs)
     return parser
 
 

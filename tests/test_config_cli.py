@@ -338,3 +338,56 @@ def test_eval_of_a_workdir_without_checkpoints_is_one_line_and_creates_nothing(t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoints in this workdir" in err
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- bundled configs
+
+
+def test_bundled_configs_are_the_configs_folder_by_name():
+    from jattn.cli import bundled_configs, config_path
+
+    assert {name: path.resolve() for name, path in bundled_configs().items()} == {p.stem: p.resolve() for p in CONFIGS}
+    assert config_path("demo").resolve() == DEMO and config_path("demo.py").resolve() == DEMO
+    assert config_path("deepfill_v1_places2").name == "deepfill_v1_places2.py"
+
+
+def test_config_takes_a_path_or_a_bundled_name(tmp_path, monkeypatch, capsys):
+    from jattn.cli import _load_config
+
+    def load(arg, *overrides):
+        return _load_config(argparse.Namespace(config=arg, set=list(overrides), total_steps=None))
+
+    monkeypatch.chdir(tmp_path)
+    assert load("demo").total_steps == 40
+    places = load("deepfill_v1_places2")  # imports its sibling deepfill_v1_base
+    assert places.model.name == "deepfill_v1" and places.data.source.name == "places365_small"
+    (tmp_path / "demo.py").write_text(MINIMAL)
+    assert load("demo.py").total_steps == 2  # a file in the current folder comes first
+    monkeypatch.chdir(REPO)
+    assert load("configs/demo.py", "total_steps=3").total_steps == 3
+    # a name that is neither: one line, nothing written
+    code = main(["train", "--config", "dmo", "--workdir", str(tmp_path / "w")])
+    assert code == 2 and not (tmp_path / "w").exists()
+    assert capsys.readouterr().err == ("jattn train: error: config file not found: dmo and no bundled config has "
+                                       "that name (`jattn configs` lists them)\n")
+    assert main(["train", "--config", "sub/dmo.py", "--workdir", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == "jattn train: error: config file not found: sub/dmo.py\n"
+
+
+def test_configs_lists_every_bundled_config_with_its_summary(capsys):
+    import ast
+
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [p.stem for p in CONFIGS]
+    for line, path in zip(lines, CONFIGS):
+        first = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0].strip()
+        assert line.split(None, 1)[1].startswith(first), line
+    assert any(line.startswith("demo ") and "DeepFill v1, small and fast" in line for line in lines)
+
+
+def test_import_deepfill_without_config_uses_the_bundled_base_config(tmp_path, capsys):
+    code = main(["import-deepfill", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("jattn import-deepfill: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and "config" not in err
