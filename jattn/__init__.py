@@ -12,6 +12,26 @@ __version__ = "0.1.0"
 _apply_cpu_defaults()  # XLA:CPU flags, before JAX starts its backends (see jattn/_xla.py)
 
 
+class MissingExtraError(ModuleNotFoundError):
+    """An optional dependency is not installed. The message names what needs it and the
+    `pip install 'jattn[EXTRA]'` that installs it; the `jattn` command prints it as a
+    one-line error (exit status 2)."""
+
+
+def _require_extra(module: str, extra: str, needed_by: str):
+    """`import module`, or a MissingExtraError naming `extra` when `module` is not installed
+    (a module that is installed but fails to import raises its own error)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != module.split(".")[0]:
+            raise
+        raise MissingExtraError(f"{needed_by} needs {module}, which is not installed: pip install 'jattn[{extra}]'",
+                                name=module) from None
+
+
 def inpaint(params_or_path, image, mask):
     """`jattn.inpaint(workdir | Inpainter, uint8 [H, W, 3], mask [H, W]) -> uint8 [H, W, 3]`."""
     from jattn.export.inference import inpaint as _inpaint

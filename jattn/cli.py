@@ -599,9 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest or extra)}")
     if overrides:
         args.set = list(args.set or []) + overrides
+    from jattn import MissingExtraError
+
     try:
         return args.func(args)
-    except UserError as err:
+    except (UserError, MissingExtraError) as err:
         print(f"jattn {args.command}: error: {err}", file=sys.stderr)
         return 2
 

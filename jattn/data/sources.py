@@ -316,9 +316,9 @@ def sample_photos_source(num_examples: int = 4096, crop_size: int = 256, *,
 
 def _tfds():
     os.environ.setdefault("NO_GCE_CHECK", "true")
-    import tensorflow_datasets as tfds
+    from jattn import _require_extra
 
-    return tfds
+    return _require_extra("tensorflow_datasets", "tfds", "a TFDS data source")
 
 
 def _keep_tf_off_gpus() -> None:

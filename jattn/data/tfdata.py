@@ -28,7 +28,9 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from jattn import _require_extra  # noqa: E402
+
+tf = _require_extra("tensorflow", "tf", "the tf.data loader (data.loader='tfdata')")
 
 from jattn.data import examples as ex  # noqa: E402
 from jattn.data import images as images_lib  # noqa: E402

@@ -138,7 +138,9 @@ def read_checkpoint_scope(
       ValueError: the checkpoint cannot be read, or tensors are missing, unexpected
         (under ``scope``, optimizer slots aside) or of the wrong shape; the message names them.
     """
-    import tensorflow as tf  # lazy: only the importer needs TensorFlow
+    from jattn import _require_extra
+
+    tf = _require_extra("tensorflow", "tf", "reading an official TensorFlow checkpoint")  # only the importer needs it
 
     try:
         reader = tf.train.load_checkpoint(str(prefix))

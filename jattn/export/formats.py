@@ -322,7 +322,9 @@ def export_saved_model(workdir, output, *, step: int | None = None, batch_size: 
     batch against JAX before it replaces `output`; nothing is left on failure. Returns the
     metadata (also in `<output>/assets.extra/jattn_export.json`).
     """
-    import tensorflow as tf
+    from jattn import _require_extra
+
+    tf = _require_extra("tensorflow", "tf", "the saved_model export")
     from jax.experimental import jax2tf
 
     from jattn.data.tfdata import hide_gpus_from_tf
