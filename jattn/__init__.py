@@ -3,13 +3,12 @@
 Layout: `jattn.ops` (pure functions on arrays), `jattn.nn` (Flax Linen modules),
 `jattn.models`, `jattn.losses`, `jattn.data` (input pipelines; the only part that needs
 TensorFlow / grain), `jattn.train`, `jattn.export`, and the `jattn` command line.
+
+Importing jattn changes nothing in the process: the process settings (XLA:CPU flags,
+tcmalloc) are made by the `jattn` command alone (`jattn/cli.py`).
 """
 
-from jattn._xla import apply_cpu_defaults as _apply_cpu_defaults
-
 __version__ = "0.1.0"
-
-_apply_cpu_defaults()  # XLA:CPU flags, before JAX starts its backends (see jattn/_xla.py)
 
 
 class MissingExtraError(ModuleNotFoundError):

@@ -1,16 +1,15 @@
 """Run the `jattn` command under tcmalloc when the machine has it (Linux).
 
-XLA:CPU allocates each execution's temporaries as one block (1.2 GiB for a DeepFill v1
-generator update at batch 4) and frees it at the end. glibc's malloc serves blocks that
-large with a fresh `mmap` and returns them with `munmap`, so every execution faults in
-all of its temporary memory again, 4 KiB at a time: 330,000 page faults and about 0.45 s
-of kernel time per generator update on this project's CPU machine. tcmalloc keeps freed
-memory for reuse (with `TCMALLOC_RELEASE_RATE=0` it never hands it back), which makes a
-whole DeepFill v1 training iteration about 8% faster there (`docs/benchmarks.md`).
+XLA:CPU allocates each execution's temporaries as one large block and frees it at the end.
+glibc's malloc serves blocks that large with a fresh `mmap` and returns them with
+`munmap`, so every execution faults in all of its temporary memory again, 4 KiB at a
+time. tcmalloc keeps freed memory for reuse (with `TCMALLOC_RELEASE_RATE=0` it never hands
+it back), which spares those page faults (`docs/benchmarks.md`).
 
 A library cannot change the allocator of a process that is already running, so the
-`jattn` command (and `benchmarks/train_step.py`) re-executes itself once, with
-`LD_PRELOAD` naming the library, before anything is computed. `JATTN_TCMALLOC` decides:
+`jattn` command (`jattn.cli.main`) re-executes itself once, with `LD_PRELOAD` naming the
+library, before anything is computed, and says so in one line on stderr. Importing jattn
+does nothing of the kind. `JATTN_TCMALLOC` decides:
 
 - unset or `auto`: use tcmalloc if one of `LIBRARY_NAMES` is in `SEARCH_DIRS`
   (Debian / Ubuntu: `apt install libtcmalloc-minimal4`), else run as is;
@@ -82,14 +81,17 @@ def preload_environment(environ: Mapping[str, str], *, platform: str = sys.platf
     return env
 
 
-def reexec_with_tcmalloc(argv: Sequence[str] | None = None) -> None:
+def reexec_with_tcmalloc(argv: Sequence[str] | None = None, *, announce: bool = False) -> None:
     """Replace this process by itself under tcmalloc when `preload_environment` says so;
     returns only when it does not. Call it first thing in a program's entry point, never
-    from library code (tests, notebooks). `argv` defaults to `sys.orig_argv`."""
+    from library code (tests, notebooks). `argv` defaults to `sys.orig_argv`; `announce`
+    prints one line on stderr naming the library before the re-execution."""
     env = preload_environment(os.environ)
     if env is None:
         return
     args = list(sys.orig_argv if argv is None else argv)
+    if announce:
+        print(f"jattn: running under tcmalloc ({env[_ACTIVE]}); JATTN_TCMALLOC=0 turns this off", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *args[1:]], env)

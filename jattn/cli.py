@@ -11,7 +11,9 @@
     jattn compile   compile a run's training step for a TPU topology (or this machine): cost, memory, fit
     jattn configs   the bundled configs, usable by name: `--config demo`
 
-JAX and the models are imported inside each command, so `jattn --help` is instant.
+JAX and the models are imported inside each command, so `jattn --help` is instant. This
+module is the only place that changes process settings, and only when it runs as the
+program: tcmalloc and XLA:CPU flags (`process_settings`).
 """
 
 from __future__ import annotations
@@ -583,15 +585,31 @@ def _config_flags(extra: list[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as the `jattn` program, not called from Python
-        from jattn._alloc import reexec_with_tcmalloc
+#: Commands that run no JAX computation: no process settings for them.
+_PLAIN_COMMANDS = ("configs",)
 
-        try:
-            reexec_with_tcmalloc()  # under tcmalloc when the machine has it (see jattn/_alloc.py)
-        except FileNotFoundError as err:
-            print(f"jattn: error: {err}", file=sys.stderr)
-            return 2
+
+def process_settings() -> None:
+    """The `jattn` command's process settings, made before anything is computed and only
+    when it runs as a program (importing jattn changes nothing):
+    - re-execute under tcmalloc when the machine has it (`jattn/_alloc.py`;
+      `JATTN_TCMALLOC=0` off); raises FileNotFoundError for a bad `JATTN_TCMALLOC` path;
+    - add jattn's XLA:CPU flags to `XLA_FLAGS` (`jattn/_xla.py`; `JATTN_XLA_DEFAULTS=0` off).
+    Each says so in one line on stderr when it applies."""
+    from jattn._alloc import reexec_with_tcmalloc
+    from jattn._xla import apply_cpu_defaults
+
+    reexec_with_tcmalloc(announce=True)
+    added = apply_cpu_defaults()
+    if added:
+        print(f"jattn: XLA_FLAGS += {' '.join(added)} (jattn/_xla.py); JATTN_XLA_DEFAULTS=0 turns this off",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `jattn` command. With `argv` None it runs as the program (arguments from
+    `sys.argv`) and makes its process settings (`process_settings`); called from Python with
+    a list, it makes none."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides, rest = _config_flags(extra)
@@ -599,6 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest or extra)}")
     if overrides:
         args.set = list(args.set or []) + overrides
+    if argv is None and args.command not in _PLAIN_COMMANDS:
+        try:
+            process_settings()
+        except FileNotFoundError as err:
+            print(f"jattn: error: {err}", file=sys.stderr)
+            return 2
     from jattn import MissingExtraError
 
     try:

@@ -67,28 +67,54 @@ def _real_library():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD re-execution is Linux-only")
-def test_reexec_replaces_the_process_once():
+@pytest.mark.parametrize("announce", [False, True])
+def test_reexec_replaces_the_process_once(announce):
     lib = _real_library()
     if lib is None:
         pytest.skip("no libm.so.6 in the usual library folders to stand in for tcmalloc")
     code = ("import os, sys; from jattn._alloc import reexec_with_tcmalloc; "
-            "print('start', os.getpid(), flush=True); reexec_with_tcmalloc(); "
+            f"print('start', os.getpid(), flush=True); reexec_with_tcmalloc(announce={announce}); "
             "print('after', os.getpid(), os.environ['LD_PRELOAD'], os.environ['TCMALLOC_RELEASE_RATE'], sys.argv[1:])")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JATTN_TCMALLOC_ACTIVE")}
     env["JATTN_TCMALLOC"] = lib
-    out = subprocess.run([sys.executable, "-c", code, "a", "b"], env=env, capture_output=True, text=True,
-                         check=True, timeout=60).stdout.split("\n")
+    proc = subprocess.run([sys.executable, "-c", code, "a", "b"], env=env, capture_output=True, text=True,
+                          check=True, timeout=60)
+    out = proc.stdout.split("\n")
     starts = [line for line in out if line.startswith("start")]
     assert len(starts) == 2, out                       # ran again once, not in a loop
     assert starts[0].split()[1] == starts[1].split()[1]  # the same process (exec, not a child)
     after = [line for line in out if line.startswith("after")]
     assert after == [f"after {starts[0].split()[1]} {lib} 0 ['a', 'b']"]
+    said = f"jattn: running under tcmalloc ({lib}); JATTN_TCMALLOC=0 turns this off\n"
+    assert proc.stderr == (said if announce else "")  # once, before the re-execution
+
+
+def _command(*args, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JATTN_TCMALLOC_ACTIVE")}
+    env.update(JATTN_XLA_DEFAULTS="0", **env_changes)
+    return subprocess.run([sys.executable, "-m", "jattn", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_the_command_names_a_bad_library_path():
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JATTN_TCMALLOC_ACTIVE")}
-    env["JATTN_TCMALLOC"] = "/no/such/libtcmalloc.so"
-    out = subprocess.run([sys.executable, "-m", "jattn", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    out = _command("devices", JATTN_TCMALLOC="/no/such/libtcmalloc.so")
     assert out.returncode == 2
-    assert "JATTN_TCMALLOC='/no/such/libtcmalloc.so' is not a file" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.stderr == "jattn: error: JATTN_TCMALLOC='/no/such/libtcmalloc.so' is not a file; set it to the path " \
+                         "of a tcmalloc library, to 'auto' or to '0'\n"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD re-execution is Linux-only")
+def test_the_command_reexecutes_but_help_version_and_importing_jattn_do_not():
+    lib = _real_library()
+    if lib is None:
+        pytest.skip("no libm.so.6 in the usual library folders to stand in for tcmalloc")
+    out = _command("devices", JATTN_TCMALLOC=lib)
+    assert out.returncode == 0 and out.stderr.count("jattn: running under tcmalloc") == 1, out.stderr
+    for args in (["--help"], ["--version"], ["configs"]):  # nothing computed: no process settings
+        out = _command(*args, JATTN_TCMALLOC="/no/such/libtcmalloc.so")
+        assert out.returncode == 0 and "tcmalloc" not in out.stderr, (args, out.stderr)
+    code = "import os; import jattn, jattn.cli; print(os.environ.get('LD_PRELOAD'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JATTN_TCMALLOC_ACTIVE")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "JATTN_TCMALLOC": lib}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.strip() == "None" and out.stderr == ""
