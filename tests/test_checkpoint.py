@@ -1,14 +1,28 @@
-"""Checkpointer: exact round trips, latest + best kept, no NaN written, fallback, re-sharding."""
+"""Checkpointer: exact round trips, latest + best kept, no NaN written, checksums and
+corruption fallback, save failures, re-sharding."""
 
+import errno
+import json
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jattn.train.checkpoint import Checkpointer, NonFiniteStateError, abstract_state
+from jattn.train.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    CheckpointRestoreError,
+    CheckpointSaveError,
+    CorruptCheckpointError,
+    NonFiniteStateError,
+    abstract_state,
+    verify,
+)
 
 
 def _state(seed=0):
@@ -78,6 +92,22 @@ def test_refuses_non_finite_state(tmp_path):
     assert ckpt.all_steps() == [1]
 
 
+def _largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_every_checkpoint_carries_a_manifest_of_its_files(tmp_path):
+    for async_save in (True, False):
+        ckpt = Checkpointer(tmp_path / f"ckpt{async_save}", async_save=async_save)
+        ckpt.save(1, _state(1), config={"lr": 1.0})
+        ckpt.close()
+        folder = tmp_path / f"ckpt{async_save}" / "1"
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        assert "config/metadata" in files and any(name.startswith("state/") for name in files)
+        assert str(_largest_file(folder / "state").relative_to(folder)) in files
+        assert verify(folder) is True
+
+
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
     ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
     ckpt.save(1, _state(1))
@@ -90,9 +120,133 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
         restored = Checkpointer(tmp_path / "ckpt").restore(_state(0))
     assert restored.step == 1
     _assert_equal(restored.state, _state(1))
-    assert "step 2" in caplog.text and "failed to restore" in caplog.text
-    with pytest.raises(Exception):
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "checkpoint 2" in warnings[0] and "corrupt" in warnings[0]
+    assert "\n" not in warnings[0] and not any(r.exc_info for r in caplog.records)
+    assert (tmp_path / "ckpt" / "2").is_dir()  # a reader only skips it
+    with pytest.raises(CorruptCheckpointError, match="checkpoint 2"):
         Checkpointer(tmp_path / "ckpt").restore(_state(0), step=2)  # explicit step: the error itself
+
+
+def test_a_flipped_byte_is_caught_and_the_step_moved_aside(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+    path = _largest_file(tmp_path / "ckpt" / "2" / "state")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    restored = ckpt.restore(_state(0), move_corrupt=True)
+    assert restored.step == 1
+    assert ckpt.all_steps() == [1] and ckpt.corrupt_folders() == ["2.corrupt"]
+    assert (tmp_path / "ckpt" / "2.corrupt" / "state").is_dir()  # kept, out of orbax's way
+    ckpt.save(2, _state(5))  # the step can be written again
+    _assert_equal(ckpt.restore(_state(0)).state, _state(5))
+
+
+def test_a_read_error_stops_instead_of_rolling_back(tmp_path, monkeypatch):
+    import jattn.train.checkpoint as checkpoint
+
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+    digest = checkpoint._digest
+
+    def flaky(path):
+        if "/2/" in str(path):
+            raise OSError(errno.EIO, "Input/output error")
+        return digest(path)
+
+    monkeypatch.setattr(checkpoint, "_digest", flaky)
+    with pytest.raises(CheckpointRestoreError, match=r"checkpoint 2 .*could not be read.*Input/output error"):
+        Checkpointer(tmp_path / "ckpt").restore(_state(0), move_corrupt=True)
+    assert Checkpointer(tmp_path / "ckpt").all_steps() == [1, 2]  # nothing moved
+
+
+def test_an_intact_checkpoint_that_does_not_restore_is_not_skipped(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+    other = {"params": {"w": jnp.zeros((3, 3))}}  # a different model
+    with pytest.raises(CheckpointRestoreError, match="checkpoint 2 .*could not be restored.*not corrupt"):
+        ckpt.restore(other, move_corrupt=True)
+    assert ckpt.all_steps() == [1, 2]
+
+
+def test_a_checkpoint_without_manifest_restores_unverified(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+    for step in (1, 2):
+        (tmp_path / "ckpt" / str(step) / MANIFEST).unlink()  # as written before manifests
+    assert ckpt.restore(_state(0)).step == 2
+    _largest_file(tmp_path / "ckpt" / "2" / "state").write_bytes(b"")
+    with pytest.raises(CheckpointRestoreError, match=f"checkpoint 2 .*no {MANIFEST}.*2.corrupt"):
+        Checkpointer(tmp_path / "ckpt").restore(_state(0), move_corrupt=True)
+    assert Checkpointer(tmp_path / "ckpt").all_steps() == [1, 2]
+
+
+def test_all_checkpoints_corrupt_is_one_clear_error_every_time(tmp_path, caplog):
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+    for step in (1, 2):
+        _largest_file(tmp_path / "ckpt" / str(step) / "state").write_bytes(b"x")
+    for _ in range(2):  # the first run moves them aside, a rerun finds only those
+        with caplog.at_level(logging.WARNING):
+            with pytest.raises(CheckpointRestoreError, match=r"no checkpoint .* could be restored") as err:
+                Checkpointer(tmp_path / "ckpt").restore(_state(0), move_corrupt=True)
+        assert "\n" not in str(err.value) and "1.corrupt" in str(err.value) and "2.corrupt" in str(err.value)
+    assert not any(r.exc_info for r in caplog.records)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1.corrupt", "2.corrupt"]
+
+
+def test_a_failed_save_is_one_line_with_the_free_space(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, _state(1))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(CheckpointSaveError, match=r"checkpoint 2 could not be saved to .*ckpt/2: .*No space left.*GiB free"):
+        ckpt.save(2, _state(2))
+    monkeypatch.undo()
+    ckpt.close()
+    assert Checkpointer(tmp_path / "ckpt").all_steps() == [1]
+
+
+def test_a_failed_background_save_is_reported_by_the_next_check(tmp_path, monkeypatch):
+    import jattn.train.checkpoint as checkpoint
+
+    write = checkpoint._write_manifest
+
+    def full(folder, step):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(folder, step)
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", full)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, _state(1))
+    ckpt.wait()
+    ckpt.save(2, _state(2))
+    deadline = time.monotonic() + 60
+    with pytest.raises(CheckpointSaveError, match=r"checkpoint 2 could not be saved.*No space left.*GiB free"):
+        while time.monotonic() < deadline:  # no save call in between: check() alone reports it
+            ckpt.check()
+            time.sleep(0.01)
+    ckpt.close()  # reported once
+    leftovers = [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("2")]
+    assert leftovers and all("tmp" in name for name in leftovers)  # nothing that looks like step 2
+    monkeypatch.undo()
+    again = Checkpointer(tmp_path / "ckpt", cleanup_tmp=True)
+    assert again.all_steps() == [1]
+    again.save(2, _state(2))
+    again.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+    _assert_equal(Checkpointer(tmp_path / "ckpt").restore(_state(0)).state, _state(2))
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
