@@ -1,4 +1,5 @@
-"""The update engine: sharded == single-device, non-finite updates dropped, keys per update."""
+"""The update engine: sharded == single-device, non-finite updates (loss, gradient or new
+weights) dropped, keys per update."""
 
 import flax.linen as nn
 import jax
@@ -122,6 +123,26 @@ def test_non_finite_update_is_dropped_and_flagged():
     assert float(metrics["g_finite"]) == 0.0 and not np.isfinite(float(metrics["g_loss"]))
     assert int(new_state.step) == 1  # the step is used up, its update dropped
     for a, b in zip(jax.tree_util.tree_leaves(new_state.replace(step=state.step)), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_an_update_that_makes_the_weights_infinite_is_dropped():
+    """A finite loss and gradient, but an infinite learning rate: the new parameters and
+    optimizer state are not finite, so the update is dropped and flagged like a NaN loss."""
+    mesh = make_mesh()
+    state, updates = _setup()
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=float("inf"), b1=0.5, b2=0.9)
+    state = create_state(state.params, {"generator": tx, "critic": tx}, jax.random.key(42))
+    update = Update("g", "generator", g_loss, tx)
+    state = replicate_tree(state, mesh)
+    before = jax.tree_util.tree_map(np.asarray, state)
+    new_state, metrics = jit_update(update, mesh, donate=False)(state, to_global_array(_batches(1)[0], mesh), 0)
+    assert np.isfinite(float(metrics["g_loss"])) and np.isfinite(float(metrics["g_grad_norm"]))
+    assert float(metrics["g_finite"]) == 0.0
+    assert int(new_state.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(before.params)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    for a, b in zip(jax.tree_util.tree_leaves(new_state.opt_state), jax.tree_util.tree_leaves(before.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 

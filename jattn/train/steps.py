@@ -19,9 +19,10 @@ where `params` / `variables` hold every network (the one being updated is differ
 the others are constants) and `new_variables` is the dict of updated non-parameter
 variables by network (e.g. spectral-norm vectors), `{}` when none change.
 
-Non-finite losses or gradients never reach the state: the update is dropped inside the
-step (state unchanged) and reported in the metrics as `<name>_finite = 0`; the loop stops
-with a message naming the step and loss, or goes on when told to skip.
+Non-finite losses, gradients or updated parameters / optimizer state never reach the
+state: the update is dropped inside the step (state unchanged) and reported in the metrics
+as `<name>_finite = 0`; the loop stops with a message naming the step and loss, or goes on
+when told to skip.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class Update:
     ema_decay: float | None = None
 
 
+def _all_finite(*trees: Any) -> jax.Array:
+    """Whether every floating-point value of `trees` is finite (a scalar bool)."""
+    flags = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree_util.tree_leaves(t)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
@@ -78,7 +86,9 @@ def apply_update(update: Update, state: TrainState, batch: dict, update_index: j
     updates, new_opt = update.tx.update(grads, state.opt_state[update.net], state.params[update.net])
     new_params = optax.apply_updates(state.params[update.net], updates)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A finite loss and gradient can still give infinite weights (an infinite or huge
+    # learning rate): the update's results are checked too, one reduction per array.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params, new_opt, new_vars)
 
     variables = dict(state.variables)
     for net, v in new_vars.items():
