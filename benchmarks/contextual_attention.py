@@ -30,7 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn._xla import apply_cpu_defaults
 from jattn.ops.contextual import contextual_attention
+
+apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
 
 def _time(fn, *args, repeats: int) -> float:

@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jattn  # noqa: F401  (jattn's XLA:CPU flags, before the first computation)
+from jattn._xla import apply_cpu_defaults
 import jattn.models.deepfill as deepfill
 from jattn import losses
 from jattn.ops.conv import DN, conv2d, conv2d_im2col, upsample_conv3x3
 from jattn.ops.resize import resize_nearest_align_corners
+
+apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
 
 def _native(x, kernel, stride, *, preferred_element_type=None):

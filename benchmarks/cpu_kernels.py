@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jattn  # noqa: F401  (jattn's XLA:CPU flags, before the first computation)
+from jattn._xla import apply_cpu_defaults
+
+apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("on", "off")

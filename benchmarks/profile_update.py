@@ -42,11 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jattn  # noqa: F401  (jattn's XLA:CPU flags, before the first computation)
+from jattn._xla import apply_cpu_defaults
 from jattn._alloc import reexec_with_tcmalloc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (the same batch and config)
+
+apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
           "pred": 1, "s8": 1, "u8": 1, "s64": 8, "u64": 8}

@@ -29,7 +29,9 @@ import time
 import jax
 import numpy as np
 
-import jattn  # noqa: F401
+from jattn._xla import apply_cpu_defaults
+
+apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO = ["model.cnum=4", "model.critic_cnum=4", "model.local_size=16", "data.image_size=32",

@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jattn  # noqa: F401  (jattn's XLA:CPU flags, before the first computation)
+from jattn._xla import apply_cpu_defaults
 from jattn._alloc import reexec_with_tcmalloc
+
+apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOMINAL_GFLOP_PER_IMAGE = 256.0  # 3x the generator's 52 GFLOP forward + the critics with GP
