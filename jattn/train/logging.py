@@ -1,7 +1,8 @@
 """Metrics of a run: `WORKDIR/metrics.jsonl` and TensorBoard event files.
 
 Every logged step appends one JSON object (with `step`) to `metrics.jsonl`, flushed at
-once, so a crash loses nothing logged. TensorBoard events (scalars and images) are written
+once, so a crash loses nothing logged. A resumed run first cuts the file back to the step
+it resumes from (`truncate_metrics`), so the steps it replays are not logged twice. TensorBoard events (scalars and images) are written
 with the `tensorboard` package's own event writer, without importing TensorFlow.
 """
 
@@ -9,14 +10,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import os
 import pathlib
 import time
 from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["MetricWriter", "read_metrics"]
+__all__ = ["MetricWriter", "read_metrics", "truncate_metrics"]
+
+log = logging.getLogger(__name__)
 
 
 def _png(image: np.ndarray) -> tuple[bytes, int, int, int]:
@@ -100,3 +105,35 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(workdir: str | pathlib.Path, step: int) -> int:
+    """Remove the records of `WORKDIR/metrics.jsonl` logged after `step` (a run resuming from
+    `step` logs them again); returns how many were removed. A line that does not parse (the
+    last one of a run killed while writing it) goes too. The file is replaced at once (written
+    beside it, then renamed), so a crash leaves the old or the new file, never half of one."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            removed += 1
+    if removed:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        log.info("metrics.jsonl: %d records after step %d removed (this run logs those steps again)", removed, step)
+    return removed

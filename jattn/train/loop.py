@@ -2,8 +2,17 @@
 
 `train(config, workdir)` runs `config.total_steps` steps of the task named by
 `config.model.name`. On a workdir that already has checkpoints it resumes from the
-latest one that restores (train state, data-iterator position and all), so an
-interrupted run continues exactly; a larger `total_steps` extends a finished run.
+latest intact one (train state, data-iterator position and all), so an interrupted run
+continues exactly; a larger `total_steps` extends a finished run. A resume is refused
+(`TrainError`, one line) when:
+- another run holds the workdir (`WORKDIR/.lock`, see `WorkdirLock`);
+- `total_steps` is below the latest checkpoint (a run never goes back or relabels one);
+- the config differs from the checkpoint's in a key that changes what is trained (batch
+  size, seed, data, model, optimizer, ...; `allow_config_change=True` accepts it);
+  how long to run and how often to log, evaluate or save may change freely.
+A corrupt latest checkpoint is moved aside and the previous one used (see
+`jattn.train.checkpoint`); `metrics.jsonl` is cut back to the restored step, so replayed
+steps are logged once.
 
 Sections: set-up (mesh, task, data), state (restore or init), the step loop, and the end
 (final checkpoint, summary). Each step is one compiled program (`make_train_step`) fed by
@@ -14,37 +23,108 @@ under way, so the host never waits for the devices between steps.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import numbers
+import os
 import pathlib
+import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from jattn.config import ConfigError, with_defaults
-from jattn.train.checkpoint import Checkpointer
+from jattn.config import with_defaults
+from jattn.train.checkpoint import Checkpointer, NonFiniteStateError
 from jattn.train.evaluate import make_evaluator
 from jattn.train.input import StepBatches
-from jattn.train.logging import MetricWriter
+from jattn.train.logging import MetricWriter, truncate_metrics
 from jattn.train.setup import abstract_train_state, provenance, state_init_fn
 from jattn.train.sharding import make_mesh, replicated, to_global_array
 from jattn.train.state import TrainState
 from jattn.train.steps import make_train_step
 from jattn.train.task import build_task
 
-__all__ = ["NonFiniteLossError", "ConfigMismatchError", "train", "make_train_data", "learning_rates"]
+__all__ = ["NonFiniteLossError", "TrainError", "ConfigMismatchError", "TotalStepsError", "WorkdirLockedError",
+           "WorkdirLock", "config_changes", "train", "make_train_data", "learning_rates"]
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient became NaN / Inf (and `config.skip_nonfinite` is off)."""
+    """A loss, gradient or update became NaN / Inf (and `config.skip_nonfinite` is off)."""
 
 
-class ConfigMismatchError(ValueError):
-    """The workdir's checkpoints were written by a different model configuration."""
+class TrainError(Exception):
+    """A run refused before it trains or writes anything; the message is one line."""
+
+
+class ConfigMismatchError(TrainError, ValueError):
+    """The workdir's checkpoints were written with a config that trains differently."""
+
+
+class TotalStepsError(TrainError, ValueError):
+    """`total_steps` below 1, or below the workdir's latest checkpoint."""
+
+
+class WorkdirLockedError(TrainError):
+    """Another run holds the workdir."""
+
+
+class WorkdirLock:
+    """`WORKDIR/.lock`, held with `fcntl.flock` by the one process that trains in the workdir
+    (process 0 of a multi-process run); it holds that process's pid and host for the message
+    a second run gets. The kernel drops the lock when its holder exits, however it exits, so
+    a lock file left by a dead run is simply taken over; the file itself is never removed
+    (removing it would let a third run lock a new file while the second holds the old one).
+
+    On a shared filesystem the lock is only as good as the filesystem's `flock`: NFSv4 and
+    Lustre pass it between machines (a crashed machine's lock expires with its lease), some
+    network and FUSE filesystems (e.g. gcsfuse) keep it local to one machine. Where `flock`
+    is not supported at all, the run goes on unlocked with a warning.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path):
+        self.path = pathlib.Path(workdir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            try:
+                info = json.loads(holder)
+                who = f"pid {info['pid']} on {info['host']}"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise WorkdirLockedError(f"{self.path.parent} is in use by another training run ({who}); "
+                                     "wait for it to end, or train in another workdir") from None
+        except OSError as err:  # ENOLCK / EOPNOTSUPP: a filesystem without flock
+            os.close(fd)
+            log.warning("cannot lock %s (%s): a second run in this workdir would not be detected", self.path, err)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # --------------------------------------------------------------------------- set-up
@@ -91,20 +171,58 @@ def learning_rates(state: TrainState) -> dict[str, float]:
     return out
 
 
-def _model_block(config) -> dict:
-    model = config.model
-    return json.loads(json.dumps(model.to_dict() if hasattr(model, "to_dict") else dict(model)))
+# Keys that may differ between a checkpoint's config and the run resuming it: how long to run,
+# how often to log / evaluate / save, what to keep, how the step is compiled (step_unroll:
+# the same updates, possibly rounded differently), and what to do on a non-finite update.
+# Every other key changes what is trained.
+FREE_ON_RESUME = ("total_steps", "log_every", "image_every", "checkpoint_every", "keep_checkpoints", "eval_every",
+                  "eval_images", "eval_batch_size", "best_metric", "best_mode", "skip_nonfinite", "step_unroll",
+                  "prefetch_steps", "jattn", "data.eval_source", "data.eval_mask")
+_UNSET = object()
 
 
-def _saved_model_block(model: dict | None) -> dict | None:
-    """A checkpoint's saved model block completed with the schema's defaults (a run saved
-    before a key was declared has none for it); as saved where the schema rejects it."""
-    if model is None:
-        return None
+def _plain(config) -> dict:
+    return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _shown(v) -> str:
+    text = "unset" if v is _UNSET else json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_changes(saved: Mapping, config, *, model_only: bool = False) -> list[str]:
+    """`"key (saved -> now)"` for each key whose value in `config` differs from a checkpoint's
+    `saved` config, but the keys of `FREE_ON_RESUME`; model_only: the model block only.
+
+    Both are compared completed with the schema's defaults (a config saved before a key was
+    declared matches one that leaves it at its default); a saved config that the schema no
+    longer accepts is compared as saved, over its own keys."""
     try:
-        return _model_block(with_defaults({"model": model}))
-    except ConfigError:
-        return model
+        old, complete = _plain(with_defaults(dict(saved))), True
+    except Exception:  # noqa: BLE001 - e.g. a task or key the schema no longer has
+        old, complete = _plain(saved), False
+    old, new = _flat(old), _flat(_plain(with_defaults(config)))
+    keys = sorted(set(old) | set(new)) if complete else sorted(old)
+    changes = []
+    for key in keys:
+        if any(key == f or key.startswith(f + ".") for f in FREE_ON_RESUME):
+            continue
+        if model_only and not key.startswith("model."):
+            continue
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if a != b:
+            changes.append(f"{key} ({_shown(a)} -> {_shown(b)})")
+    return changes
 
 
 def _image_grid(images: dict[str, jax.Array], count: int) -> dict[str, np.ndarray]:
@@ -131,74 +249,115 @@ def _image_grid(images: dict[str, jax.Array], count: int) -> dict[str, np.ndarra
 # --------------------------------------------------------------------------- train
 
 
-def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in `workdir`; returns the last step's metrics and step."""
+def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool = True,
+          allow_config_change: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`; returns the last step's metrics and step.
+
+    allow_config_change: resume even where the config differs from the checkpoint's in keys
+    that change what is trained (otherwise `ConfigMismatchError` names them).
+    Raises `TrainError` (refused: nothing written, though a corrupt checkpoint met on the way
+    is still moved aside), `NonFiniteLossError`, and `jattn.train.checkpoint.CheckpointError`
+    (a save failed, or no checkpoint restores).
+    """
     config = with_defaults(config)  # every key of the task's schema, its defaults where unset
+    total = config.total_steps
+    if isinstance(total, float) and total.is_integer():
+        total = int(total)
+    if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
+        raise TotalStepsError(f"total_steps must be a whole number of at least 1, not {total!r}")
+    total = int(total)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:  # the other processes of a run share process 0's workdir
+        lock.acquire()
+    try:
+        return _train_locked(config, workdir, total, data_iter, progress, allow_config_change)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, workdir: pathlib.Path, total: int, data_iter, progress: bool,
+                  allow_config_change: bool) -> dict[str, Any]:
     mesh = make_mesh()
     task = build_task(config)
+    # The run owns the workdir (the lock): it may delete saves that never completed (orbax
+    # does so on process 0).
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric,
-                        best_mode=config.best_mode)
-    data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
-    # Only grain iterators have a state to checkpoint (get_state / set_state).
-    saved_iter = data if hasattr(data, "get_state") else None
-
-    # ----------------------------------------------------------------------- state
-    init = state_init_fn(task, config)
-    key = jax.random.key(config.seed)
-
-    def check_model(saved: dict | None) -> None:
-        saved_model = _saved_model_block((saved or {}).get("model"))
-        if saved_model is not None and saved_model != _model_block(config):
-            raise ConfigMismatchError(
-                f"{workdir}: the checkpoints were written with model {saved_model}, "
-                f"but the config asks for {_model_block(config)}"
-            )
-
-    try:  # before any array is read: a different model would fail to restore with a vaguer error
-        check_model(ckpt.restore_config())
-    except ConfigMismatchError:
-        raise
-    except Exception as err:  # noqa: BLE001 - an unreadable latest config: restore() reports and falls back
-        log.warning("could not read the latest checkpoint's config (%s)", err)
-    restored = ckpt.restore(abstract_train_state(task, config, mesh), data_iter=saved_iter)
-    if restored is not None:
-        check_model(restored.config)
-        state = restored.state
-        log.info("resumed from step %d", restored.step)
-    else:
-        state = jax.jit(init, out_shardings=replicated(mesh))(key)
-    start = int(state.step)
-    total = int(config.total_steps)
-
-    # One program per step (all its updates), the state donated; see jattn.train.steps.
-    step_fn = make_train_step(task.updates, mesh, unroll=bool(config.step_unroll))
-    batches = StepBatches(data, len(task.updates), mesh, size=int(config.prefetch_steps))
-    writer = MetricWriter(workdir, process_index=jax.process_index())
-    predict = jax.jit(task.predict)
-    eval_every = int(config.eval_every)
-    evaluator = make_evaluator(task, config, mesh, workdir) if eval_every else None  # compiled once
-    config_dict = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
-    config_dict["jattn"] = provenance()
-    if jax.process_index() == 0:
-        _write_json(workdir / "config.json", config_dict)
-
-    # ----------------------------------------------------------------------- loop
-    log_every = int(config.log_every)
-    ckpt_every = int(config.checkpoint_every)
-    image_every = int(config.image_every)
-    eval_metrics: dict[str, float] | None = None
-    guard = _FiniteGuard(skip=bool(config.skip_nonfinite))
-    metrics: dict[str, float] = {}
-    t_last, step_last = time.perf_counter(), start
-    bar = _progress(start, total) if progress and jax.process_index() == 0 else None
+                        best_mode=config.best_mode, cleanup_tmp=True)
+    writer = None
+    bar = None
+    finished = False
     try:
+        data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
+        # Only grain iterators have a state to checkpoint (get_state / set_state).
+        saved_iter = data if hasattr(data, "get_state") else None
+
+        # ------------------------------------------------------------------- state
+        # Choose the checkpoint (a corrupt one is moved aside), then compare its config and
+        # step with this run's before any array is read: a different model would fail to
+        # restore with a vaguer error, and a refused run must leave everything as it was.
+        latest = ckpt.choose_step(move_corrupt=True)
+        if latest is not None:
+            saved = ckpt.restore_config(latest)
+            # A step-0 checkpoint (an imported one) has seen no batch: only its model must match.
+            changes = config_changes(saved, config, model_only=latest == 0) if saved is not None else []
+            if changes and not allow_config_change:
+                raise ConfigMismatchError(
+                    f"{workdir}: the checkpoints were written with a different config: {', '.join(changes)}; "
+                    "resume with the saved values, or allow the change (allow_config_change=True, "
+                    "jattn train --allow-config-change)")
+            if changes:
+                log.warning("resuming step %d with a changed config: %s", latest, ", ".join(changes))
+            if total < latest:
+                raise TotalStepsError(
+                    f"total_steps={total} is below the latest checkpoint of {workdir} (step {latest}); "
+                    f"a run never goes back: pass total_steps >= {latest}, or train in another workdir")
+            restored = ckpt.restore(abstract_train_state(task, config, mesh), step=latest, data_iter=saved_iter)
+            state = restored.state
+            log.info("resumed from step %d", restored.step)
+        else:
+            state = jax.jit(state_init_fn(task, config), out_shardings=replicated(mesh))(jax.random.key(config.seed))
+        start = int(state.step)
+        if start == total:
+            log.info("%s is already at step %d: nothing to train", workdir, total)
+
+        # One program per step (all its updates), the state donated; see jattn.train.steps.
+        step_fn = make_train_step(task.updates, mesh, unroll=bool(config.step_unroll))
+        batches = StepBatches(data, len(task.updates), mesh, size=int(config.prefetch_steps))
+        if jax.process_index() == 0:
+            truncate_metrics(workdir, start)  # replayed steps are logged again below
+        writer = MetricWriter(workdir, process_index=jax.process_index())
+        predict = jax.jit(task.predict)
+        eval_every = int(config.eval_every)
+        evaluator = make_evaluator(task, config, mesh, workdir) if eval_every else None  # compiled once
+        config_dict = _plain(config)
+        config_dict["jattn"] = provenance()
+        if jax.process_index() == 0:
+            _write_json(workdir / "config.json", config_dict)
+
+        def save(step: int) -> None:
+            try:
+                ckpt.save(step, state, config=config_dict, data_iter=batches if saved_iter is not None else None,
+                          metrics=_numeric(eval_metrics))
+            except NonFiniteStateError as err:  # e.g. an infinite learning rate in the optimizer state
+                raise NonFiniteLossError(str(err)) from None
+
+        # ------------------------------------------------------------------- loop
+        log_every = int(config.log_every)
+        ckpt_every = int(config.checkpoint_every)
+        image_every = int(config.image_every)
+        eval_metrics: dict[str, float] | None = None
+        guard = _FiniteGuard(skip=bool(config.skip_nonfinite))
+        metrics: dict[str, float] = {}
+        t_last, step_last = time.perf_counter(), start
+        bar = _progress(start, total) if progress and jax.process_index() == 0 else None
         with jax.set_mesh(mesh):
             for step in range(start, total):
                 done = step + 1
                 state, dev_metrics = step_fn(state, next(batches))
                 guard.push(done, dev_metrics)  # reads the previous step's flag: finished by now
+                ckpt.check()  # a background save that failed stops the run now, not at the next save
                 if bar is not None:
                     bar.update(1)
                 is_log = done % log_every == 0 or done == total
@@ -224,18 +383,25 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
                     eval_metrics = evaluator(state)
                     writer.scalars(done, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))})
                 if is_ckpt:
-                    ckpt.save(done, state, config=config_dict, data_iter=batches if saved_iter is not None else None,
-                              metrics=_numeric(eval_metrics))
+                    save(done)
             guard.check_all()
         # ------------------------------------------------------------------- end
-        if total > start or ckpt.latest_step() != total:
-            ckpt.save(total, state, config=config_dict, data_iter=batches if saved_iter is not None else None,
-                      metrics=_numeric(eval_metrics))
+        if total > start:
+            save(total)
+        ckpt.wait()  # the last save's errors are this run's
+        finished = True
     finally:
-        ckpt.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
+        try:
+            ckpt.close()
+        except Exception as err:  # noqa: BLE001 - reported here only when another error is on its way
+            if finished:
+                raise
+            log.error("%s", err)
+        finally:
+            if writer is not None:
+                writer.close()
+            if bar is not None:
+                bar.close()
     return {"step": int(state.step), "metrics": metrics, "eval": eval_metrics, "skipped_updates": guard.skipped}
 
 
@@ -250,7 +416,8 @@ def _read_flag(flag: jax.Array) -> float:
 
 
 class _FiniteGuard:
-    """Non-finite updates, seen without stalling each step: a step's flag is read after the
+    """Non-finite updates (a NaN / Inf loss, gradient, new parameters or optimizer state),
+    seen without stalling each step: a step's flag is read after the
     next step has been dispatched, when it has finished (`push`), or at once before
     anything is logged or saved (`check_all`). A dropped update stops the run
     (`NonFiniteLossError`, naming the step and its losses) or, with `skip`, is counted."""
@@ -272,8 +439,14 @@ class _FiniteGuard:
     def _check(self, step: int, metrics: dict) -> None:
         if _read_flag(metrics["finite"]) >= 1.0:
             return
-        losses = {k: float(v) for k, v in _fetch(metrics).items() if k.endswith("_loss")}
-        msg = f"non-finite loss or gradient at step {step}: " + ", ".join(f"{k}={v}" for k, v in losses.items())
+        values = _fetch(metrics)
+        losses = {k: float(v) for k, v in values.items() if k.endswith("_loss")}
+        shown = ", ".join(f"{k}={v}" for k, v in losses.items())
+        if all(np.isfinite(v) for k, v in values.items() if k.endswith(("_loss", "_grad_norm"))):
+            msg = (f"non-finite update at step {step}: {shown}, but the new parameters or optimizer state "
+                   "are not finite (too high a learning rate?)")
+        else:
+            msg = f"non-finite loss or gradient at step {step}: {shown}"
         if not self.skip:
             raise NonFiniteLossError(msg + " (set config.skip_nonfinite=True to skip such updates)")
         self.skipped += 1
