@@ -31,8 +31,9 @@ def _require_extra(module: str, extra: str, needed_by: str):
                                 name=module) from None
 
 
-def inpaint(params_or_path, image, mask):
-    """`jattn.inpaint(workdir | Inpainter, uint8 [H, W, 3], mask [H, W]) -> uint8 [H, W, 3]`."""
+def inpaint(params_or_path, image, mask, *, max_memory=None):
+    """`jattn.inpaint(workdir | Inpainter, uint8 [H, W, 3], mask [H, W]) -> uint8 [H, W, 3]`
+    (`max_memory`, the loaded-model cache: `jattn.export.inference.inpaint`)."""
     from jattn.export.inference import inpaint as _inpaint
 
-    return _inpaint(params_or_path, image, mask)
+    return _inpaint(params_or_path, image, mask, max_memory=max_memory)

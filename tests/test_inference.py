@@ -166,7 +166,7 @@ def test_jax_export_runs_without_jattn_model_code(workdir, tmp_path):
             np.testing.assert_allclose(got[i], ref, atol=1e-5)
 
 
-def test_inpaint_from_a_jax_export_of_any_size(workdir, tmp_path, capsys):
+def test_inpaint_from_a_jax_export_of_any_size(workdir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "model.jax"
     assert main(["export", "--workdir", str(workdir), "--format", "jax-export", "--output", str(out)]) == 0
     meta = json.loads((tmp_path / "model.jax.json").read_text())
@@ -192,6 +192,20 @@ def test_inpaint_from_a_jax_export_of_any_size(workdir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a jattn workdir, checkpoint folder or jax-export file" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d.png").exists()
+    # an export's attention is compiled in: no memory budget; running out of memory is one line
+    with pytest.raises(InpaintError, match="--max-memory applies to checkpoints only"):
+        Inpainter.from_checkpoint(out, max_memory="1GB")
+    import jax
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 86000000000 bytes.")
+
+    monkeypatch.setattr(jax.export.Exported, "call", exhausted)
+    assert main(["inpaint", "--checkpoint", str(out), *args, "--output", str(tmp_path / "e.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"out of memory inpainting a {w}x{h} image (RESOURCE_EXHAUSTED" in err and "attention blocks are fixed" in err
+    assert "--max-memory" in err and not (tmp_path / "e.png").exists()
 
 
 def test_a_fixed_size_jax_export_takes_images_up_to_its_size(workdir, tmp_path, capsys):
@@ -233,3 +247,171 @@ def test_a_config_that_does_not_match_the_checkpoint_is_one_line(workdir, tmp_pa
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out.png").exists()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _deepfill_checkpoint(root, cnum=4):
+    """A DeepFill v1 workdir (checkpoint 0) with random weights of the model's shapes: what
+    is tested here (memory, blocks, caching) does not depend on trained values."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from jattn.config import with_defaults
+    from jattn.train.checkpoint import Checkpointer
+    from jattn.train.setup import state_init_fn
+    from jattn.train.task import build_task
+
+    config = with_defaults(ml_collections.ConfigDict({
+        "model": {"name": "deepfill_v1", "cnum": cnum, "critic_cnum": 4, "local_size": 16},
+        "data": {"image_size": 32}, "learning_rate": 1e-4, "seed": 0}))
+    shapes = jax.eval_shape(state_init_fn(build_task(config), config), jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def draw(s):
+        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        if len(s.shape) < 2 or not jnp.issubdtype(s.dtype, jnp.floating):
+            return jnp.zeros(s.shape, s.dtype)
+        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
+
+    ckpt = Checkpointer(root / "checkpoints", async_save=False)
+    try:
+        ckpt.save(0, jax.tree_util.tree_map(draw, shapes), config=json.loads(json.dumps(config.to_dict())))
+    finally:
+        ckpt.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def deepfill_workdir(tmp_path_factory):
+    return _deepfill_checkpoint(tmp_path_factory.mktemp("deepfill"))
+
+
+def test_blocks_are_chosen_where_dense_attention_does_not_fit(deepfill_workdir):
+    # 636 x 640 pads to 640 x 640: an 80 x 80 attention grid, whose dense scores dominate
+    h, w = 636, 640
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    hole = _mask(h, w) > 0
+    roomy = Inpainter.from_checkpoint(deepfill_workdir, max_memory="1TB")
+    dense = roomy.plan(h, w)
+    assert dense.block_size is None and dense.budget == 10**12 and dense.needed > 0
+    expected = roomy.predict(image, hole)
+    tight = Inpainter.from_checkpoint(deepfill_workdir, max_memory=dense.needed - 1)
+    blocked = tight.plan(h, w)
+    assert blocked.block_size is not None and blocked.needed <= blocked.budget == dense.needed - 1
+    assert blocked.block_size % (w // 8) == 0  # whole rows of the attention grid
+    got = tight.predict(image, hole)
+    assert set(got) == set(expected) and {"output", "flow"} <= set(got)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(tight(image, hole)[~hole], image[~hole])
+
+
+def test_an_image_that_does_not_fit_is_one_line_naming_the_option(deepfill_workdir, workdir, tmp_path, capsys,
+                                                                  monkeypatch):
+    from jattn.export import inference
+
+    _write(tmp_path / "in.png", np.zeros((64, 56, 3), np.uint8))
+    _write(tmp_path / "mask.png", _mask(64, 56))
+    monkeypatch.setattr(inference, "default_memory_budget", lambda device=None: 10**6)
+    code = main(["inpaint", "--checkpoint", str(deepfill_workdir), "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "a 56x64 image needs" in err and "with the smallest attention blocks" in err and "over the 1 MB allowed" in err
+    assert "--max-memory" in err and not (tmp_path / "out.png").exists()
+    # a model without contextual attention is held to the budget too; bad sizes are refused
+    with pytest.raises(InpaintError, match=r"a 16x16 image needs .* over the 1 KB allowed .*max_memory="):
+        Inpainter.from_checkpoint(workdir, max_memory=1000)(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16), bool))
+    for bad in ("8XB", "-1GB", 0, "lots"):
+        with pytest.raises(InpaintError, match="not a memory size"):
+            Inpainter.from_checkpoint(workdir, max_memory=bad)
+
+
+def test_a_batch_that_does_not_fit_runs_in_smaller_batches(workdir):
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    holes = np.zeros((4, 16, 16), bool)
+    holes[:, 4:12, 4:12] = True
+    roomy = Inpainter.from_checkpoint(workdir, max_memory="1GB")
+    two, four = roomy.plan(16, 16, batch=2).needed, roomy.plan(16, 16, batch=4).needed
+    assert two < four
+    tight = Inpainter.from_checkpoint(workdir, max_memory=(two + four) // 2)
+    with pytest.raises(InpaintError, match="inpainting 4 images of 16x16 at once needs"):
+        tight.plan(16, 16, batch=4)
+    assert tight.plan(16, 16, batch=2).needed == two
+    np.testing.assert_array_equal(tight.complete_batch(images, holes), roomy.complete_batch(images, holes))
+
+
+def test_out_of_memory_while_running_is_one_line(workdir, tmp_path, capsys, monkeypatch):
+    import jax
+
+    _write(tmp_path / "in.png", np.zeros((16, 16, 3), np.uint8))
+    _write(tmp_path / "mask.png", _mask(16, 16))
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 86000000000 bytes.")
+
+    monkeypatch.setattr(jax.stages.Compiled, "__call__", exhausted)
+    code = main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "out of memory inpainting a 16x16 image (RESOURCE_EXHAUSTED" in err and "--max-memory" in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_repeated_python_api_calls_load_and_compile_once(workdir, tmp_path, monkeypatch):
+    import shutil
+
+    import jax
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    from jattn.export import inference
+
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    monkeypatch.setattr(inference, "LOADED", inference.LoadedModels(size=2))
+    restores = []
+    real_restore = inference.restore_trained
+    monkeypatch.setattr(inference, "restore_trained", lambda *a, **k: restores.append(a[0]) or real_restore(*a, **k))
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)
+    hole = _mask(24, 20) > 0
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = jattn.inpaint(wd, image, hole)
+        assert len(restores) == 1 and compiles
+        compiled = len(compiles)
+        for _ in range(3):
+            np.testing.assert_array_equal(jattn.inpaint(wd, image, hole), first)
+        assert len(restores) == 1 and len(compiles) == compiled  # neither restored nor compiled again
+        jattn.inpaint(wd / "checkpoints" / "2", image, hole)  # the same checkpoint by its folder
+        assert len(restores) == 1 and len(compiles) == compiled
+        # a newer checkpoint in the workdir is loaded anew
+        shutil.copytree(wd / "checkpoints" / "2", wd / "checkpoints" / "4")
+        np.testing.assert_array_equal(jattn.inpaint(wd, image, hole), first)
+        assert len(restores) == 2
+        jattn.inpaint(wd / "checkpoints" / "2", image, hole)
+        assert len(restores) == 2
+        # bounded: a third checkpoint pushes out the least recently used (4)
+        shutil.copytree(wd / "checkpoints" / "2", wd / "checkpoints" / "6")
+        jattn.inpaint(wd, image, hole)
+        jattn.inpaint(wd / "checkpoints" / "2", image, hole)
+        assert len(restores) == 3 and len(inference.LOADED) == 2
+        jattn.inpaint(wd / "checkpoints" / "4", image, hole)
+        assert len(restores) == 4
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    with pytest.raises(InpaintError, match="max_memory applies to a path"):
+        jattn.inpaint(Inpainter.from_checkpoint(workdir), image, hole, max_memory="1GB")

@@ -72,3 +72,65 @@ def test_an_inpainting_checkpoint_is_refused(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
     code = main(["upscale", "--checkpoint", str(wd), "--image", str(tmp_path / "x.png"), "--output", str(tmp_path / "o.png")])
     assert code == 2 and "not a super-resolution model" in capsys.readouterr().err
+
+
+def test_repeated_python_api_calls_load_and_compile_once(workdir, tmp_path, monkeypatch):
+    import shutil
+
+    import jax
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    from jattn.export import upscale as module
+
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    monkeypatch.setattr(module, "LOADED", module.LoadedModels(size=2))
+    restores = []
+    real_restore = module.restore_trained
+    monkeypatch.setattr(module, "restore_trained", lambda *a, **k: restores.append(a[0]) or real_restore(*a, **k))
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    image = np.random.default_rng(2).integers(0, 255, (21, 18, 3), dtype=np.uint8)
+    latest = wd / "checkpoints" / str(max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = module.upscale(wd, image)
+        assert first.shape == (42, 36, 3) and len(restores) == 1 and compiles
+        compiled = len(compiles)
+        np.testing.assert_array_equal(module.upscale(wd, image), first)
+        np.testing.assert_array_equal(module.upscale(latest, image), first)  # the same checkpoint
+        assert len(restores) == 1 and len(compiles) == compiled  # neither restored nor compiled again
+        np.testing.assert_array_equal(module.upscale(wd, image, tile=8, overlap=4), first)
+        tiled = len(compiles)
+        module.upscale(wd, image, tile=8, overlap=4)
+        assert len(restores) == 1 and len(compiles) == tiled
+        shutil.copytree(latest, wd / "checkpoints" / "9")  # a newer checkpoint
+        np.testing.assert_array_equal(module.upscale(wd, image), first)
+        assert len(restores) == 2
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_out_of_memory_is_one_line_naming_tiles(workdir, tmp_path, capsys, monkeypatch):
+    import jax
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9000000000 bytes.")
+
+    real = Upscaler.__init__
+
+    def patched(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self._predict = exhausted
+
+    monkeypatch.setattr(Upscaler, "__init__", patched)
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "x.png")
+    code = main(["upscale", "--checkpoint", str(workdir), "--image", str(tmp_path / "x.png"), "--output", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "out of memory upscaling 24x20 pixels at once (RESOURCE_EXHAUSTED" in err and "--tile" in err
+    assert not (tmp_path / "o.png").exists()

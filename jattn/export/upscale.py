@@ -5,7 +5,12 @@
 uint8 [H, W, 3] image to uint8 [s*H, s*W, 3]. Large images can be processed in tiles
 (`tile` low-res pixels a side, `overlap` pixels of context on each side that are computed
 and dropped), which bounds memory; tiles of one size share one compiled function. Files
-are read as RGB like `jattn inpaint` and written atomically.
+are read as RGB like `jattn inpaint` and written atomically. Running out of memory is an
+`UpscaleError` naming `--tile` (`tile=`), never a traceback.
+
+`upscale(path, image)` is the one-call Python API; module state: `LOADED`, the last two
+models it loaded (a bounded cache, as `jattn.inpaint`'s), so repeated calls neither restore
+nor compile again.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.export.inference import InferenceError, read_image, restore_trained, write_image
+from jattn.export.inference import (InferenceError, LoadedModels, _first_line, _is_out_of_memory, _on_one_device,
+                                    checkpoint_identity, read_image, restore_trained, write_image)
 
-__all__ = ["UpscaleError", "Upscaler", "upscale_files"]
+__all__ = ["UpscaleError", "Upscaler", "upscale_files", "upscale", "LOADED"]
 
 
 class UpscaleError(InferenceError):
@@ -26,10 +32,12 @@ class UpscaleError(InferenceError):
 
 
 class Upscaler:
-    """A restored super-resolution model: `upscaler(uint8 [H, W, 3]) -> uint8 [sH, sW, 3]`."""
+    """A restored super-resolution model: `upscaler(uint8 [H, W, 3]) -> uint8 [sH, sW, 3]`.
 
-    def __init__(self, task, params: dict, variables: dict, config):
-        self.config = config
+    The model is compiled once per input (tile) size and kept with the instance."""
+
+    def __init__(self, task, params: dict, variables: dict, config, source: str = ""):
+        self.config, self.source = config, source
         self.scale = int(config.data.scale)
         self._params, self._variables = params, variables
         self._predict = jax.jit(task.predict)
@@ -39,14 +47,20 @@ class Upscaler:
         task, state, config = restore_trained(path, config, UpscaleError)
         if "lowres" not in task.fields or not config.data.get("scale"):
             raise UpscaleError(f"{path}: model {config.model.name!r} is not a super-resolution model")
-        return cls(task, state.params, state.variables, config)
+        return cls(task, _on_one_device(state.params), _on_one_device(state.variables), config, str(path))
 
     def _run(self, lowres: np.ndarray) -> np.ndarray:
         """float [N, h, w, 3] in [-1, 1] -> float [N, s*h, s*w, 3]."""
         n, h, w, _ = lowres.shape
         s = self.scale
         batch = {"lowres": jnp.asarray(lowres), "image": jnp.zeros((n, h * s, w * s, 3), jnp.float32)}
-        return np.asarray(self._predict(self._params, self._variables, batch)["output"], np.float32)
+        try:
+            return np.asarray(self._predict(self._params, self._variables, batch)["output"], np.float32)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            raise UpscaleError(f"{self.source}: out of memory upscaling {w}x{h} pixels at once ({_first_line(err)}); "
+                               "process it in (smaller) tiles with --tile (tile=), e.g. --tile 256") from None
 
     def upscale_array(self, lowres: np.ndarray, tile: int | None = None, overlap: int = 8) -> np.ndarray:
         """float [N, h, w, 3] in [-1, 1] -> [N, s*h, s*w, 3], whole or in tiles."""
@@ -90,3 +104,20 @@ def upscale_files(upscaler: Upscaler, pairs, *, tile: int | None = None, overlap
         if progress is not None:
             progress(1)
     return written
+
+
+# The models `upscale` loaded from paths (module state: bounded, see LoadedModels).
+LOADED = LoadedModels(size=2)
+
+
+def upscale(path_or_upscaler, image: np.ndarray, *, tile: int | None = None, overlap: int = 8) -> np.ndarray:
+    """Python API: `upscale(workdir_or_upscaler, uint8 [H, W, 3]) -> uint8 [sH, sW, 3]`
+    (`tile`, `overlap`: see `Upscaler.upscale_array`). A path is loaded once: the last
+    `LOADED.size` models stay loaded with their compiled programs, keyed by the checkpoint
+    the path resolves to (`checkpoint_identity`: a newer checkpoint is loaded anew)."""
+    if isinstance(path_or_upscaler, Upscaler):
+        upscaler = path_or_upscaler
+    else:
+        key = checkpoint_identity(path_or_upscaler, UpscaleError)
+        upscaler = LOADED.get(key, lambda: Upscaler.from_checkpoint(path_or_upscaler))
+    return upscaler(np.asarray(image, np.uint8), tile, overlap)
