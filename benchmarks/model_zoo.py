@@ -59,6 +59,9 @@ def main() -> int:
     parser.add_argument("--workdir-root", default="/tmp/jattn_zoo")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     args = parser.parse_args()
+    from jattn._xla import apply_cpu_defaults
+
+    apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags, before JAX starts a backend
     sys.path.insert(0, str(ROOT))
     from jattn.config import load_config
 

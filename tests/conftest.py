@@ -19,7 +19,9 @@ import pathlib
 import jax
 import pytest
 
-import jattn  # noqa: F401  (adds jattn's XLA:CPU flags: before JAX starts its backends below)
+from jattn._xla import apply_cpu_defaults
+
+apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags, before JAX starts its backends below
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
