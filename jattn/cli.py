@@ -255,8 +255,11 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
         pairs = _inpaint_pairs(args.image, args.mask, args.output)
     except InpaintError as err:
         raise UserError(str(err)) from None
+    def load(path, config):
+        return Inpainter.from_checkpoint(path, config, max_memory=args.max_memory)
+
     _, written = _run_inference(
-        args, pairs, Inpainter.from_checkpoint,
+        args, pairs, load,
         lambda m, p, progress: inpaint_files(m, p, save_flow=args.save_flow, batch_size=args.batch_size, progress=progress),
         "inpaint")
     print(json.dumps({"written": [str(o) for o in written]}))
@@ -492,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--output", required=True, help="output image file, or folder in folder mode")
     inp.add_argument("--save-flow", action="store_true", help="also write the attention flow picture (<output>_flow)")
     inp.add_argument("--batch-size", type=int, default=8, help="folder mode: images of one size per model call")
+    inp.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory one model call may use, in bytes or e.g. 8GB (default: from the machine's memory); "
+                          "contextual attention runs in blocks where it would not fit whole")
     inp.add_argument("--config", default=None,
                      help="a config file or bundled config name to use instead of the one saved with the checkpoint")
     inp.set_defaults(func=_cmd_inpaint)
