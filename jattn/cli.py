@@ -122,12 +122,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
     except ValueError as err:
         raise UserError(str(err)) from None
-    from jattn.train.loop import ConfigMismatchError, NonFiniteLossError, train
+    from jattn.train.checkpoint import CheckpointError
+    from jattn.train.loop import NonFiniteLossError, TrainError, train
 
     try:
-        result = train(config, args.workdir, progress=not args.no_progress)
-    except ConfigMismatchError as err:
-        raise UserError(str(err)) from None
+        result = train(config, args.workdir, progress=not args.no_progress,
+                       allow_config_change=args.allow_config_change)
+    except (TrainError, CheckpointError) as err:  # refused runs; unreadable, corrupt or unsaved checkpoints
+        raise UserError(str(err).strip().splitlines()[0]) from None
     except NonFiniteLossError as err:
         print(f"jattn train: stopped: {err}", file=sys.stderr)
         return 1
@@ -472,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     train.add_argument("--total-steps", type=int, dest="total_steps", help="shortcut for --set total_steps=N")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume even though the config changes what is computed (batch size, seed, data, model, "
+                            "...); without it such a resume is refused, naming the keys")
     train.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (or $JATTN_COORDINATOR)")
     train.add_argument("--num-processes", type=int, help="multi-process: number of processes")
     train.add_argument("--process-id", type=int, help="multi-process: this process's id")

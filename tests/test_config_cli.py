@@ -391,3 +391,33 @@ def test_import_deepfill_without_config_uses_the_bundled_base_config(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("jattn import-deepfill: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err and "config" not in err
+
+
+def test_train_refusals_are_one_line_and_allow_config_change(tmp_path, capsys):
+    """`jattn train` on a workdir: a resume whose config trains differently is refused
+    (exit 2, one line naming the key) unless --allow-config-change; total steps below the
+    latest checkpoint and a workdir held by another run are refused the same way."""
+    import fcntl
+
+    config = tmp_path / "toy_config.py"
+    config.write_text("from toy import toy_config\n\n\ndef get_config():\n    return toy_config(total=2)\n")
+    workdir = tmp_path / "w"
+    base = ["train", "--config", str(config), "--workdir", str(workdir), "--no-progress"]
+    assert main(base) == 0
+    capsys.readouterr()
+
+    def refused(args, *words):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        for word in words:
+            assert word in err, err
+
+    refused([*base, "--set", "batch_size=16", "--total-steps", "4"], "batch_size")
+    assert main([*base, "--set", "batch_size=16", "--total-steps", "4", "--allow-config-change"]) == 0
+    capsys.readouterr()
+    refused([*base, "--set", "batch_size=16", "--total-steps", "1"], "total_steps")
+    with open(workdir / ".lock", "a+") as held:  # another run holds the workdir
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused([*base, "--set", "batch_size=16", "--total-steps", "6"])
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
