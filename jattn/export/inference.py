@@ -197,6 +197,10 @@ _CA_HALO = 2
 # holds about 5 of all N rows; a block of r rows about 9 of r + 2 halo rows and one of r.
 # It only orders the candidates: the chosen one is verified by its compiled memory analysis.
 _DENSE_COPIES = 5
+# The dense path takes one more [B, N, L] float32 array than XLA's analysis counts (peak
+# resident memory on CPU exceeds it by exactly that; the blocked path's matches): it is
+# added to the analysis, on every backend, so a dense plan never exceeds its budget.
+_DENSE_UNCOUNTED = 1
 _BLOCK_COPIES, _BLOCK_OUT_COPIES = 9, 1
 # The convolutions' peak (their largest im2col buffers), per pixel of the batch.
 _CONV_BYTES_PER_PIXEL = 600
@@ -422,7 +426,7 @@ class Inpainter:
             h, w = th // _CA_STRIDE, tw // _CA_STRIDE
             row = n * w * (h * w) * 4  # one query row's float32 scores against all L = h * w keys
             if block_size is None:
-                attention = _DENSE_COPIES * h * row
+                attention = (_DENSE_COPIES + _DENSE_UNCOUNTED) * h * row
             else:
                 rows = block_size // w
                 attention = (_BLOCK_COPIES * (rows + 2 * _CA_HALO) + _BLOCK_OUT_COPIES * rows) * row
@@ -453,6 +457,9 @@ class Inpainter:
                 # Inputs counted are the images this call adds; the parameters are resident already.
                 needed = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes
                              - analysis.alias_size_in_bytes) + _INPUT_BYTES_PER_PIXEL * n * th * tw
+                if self._blocks and block_size is None:
+                    cells = (th // _CA_STRIDE) * (tw // _CA_STRIDE)
+                    needed += _DENSE_UNCOUNTED * n * cells * cells * 4
             self._compiled[key] = (compiled, needed)
         return self._compiled[key]
 
