@@ -195,6 +195,8 @@ def test_inpaint_from_a_jax_export_of_any_size(workdir, tmp_path, capsys, monkey
     # an export's attention is compiled in: no memory budget; running out of memory is one line
     with pytest.raises(InpaintError, match="--max-memory applies to checkpoints only"):
         Inpainter.from_checkpoint(out, max_memory="1GB")
+    assert main(["inpaint", "--checkpoint", str(out), *args, "--output", str(tmp_path / "e.png"), "--max-memory", "8GB"]) == 2
+    assert "--max-memory applies to checkpoints only" in capsys.readouterr().err
     import jax
 
     def exhausted(*args, **kwargs):
@@ -324,7 +326,15 @@ def test_an_image_that_does_not_fit_is_one_line_naming_the_option(deepfill_workd
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "a 56x64 image needs" in err and "with the smallest attention blocks" in err and "over the 1 MB allowed" in err
     assert "--max-memory" in err and not (tmp_path / "out.png").exists()
-    # a model without contextual attention is held to the budget too; bad sizes are refused
+    # --max-memory; a model without contextual attention is held to the budget too
+    args = ["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / "in.png"), "--mask",
+            str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png")]
+    for size, message in (("1KB", "a 56x64 image needs"), ("1KB", "over the 1 KB allowed (--max-memory / max_memory=)"),
+                          ("8XB", "--max-memory / max_memory='8XB' is not a memory size")):
+        assert main([*args, "--max-memory", size]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out.png").exists()
     with pytest.raises(InpaintError, match=r"a 16x16 image needs .* over the 1 KB allowed .*max_memory="):
         Inpainter.from_checkpoint(workdir, max_memory=1000)(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16), bool))
     for bad in ("8XB", "-1GB", 0, "lots"):
