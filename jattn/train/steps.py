@@ -72,9 +72,9 @@ def _all_finite(*trees: Any) -> jax.Array:
         return jnp.bool_(True)
     # The per-array counts are joined through a sqrt: XLA copies cheap scalar ops into every
     # fusion that reads them, and each state array's select reads this flag, so a plain sum
-    # (or `and` of per-array flags) would be copied into each of them, a program quadratic in
-    # the number of arrays (DeepFill v1's update compiled several times slower). A sqrt is
-    # not copied: the flag is computed once.
+    # (or `and` of per-array flags) would be copied into each of them: a program, and a
+    # compile time, quadratic in the number of arrays. A sqrt is not copied: the flag is
+    # computed once.
     return jnp.sqrt(sum(counts)) == 0
 
 
