@@ -424,9 +424,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     step = result.report["step"]
     if step["fits"] is False:
-        print(f"jattn compile: DOES NOT FIT: the step needs {step['hbm_gib_per_chip']:.2f} GiB of HBM per chip, "
-              f"which one {result.report['chip']} does not have ({args.topology}, global batch "
-              f"{result.report['global_batch']})", file=sys.stderr)
+        if step["hbm_gib_per_chip"] is not None:
+            need = f"the step needs {step['hbm_gib_per_chip']:.2f} GiB of HBM per chip"
+        else:  # the compiler could not lay the step out at all: its arguments are a lower bound
+            args_gib = max(p["hbm_gib_per_chip"]["arguments"] for p in result.report["programs"] if p["runs_per_step"])
+            need = (f"the step needs more HBM per chip than the compiler can lay out (its arguments alone take "
+                    f"{args_gib:.2f} GiB)")
+        print(f"jattn compile: DOES NOT FIT: {need}, which one {result.report['chip']} does not have "
+              f"({args.topology}, global batch {result.report['global_batch']})", file=sys.stderr)
         return 1 if args.require_fit else 0
     return 0
 

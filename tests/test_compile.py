@@ -244,19 +244,28 @@ def test_unknown_config_key(tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
 
 
-@register_task("aot_huge")
-def _huge_task(config):
-    """One [768, 4M] weight (12 GiB, 36 GiB with Adam's moments): never fits a v5e."""
+def _wide_task(name: str, width: int):
+    """One [K, width] float32 weight trained with Adam: the weight, its two moments and the
+    update's new copies (the finite check selects between old and new state)."""
 
-    def init(key, batch):
-        return {"net": {"w": jnp.zeros((K, 1 << 22))}}, {}
+    @register_task(name)
+    def task(config):
+        def init(key, batch):
+            return {"net": {"w": jnp.zeros((K, width))}}, {}
 
-    def loss_fn(params, variables, batch, key):
-        return jnp.mean((batch["image"].reshape(batch["image"].shape[0], -1) @ params["net"]["w"]) ** 2), ({}, {})
+        def loss_fn(params, variables, batch, key):
+            x = batch["image"].reshape(batch["image"].shape[0], -1)
+            return jnp.mean((x @ params["net"]["w"]) ** 2), ({}, {})
 
-    tx = make_optimizer(config.optimizer)
-    return Task("aot_huge", init, {"net": tx}, (Update("train", "net", loss_fn, tx),),
-                lambda params, variables, batch: {"output": batch["image"]}, fields=())
+        tx = make_optimizer(config.optimizer)
+        return Task(name, init, {"net": tx}, (Update("train", "net", loss_fn, tx),),
+                    lambda params, variables, batch: {"output": batch["image"]}, fields=())
+
+    return task
+
+
+_wide_task("aot_huge", 1 << 21)  # a 6 GiB weight: 30 GiB per step, never fits a v5e's 16 GiB
+_wide_task("aot_vast", 1 << 22)  # 12 GiB: the TPU compiler cannot lay the step out at all
 
 
 @needs_libtpu
@@ -267,10 +276,25 @@ def test_a_step_the_tpu_compiler_refuses_does_not_fit(tmp_path, capsys):
     args = ["compile", "--config", config, "--topology", TOPOLOGY, "--json", str(tmp_path / "r.json"), "--require-fit"]
     assert main(args) == 1
     out, err = capsys.readouterr()
-    assert "DOES NOT FIT: the step needs 48.00 GiB of HBM per chip" in err
+    assert "DOES NOT FIT: the step needs 30.00 GiB of HBM per chip" in err
     assert "the TPU compiler refused it (RESOURCE_EXHAUSTED" in out
     step = json.loads((tmp_path / "r.json").read_text())["step"]
-    assert step["fits"] is False and step["hbm_gib_per_chip"] == pytest.approx(48, rel=0.01)
+    assert step["fits"] is False and step["hbm_gib_per_chip"] == pytest.approx(30, rel=0.01)
+
+
+@needs_libtpu
+def test_a_step_the_tpu_compiler_cannot_lay_out_does_not_fit(tmp_path, capsys):
+    """Far beyond the HBM even the compile without the HBM check fails: the report still
+    comes, with the arguments' size (weight and two Adam moments: 36 GiB) as what is known."""
+    config = _config_file(tmp_path, model__name="aot_vast", batch_size=4)
+    args = ["compile", "--config", config, "--topology", TOPOLOGY, "--json", str(tmp_path / "r.json"), "--require-fit"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "than the compiler can lay out (its arguments alone take 36.00 GiB)" in err
+    assert "could not lay it out even without the HBM check" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["step"]["fits"] is False and report["step"]["hbm_gib_per_chip"] is None
+    assert report["programs"][0]["flops_per_chip"] is None
 
 
 @needs_libtpu

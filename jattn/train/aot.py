@@ -200,7 +200,8 @@ def _compile(fn: Callable, args: Sequence[Any], mesh) -> tuple[Any, float, str |
     XLA's TPU compiler refuses a program that does not fit the chip's HBM
     (RESOURCE_EXHAUSTED). It is then compiled again with `xla_tpu_no_crash_on_oom`, which
     gives the memory it would need; `refusal` is the compiler's message (else None) and
-    `seconds` counts both compiles."""
+    `seconds` counts both compiles. A program far beyond the HBM can fail that compile too
+    (the compiler cannot lay it out at all): `compiled` is then None."""
     import jax
 
     start = time.perf_counter()
@@ -209,14 +210,44 @@ def _compile(fn: Callable, args: Sequence[Any], mesh) -> tuple[Any, float, str |
         try:
             return lowered.compile(), time.perf_counter() - start, None
         except jax.errors.JaxRuntimeError as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = _first_line(err)
             if not message.startswith("RESOURCE_EXHAUSTED") or mesh.devices.flat[0].platform != "tpu":
                 raise
-        compiled = lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+        try:
+            compiled = lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+        except jax.errors.JaxRuntimeError as err:
+            compiled, message = None, f"{message}; without the HBM check: {_first_line(err)}"
     return compiled, time.perf_counter() - start, message
 
 
-def _program(name: str, runs: int, compiled, seconds: float, extra: tuple[float, float] = (0.0, 0.0)) -> dict:
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def argument_gib(args: Any) -> float:
+    """GiB per chip of the abstract arguments `args` (ShapeDtypeStructs with shardings):
+    the largest shard of each array."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree_util.tree_leaves(args):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total / GIB
+
+
+def _program(name: str, runs: int, compiled, seconds: float, extra: tuple[float, float] = (0.0, 0.0),
+             args: Any = None) -> dict:
+    """One program's row. `compiled` None (the compiler could not lay it out): only the
+    size of its arguments `args` is known, every other figure is None."""
+    if compiled is None:
+        return {"name": name, "runs_per_step": int(runs), "compile_seconds": round(seconds, 3),
+                "flops_per_chip": None, "bytes_per_chip": None,
+                "hbm_gib_per_chip": {"arguments": argument_gib(args), "outputs": None, "temporaries": None,
+                                     "total": None},
+                "collectives": None}
     flops, nbytes = cost_of(compiled)
     return {
         "name": name,
@@ -251,13 +282,17 @@ def step_summary(programs: Sequence[dict], chip: Chip | None, images_per_step: i
     compiler `refused` a step program for lack of HBM: it keeps a reserve) and the roofline
     estimate max(flops / peak, bytes / bandwidth) seconds, "compute" or "memory" bound."""
     in_step = [p for p in programs if p["runs_per_step"] > 0]
-    flops = sum(p["flops_per_chip"] * p["runs_per_step"] for p in in_step)
-    nbytes = sum(p["bytes_per_chip"] * p["runs_per_step"] for p in in_step)
-    totals = [p["hbm_gib_per_chip"]["total"] for p in in_step if p["hbm_gib_per_chip"] is not None]
-    hbm = max(totals) if len(totals) == len(in_step) and totals else None
+    known = all(p["flops_per_chip"] is not None for p in in_step)
+    flops = sum(p["flops_per_chip"] * p["runs_per_step"] for p in in_step) if known else None
+    nbytes = sum(p["bytes_per_chip"] * p["runs_per_step"] for p in in_step) if known else None
+    totals = [(p["hbm_gib_per_chip"] or {}).get("total") for p in in_step]
+    hbm = max(totals) if totals and None not in totals else None
     out = {"flops_per_chip": flops, "bytes_per_chip": nbytes, "hbm_gib_per_chip": hbm, "fits": None,
            "estimated_seconds": None, "bound": None, "estimated_images_per_second": None}
     if chip is None:
+        return out
+    if not known:  # a program the compiler could not lay out: it was refused
+        out["fits"] = False
         return out
     compute, memory = flops / chip.peak_flops, nbytes / chip.hbm_bandwidth
     seconds = max(compute, memory)
@@ -291,7 +326,7 @@ def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], l
     notes = []
     extra = (0.0, 0.0)
     repeats = [] if unroll else repeated_updates(task.updates)
-    if repeats and _while_loops(step.as_text()) >= len(repeats):
+    if repeats and step is not None and _while_loops(step.as_text()) >= len(repeats):
         batch = abstract_eval_batch(task, config, mesh, global_batch)
         index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
         for update, count in repeats:
@@ -301,18 +336,20 @@ def _step_programs(task, config, mesh, global_batch: int) -> tuple[list[dict], l
             notes.append(f"train_step runs update {update.name!r} {count}x in a loop, whose body XLA's cost analysis "
                          f"counts once: {count - 1} x the update's cost compiled alone ({seconds:.1f} s) is added to "
                          "its flops and bytes; its collectives are the program text's (the loop body's once)")
-    programs = [_program("train_step", 1, step, step_seconds, extra)]
+    programs = [_program("train_step", 1, step, step_seconds, extra, (state, batches))]
 
     if "mask" in task.fields:  # inpainting: the inference function of `jattn inpaint`
         rep = replicated(mesh)
         predict = jax.jit(task.predict, in_shardings=(rep, rep, data_sharding(mesh)))
         batch = abstract_eval_batch(task, config, mesh, global_batch)
         compiled, seconds, refusals["inference"] = _compile(predict, (state.params, state.variables, batch), mesh)
-        programs.append(_program("inference", 0, compiled, seconds))
+        programs.append(_program("inference", 0, compiled, seconds, args=(state.params, state.variables, batch)))
     for name, message in refusals.items():
         if message:
-            notes.append(f"{name}: the TPU compiler refused it ({message}); its figures come from a compile with "
-                         "xla_tpu_no_crash_on_oom: the memory it would need")
+            figures = ("only the size of its arguments is known: the compiler could not lay it out even without "
+                       "the HBM check" if "without the HBM check" in message else
+                       "its figures come from a compile with xla_tpu_no_crash_on_oom: the memory it would need")
+            notes.append(f"{name}: the TPU compiler refused it ({message}); {figures}")
     return programs, notes, {name for name, message in refusals.items() if message}
 
 
@@ -379,6 +416,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}g}"
 
 
+def _giga(x: float | None) -> float | None:
+    return None if x is None else x / 1e9
+
+
 def format_report(compiled: Compiled) -> str:
     """A readable table: one row per program, then the step summary and the notes."""
     r = compiled.report
@@ -392,14 +433,14 @@ def format_report(compiled: Compiled) -> str:
     for p in r["programs"]:
         m = p["hbm_gib_per_chip"] or {}
         rows.append([p["name"], str(p["runs_per_step"]), f"{p['compile_seconds']:.1f}",
-                     _fmt(p["flops_per_chip"] / 1e9, 4), _fmt(p["bytes_per_chip"] / 1e9, 4),
+                     _fmt(_giga(p["flops_per_chip"]), 4), _fmt(_giga(p["bytes_per_chip"]), 4),
                      *(_fmt(m.get(k)) for k in ("arguments", "outputs", "temporaries", "total")),
-                     *(str(p["collectives"][c]) for c in COLLECTIVES)])
+                     *(str((p["collectives"] or {}).get(c, "-")) for c in COLLECTIVES)])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     table = [" ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [cols, *rows]]
     fits = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[step["fits"]]
     lines = [head, "", *table, "",
-             f"step per chip: {_fmt(step['flops_per_chip'] / 1e9, 4)} GFLOP, {_fmt(step['bytes_per_chip'] / 1e9, 4)} GB "
+             f"step per chip: {_fmt(_giga(step['flops_per_chip']), 4)} GFLOP, {_fmt(_giga(step['bytes_per_chip']), 4)} GB "
              f"accessed, {_fmt(step['hbm_gib_per_chip'])} GiB HBM ({fits})"]
     if step["estimated_seconds"] is not None:
         lines.append(f"roofline estimate: {step['estimated_seconds'] * 1e3:.4g} ms per step, {step['bound']} bound, "
