@@ -7,10 +7,14 @@ multiples of 8; or the config's image size with `spatial="fixed"`). Run it witho
 jattn: `jax.export.deserialize(data).call(image, mask)`; `jattn inpaint --checkpoint
 FILE.jax` runs it on images of any size.
 
-`safetensors`: the generator's weights (the network a user deploys), flat names joined by
-"/" (e.g. `conv1/kernel`, as the official DeepFill variable names), float32, with the
-model config, the step and jattn's provenance as metadata. Loadable without jattn:
-`safetensors.numpy.load_file(path)` or `safetensors.torch.load_file(path)`.
+`safetensors`: the deployed network's variables as its inference reads them: its params
+and its non-parameter collections (batch-norm statistics, spectral-norm vectors), by
+default the EMA weights where the run keeps them; names are the collection then the Flax
+path, joined by "/" (`params/conv1/kernel`, `batch_stats/bn/mean`), float32, with the
+model config, the step and jattn's provenance as metadata, byte-identical for the same
+checkpoint. The export is checked to reproduce the checkpoint's `predict` before it is
+written. Loadable without jattn: `safetensors.numpy.load_file(path)` or
+`safetensors.torch.load_file(path)`.
 
 `saved_model`: the same inpainting function as a TensorFlow SavedModel (through
 `jax.experimental.jax2tf`, native serialization: a StableHLO module inside a
@@ -41,6 +45,8 @@ import numpy as np
 __all__ = [
     "ExportError",
     "flatten_params",
+    "split_keys",
+    "unflatten",
     "export_safetensors",
     "load_safetensors",
     "export_jax",
@@ -54,14 +60,41 @@ class ExportError(ValueError):
     """The export cannot be made; the message names the problem."""
 
 
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def flatten_params(tree: Any) -> dict[str, np.ndarray]:
     """{"a/b/kernel": float32 array} from a nested dict of arrays."""
     flat = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         arr = np.asarray(jax.device_get(leaf))
-        flat[name] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
+        flat["/".join(_keys(path))] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
     return flat
+
+
+def split_keys(tree: Any) -> dict[str, list[str]]:
+    """{name: key path} of the leaves whose keys contain "/" (Flax's SpectralNorm stores
+    `"layer_instance/kernel/u"` as one key), which splitting the name at "/" would not give."""
+    paths = {}
+    for path, _ in jax.tree_util.tree_leaves_with_path(tree):
+        keys = _keys(path)
+        if any("/" in k for k in keys):
+            paths["/".join(keys)] = list(keys)
+    return paths
+
+
+def unflatten(flat: dict[str, Any], paths: dict[str, list[str]] | None = None) -> dict:
+    """The nested dict of `{"a/b/kernel": array}`: each name split at "/", or its key path
+    in `paths` (see `split_keys`); the inverse of `flatten_params`."""
+    nested: dict = {}
+    for name, value in flat.items():
+        node = nested
+        *parents, leaf = (paths or {}).get(name) or name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
 
 
 def _deployed_network(params: dict) -> str:
@@ -95,19 +128,41 @@ def _restore(workdir, step):
     return saved, task, state, restored_step
 
 
-def _write_atomic(output, write) -> pathlib.Path:
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_output_file(output) -> pathlib.Path:
+    """`output` as a path a file can be written to; ExportError (one line) otherwise."""
     output = pathlib.Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.is_dir():
+        raise ExportError(f"{output}: is a folder; give the path of the file to write")
+    existing = next(p for p in output.parents if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise ExportError(f"{output}: {existing} is a file, not a folder")
+    if existing.is_dir() and not os.access(existing, os.W_OK):
+        raise ExportError(f"{output}: the folder {existing} is not writable")
+    return output
+
+
+def _write_atomic(output, write) -> pathlib.Path:
+    """`write(tmp)` fills `.<name>.tmp` beside `output`, which is then renamed to `output`;
+    on failure nothing is left. A file-system error is an ExportError of one line."""
+    output = _check_output_file(output)
     tmp = output.with_name(f".{output.name}.tmp")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         if tmp.is_file():  # some writers create 0600 files: use the usual umask-based mode
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, output)
+    except OSError as err:
+        raise ExportError(f"{output}: cannot write the export ({err.strerror or _one_line(err)})") from None
     finally:
-        if tmp.exists():
+        if tmp.is_file() or tmp.is_symlink():
             tmp.unlink()
     return output
 
@@ -130,23 +185,176 @@ def _inpaint_fn(task, variables):
     return inpaint
 
 
-def export_safetensors(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int | None = None) -> dict:
-    """Write the workdir's (latest or `step`) generator weights to `output`; returns the metadata."""
-    from safetensors.numpy import save_file
+# --------------------------------------------------------------------------- safetensors
 
+SAFETENSORS_FORMAT = "jattn-safetensors-2"
+WEIGHTS = ("ema", "trained")
+LAYOUT = "flax: conv kernels [H, W, in, out], dense kernels [in, out]"
+
+
+def _export_sources(variables: dict, network: str, weights: str | None) -> tuple[str, dict]:
+    """(weights, {collection: (state field, key, sub-collection or None)}): where each
+    collection of the export lives in the train state.
+
+    "ema": params from `variables[f"{network}_ema"]`, the other collections from
+    `variables[f"{network}_ema_stats"]` when the run keeps them for the EMA weights, else
+    the trained network's. "trained": `params[network]` and `variables[network]`. None:
+    "ema" when the run keeps an EMA, else "trained".
+    """
+    ema = f"{network}_ema"
+    if weights is None:
+        weights = "ema" if ema in variables else "trained"
+    if weights not in WEIGHTS:
+        raise ExportError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "ema" and ema not in variables:
+        raise ExportError(f"the run keeps no EMA of the {network} (no variables[{ema!r}]): export weights='trained'")
+    if weights == "ema":
+        stats = f"{network}_ema_stats" if f"{network}_ema_stats" in variables else network
+        sources = {"params": ("variables", ema, None)}
+    else:
+        stats = network
+        sources = {"params": ("params", network, None)}
+    for collection in sorted(variables.get(stats, {})):
+        if jax.tree_util.tree_leaves(variables[stats][collection]):
+            sources[collection] = ("variables", stats, collection)
+    return weights, sources
+
+
+def _gather(state, sources: dict) -> dict:
+    """{collection: tree} read from the train state at `sources`."""
+    out = {}
+    for collection, (field, key, sub) in sources.items():
+        tree = getattr(state, field)[key]
+        out[collection] = tree if sub is None else tree[sub]
+    return out
+
+
+def _placed(sources: dict, trees: dict) -> tuple[dict, dict]:
+    """(params, variables) laid out like the train state's, holding only `trees` at
+    `sources`: what `predict` gets from the export alone."""
+    out: dict = {"params": {}, "variables": {}}
+    for collection, (field, key, sub) in sources.items():
+        if sub is None:
+            out[field][key] = trees[collection]
+        else:
+            out[field].setdefault(key, {})[sub] = trees[collection]
+    return out["params"], out["variables"]
+
+
+def _trained_as_ema(params: dict, variables: dict, network: str, run_keys) -> tuple[dict, dict]:
+    """(params, variables) with the EMA entries of `network` that the run has (`run_keys`)
+    holding its trained parameters and statistics: `predict`, which samples the EMA
+    weights, then runs the trained network."""
+    variables = dict(variables)
+    if f"{network}_ema" in run_keys:
+        variables[f"{network}_ema"] = params[network]
+    if f"{network}_ema_stats" in run_keys:
+        variables[f"{network}_ema_stats"] = variables.get(network, {})
+    return params, variables
+
+
+def _probe_inputs(saved: dict, fields) -> dict:
+    """A fixed batch of 2 with the task's fields at the config's sizes: images uniform in
+    [-1, 1], a central box mask, zero labels and segmentations."""
+    from jattn.train.setup import batch_shapes
+
+    config = ml_collections.ConfigDict({"data": saved.get("data", {})})
+    rng = np.random.default_rng(0)
+    batch = {}
+    for name, spec in batch_shapes(config, fields, batch_size=2).items():
+        if name == "mask":
+            _, h, w, _ = spec.shape
+            batch[name] = np.zeros(spec.shape, np.float32)
+            batch[name][:, h // 4 : h - h // 4, w // 4 : w - w // 4] = 1.0
+        elif np.issubdtype(spec.dtype, np.floating):
+            batch[name] = rng.uniform(-1.0, 1.0, spec.shape).astype(spec.dtype)
+        else:
+            batch[name] = np.zeros(spec.shape, spec.dtype)
+    return batch
+
+
+def _reproduction_error(task, state, params, variables, batch, network: str, weights: str) -> float:
+    """Max |predict(export) - predict(checkpoint)| over the outputs on `batch` (for the
+    "trained" weights of a run with an EMA, both sample the trained network); ExportError
+    when `predict` needs more than the export holds."""
+    reference = (state.params, state.variables)
+    if weights == "trained":
+        reference = _trained_as_ema(*reference, network, set(state.variables))
+        params, variables = _trained_as_ema(params, variables, network, set(state.variables))
+    expected = task.predict(*reference, batch)
+    try:
+        got = task.predict(params, variables, batch)
+    except Exception as err:  # noqa: BLE001 - a missing variable shows as KeyError or a Flax scope error
+        raise ExportError(f"the export would not reproduce the model: its inference reads more than the "
+                          f"{network}'s exported variables ({type(err).__name__}: {_one_line(err)})") from None
+    diffs = [float(np.max(np.abs(np.asarray(got[k], np.float64) - np.asarray(v, np.float64)), initial=0.0))
+             for k, v in expected.items()]
+    return max(diffs, default=0.0)
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """`data` (a safetensors file) with its JSON header's keys sorted, metadata included,
+    so that equal tensors and metadata give equal bytes (the writer orders metadata keys
+    by hash, which varies between processes)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as the writer keeps it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def export_safetensors(workdir: str | pathlib.Path, output: str | pathlib.Path, *, step: int | None = None,
+                       weights: str | None = None, verify: bool = True) -> dict:
+    """Write the deployed network of the workdir's (latest or `step`) checkpoint to `output`.
+
+    The file holds what the network's inference reads, as float32 tensors named
+    `<collection>/<Flax path>`: `params/...` and each non-parameter collection of the
+    network (`batch_stats/...`: batch-norm statistics, spectral-norm `u` and `sigma`).
+    `weights`: "ema" (the EMA of the parameters, what `predict` samples from when the run
+    keeps one), "trained", or None (default: "ema" when the run keeps an EMA, else
+    "trained"). With `verify`, `predict` on a probe batch with only the exported tensors
+    must equal `predict` with the whole checkpoint, or nothing is written (ExportError).
+    Returns the metadata (and `verified_max_abs_diff`).
+    """
+    from safetensors.numpy import save
+
+    _check_output_file(output)
     saved, task, state, restored_step = _restore(workdir, step)
     network = task.export_network or _deployed_network(state.params)
-    tensors = flatten_params(state.params[network])
+    weights, sources = _export_sources(state.variables, network, weights)
+    trees = _gather(state, sources)
+    tensors, paths = flatten_params(trees), split_keys(trees)
+    if len(tensors) != len(jax.tree_util.tree_leaves(trees)):
+        raise ExportError(f"two variables of the {network} have the same name once their keys are joined by '/'")
     metadata = {
-        "format": "jattn-safetensors-1",
+        "format": SAFETENSORS_FORMAT,
         "network": network,
+        "weights": weights,
+        "collections": _json(sorted(sources)),
+        "layout": LAYOUT,
+        "paths": _json(paths),
         "step": str(restored_step),
-        "model": json.dumps(saved.get("model")),
-        "image_size": json.dumps(saved.get("data", {}).get("image_size")),
-        "jattn": json.dumps(saved.get("jattn")),
+        "model": _json(saved.get("model")),
+        "image_size": _json(saved.get("data", {}).get("image_size")),
+        "jattn": _json(saved.get("jattn")),
     }
-    _write_atomic(output, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return metadata
+    if "batch_stats" in sources:  # the SAGAN EMA without its own statistics normalises with the batch's
+        metadata["batch_norm"] = "batch" if weights == "ema" and sources["batch_stats"][1] == network else "running"
+    result = dict(metadata)
+    if verify:
+        params, variables = _placed(sources, unflatten(tensors, paths))
+        diff = _reproduction_error(task, state, params, variables, _probe_inputs(saved, task.fields), network,
+                                   weights)
+        if not diff <= 1e-6:
+            raise ExportError(f"the export would not reproduce the model: its outputs differ by {diff:.3g}")
+        result["verified_max_abs_diff"] = diff
+    data = _canonical_safetensors(save(tensors, metadata=metadata))
+    _write_atomic(output, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+    return result
 
 
 SPATIAL_MULTIPLE = 8  # the inpainting models downsample at most 3 times
@@ -178,6 +386,7 @@ def export_jax(workdir, output, *, step: int | None = None, platforms=("cpu", "c
     """
     if spatial not in ("any", "fixed"):
         raise ExportError(f"spatial must be 'any' or 'fixed', got {spatial!r}")
+    _check_output_file(output)
     saved, restored_step, (h, w), inpaint, params = _inpainting_export(workdir, step, None)
     fn = jax.jit(functools.partial(inpaint, params))
     try:
@@ -209,18 +418,16 @@ def load_jax_export(path):
 
 
 def load_safetensors(path: str | pathlib.Path) -> tuple[dict, dict]:
-    """(nested params dict, metadata) from a jattn safetensors export."""
+    """(Flax variables `{"params": ..., "batch_stats": ...}`, metadata) of a jattn
+    safetensors export: `module.apply(variables, ...)` runs the exported network."""
+    from safetensors.numpy import load_file
     from safetensors import safe_open
 
-    nested: dict = {}
     with safe_open(str(path), framework="numpy") as f:
         metadata = dict(f.metadata() or {})
-        for name in f.keys():
-            node = nested
-            *parents, leaf = name.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = f.get_tensor(name)
+    nested = unflatten(load_file(str(path)), json.loads(metadata.get("paths", "{}")))
+    if metadata.get("format") == "jattn-safetensors-1":  # params only, without the collection prefix
+        nested = {"params": nested}
     return nested, metadata
 
 
@@ -405,6 +612,7 @@ def export_onnx(workdir, output, *, step: int | None = None, batch_size: int | N
     import logging
 
     jax2onnx, ir, ort = _import_onnx_tools()
+    _check_output_file(output)
     saved, restored_step, (h, w), inpaint, params = _inpainting_export(workdir, step, batch_size)
     b = int(batch_size) if batch_size is not None else "B"
     meta = {"format": "onnx", "step": restored_step, "image_size": [h, w],
