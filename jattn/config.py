@@ -210,10 +210,14 @@ def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_c
         sys.path.remove(str(path.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as err:  # noqa: BLE001 - as above
+        raise ConfigError(f"config file {path}: get_config() failed: {type(err).__name__}: {err}") from err
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, got {type(config).__name__}")
-    config = apply_overrides(with_defaults(config), overrides)
+    # completed again: an override of model.name changes the schema the keys must fit
+    config = with_defaults(apply_overrides(with_defaults(config), overrides))
     missing = _missing(config)
     if missing:
         raise ConfigError(f"{path}: required config key(s) not set: {', '.join(missing)}")
