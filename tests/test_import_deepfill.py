@@ -34,6 +34,8 @@ def test_import_refuses_an_existing_workdir_and_the_wrong_version(golden_dir, tm
     assert main(["import-deepfill", "--checkpoint", ckpt, "--version", "v2", "--output", str(tmp_path / "v2")]) == 2
     err = capsys.readouterr().err
     assert "DeepFill v2 generator" in err and len(err.strip().splitlines()) == 1, err
+    assert "does not match the model (scope 'inpaint_net/'): 82 of the wrong shape" in err
+    assert err.strip().endswith("it is a DeepFill v1 generator: import it as v1 (--version v1)"), err
     assert not (tmp_path / "v2" / "checkpoints").exists()
     assert main(["import-deepfill", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
 

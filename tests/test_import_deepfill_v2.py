@@ -47,7 +47,9 @@ def test_import_errors_name_the_version(v2_dir, golden_dir, tmp_path):
     v1_ckpt = golden_dir / "deepfill_official" / "v1_seed1" / "ckpt"
     with pytest.raises(ValueError, match="^DeepFill v2 generator: checkpoint .* does not match") as err:
         di.import_official_checkpoint(str(v1_ckpt), tmp_path / "b", v2_config, version="v2")
-    assert "wrong shape: inpaint_net/conv1/kernel is [5, 5, 5, 32], expected [5, 5, 5, 48]" in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message and ": 82 of the wrong shape (inpaint_net/allconv11/bias is [128], expected [192]; " in message
+    assert message.endswith("... and 80 more); it is a DeepFill v1 generator: import it as v1 (--version v1)")
     with pytest.raises(ValueError, match="v3"):
         di.import_official_checkpoint(str(v2_dir / "ckpt"), tmp_path / "c", v2_config, version="v3")
     with pytest.raises(ValueError, match="DeepFill v2 critic"):

@@ -145,7 +145,8 @@ def read_checkpoint_scope(
     try:
         reader = tf.train.load_checkpoint(str(prefix))
     except (ValueError, tf.errors.OpError) as err:
-        raise ValueError(f"cannot read a TensorFlow checkpoint at {prefix!r}: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read a TensorFlow checkpoint at {prefix!r}: {first}") from err
     stored = reader.get_variable_to_shape_map()
     head = scope.rstrip("/") + "/"
     found = {
@@ -153,21 +154,55 @@ def read_checkpoint_scope(
         for name, shape in stored.items()
         if name.startswith(head) and not _SLOT.search(name)
     }
+    problem = _mismatch(found, expected, head)
+    if problem:
+        if not found:
+            problem += f"; no tensor under {head!r}, scopes present: {sorted({k.split('/')[0] for k in stored})}"
+        raise ValueError(f"checkpoint {prefix!r} does not match the model (scope {head!r}): {problem}")
+    return {n: np.asarray(reader.get_tensor(head + n), dtype=np.float32) for n in expected}
+
+
+def _listed(items: list[str], shown: int = 3, sep: str = ", ") -> str:
+    """The first `shown` items joined by `sep`, then how many more there are."""
+    more = f"{sep}... and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
+
+
+def _mismatch(found: Mapping[str, tuple], expected: Mapping[str, tuple], head: str) -> str:
+    """One line naming the missing, unexpected and misshaped tensors ("" when they match)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshaped = sorted(n for n in set(found) & set(expected) if tuple(found[n]) != tuple(expected[n]))
-    if missing or unexpected or misshaped:
-        lines = [f"checkpoint {prefix!r} does not match the model (scope {head!r}):"]
-        if missing:
-            lines.append(f"  missing {len(missing)}: " + ", ".join(head + n for n in missing))
-        if unexpected:
-            lines.append(f"  unexpected {len(unexpected)}: " + ", ".join(head + n for n in unexpected))
-        for n in misshaped:
-            lines.append(f"  wrong shape: {head + n} is {list(found[n])}, expected {list(expected[n])}")
-        if not found:
-            lines.append(f"  (no tensor under {head!r}; scopes present: {sorted({k.split('/')[0] for k in stored})})")
-        raise ValueError("\n".join(lines))
-    return {n: np.asarray(reader.get_tensor(head + n), dtype=np.float32) for n in expected}
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_listed([head + n for n in missing])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_listed([head + n for n in unexpected])})")
+    if misshaped:
+        shapes = [f"{head + n} is {list(found[n])}, expected {list(expected[n])}" for n in misshaped]
+        parts.append(f"{len(misshaped)} of the wrong shape ({_listed(shapes, 2, '; ')})")
+    return "; ".join(parts)
+
+
+def _generator_version(prefix: str) -> str | None:
+    """The DeepFill generator version whose tensor shapes the checkpoint has, at any width."""
+    from jattn import _require_extra
+
+    tf = _require_extra("tensorflow", "tf", "reading an official TensorFlow checkpoint")
+    head = GENERATOR_SCOPE + "/"
+    try:
+        stored = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
+    except (ValueError, tf.errors.OpError):
+        return None
+    found = {n[len(head):]: tuple(s) for n, s in stored.items() if n.startswith(head) and not _SLOT.search(n)}
+    if "conv1/kernel" not in found:
+        return None
+    width = found["conv1/kernel"][-1]
+    for version in _VERSIONS:
+        for cnum in sorted({width, width // 2, _OFFICIAL_CNUM[version]}):
+            if cnum > 0 and not _mismatch(found, expected_generator_shapes(version, cnum), head):
+                return version
+    return None
 
 
 def _check_order(channel_order: str) -> None:
@@ -207,7 +242,10 @@ def load_official_generator(
     try:
         flat = read_checkpoint_scope(prefix, GENERATOR_SCOPE, expected)
     except ValueError as err:
-        raise ValueError(f"DeepFill {version} generator: {err}") from err
+        other = _generator_version(prefix)
+        hint = "" if other in (None, version) else (
+            f"; it is a DeepFill {other} generator: import it as {other} (--version {other})")
+        raise ValueError(f"DeepFill {version} generator: {err}{hint}") from err
     if channel_order == "rgb":
         for name in ("conv1", "xconv1", "pmconv1"):
             flat[f"{name}/kernel"] = _flip_in(flat[f"{name}/kernel"])
