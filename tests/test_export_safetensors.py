@@ -145,29 +145,42 @@ def test_sagan_ema_normalised_with_batch_statistics(tmp_path):
     np.testing.assert_allclose(got, task.predict(state.params, state.variables, batch)["output"], rtol=0, atol=1e-6)
 
 
-def test_se_resnet_exports_batch_norm_statistics(tmp_path):
+SE_RESNET = {"name": "se_resnet", "stage_sizes": (1, 1), "num_classes": 3, "width": 8, "bottleneck": False,
+             "cifar_stem": True, "reduction": 4}
+UNET = {"name": "attention_unet", "num_classes": 3, "features": (4, 8, 16)}
+
+
+@pytest.fixture(scope="module")
+def se_resnet(tmp_path_factory):
+    return _workdir(tmp_path_factory.mktemp("se_resnet"), task_config(SE_RESNET, image_size=16))
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    return _workdir(tmp_path_factory.mktemp("unet"), task_config(UNET, image_size=16))
+
+
+def test_se_resnet_exports_batch_norm_statistics(se_resnet, tmp_path):
     from jattn.train.tasks.classify import build_se_resnet
 
-    config = task_config({"name": "se_resnet", "stage_sizes": (1, 1), "num_classes": 3, "width": 8,
-                          "bottleneck": False, "cifar_stem": True, "reduction": 4}, image_size=16)
-    workdir, task, state = _workdir(tmp_path / "w", config)
+    workdir, task, state = se_resnet
     variables, meta = _export(workdir, tmp_path / "m.safetensors")
     assert meta["network"] == "model" and meta["weights"] == "trained" and meta["batch_norm"] == "running"
     _assert_same_tree(variables["batch_stats"], state.variables["model"]["batch_stats"])
     image = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-    model = build_se_resnet(with_defaults(config).model)
+    model = build_se_resnet(with_defaults(task_config(SE_RESNET, image_size=16)).model)
     got = model.apply(variables, image, train=False)
     expected = task.predict(state.params, state.variables, {"image": image, "label": np.zeros(2, np.int32)})["output"]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
-def test_attention_unet_exports_batch_norm_statistics(tmp_path):
+def test_attention_unet_exports_batch_norm_statistics(unet, tmp_path):
     from jattn.models.unet import AttentionUNet
 
-    config = task_config({"name": "attention_unet", "num_classes": 3, "features": (4, 8, 16)}, image_size=16)
-    workdir, task, state = _workdir(tmp_path / "w", config)
+    workdir, task, state = unet
     variables, meta = _export(workdir, tmp_path / "m.safetensors")
     assert json.loads(meta["collections"]) == ["batch_stats", "params"]
+    _assert_same_tree(variables["batch_stats"], state.variables["model"]["batch_stats"])
     image = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     got = AttentionUNet(3, (4, 8, 16)).apply(variables, image, train=False)
     batch = {"image": image, "segmentation": np.zeros((2, 16, 16), np.int32)}
@@ -287,3 +300,75 @@ def test_unwritable_outputs_are_one_line_errors(inpainting, tmp_path, capsys, mo
     assert "cannot write the export (Permission denied)" in _cli_error(capsys, workdir, tmp_path / "g.safetensors")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "ro"]
+
+
+# --------------------------------------------------------------------------- the documented PyTorch layout
+
+
+def _documented_snippet() -> str:
+    """The docs' python block that converts an export to PyTorch's layout."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    return next(b for b in blocks if "def torch_layout" in b)
+
+
+def _run_snippet(workdir, folder: pathlib.Path) -> dict:
+    """Export `workdir` to folder/exports/model.safetensors and run the docs' snippet there."""
+    (folder / "exports").mkdir(parents=True)
+    export_safetensors(workdir, folder / "exports" / "model.safetensors")
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(_documented_snippet(), scope)  # noqa: S102 - the documented code itself
+    finally:
+        os.chdir(cwd)
+    return scope
+
+
+def _torch_conv2d(x_nchw, w_oihw, pad):
+    """PyTorch's Conv2d (stride 1, symmetric zero padding): cross-correlation with OIHW weights."""
+    return np.asarray(jax.lax.conv_general_dilated(x_nchw, w_oihw, (1, 1), [(pad, pad)] * 2,
+                                                   dimension_numbers=("NCHW", "OIHW", "NCHW")))
+
+
+def _torch_conv_transpose2d(x_nchw, w_iohw, bias):
+    """PyTorch's ConvTranspose2d with kernel = stride, padding 0:
+    out[n, o, y * k + i, x * k + j] = sum_c x[n, c, y, x] * w[c, o, i, j] + bias[o]."""
+    n, _, h, w = x_nchw.shape
+    _, o, k, _ = w_iohw.shape
+    out = np.einsum("ncyx,coij->noyixj", x_nchw, w_iohw).reshape(n, o, h * k, w * k)
+    return out + bias[None, :, None, None]
+
+
+def test_documented_pytorch_layout(unet, se_resnet, tmp_path):
+    rng = np.random.default_rng(4)
+    scope = _run_snippet(unet[0], tmp_path / "unet")
+    tensors, state = scope["tensors"], scope["state"]
+    assert set(state) == set(tensors) and scope["model_config"]["name"] == "attention_unet"
+    for name, w in tensors.items():
+        if name.startswith("batch_stats/") or not name.endswith("/kernel"):
+            np.testing.assert_array_equal(state[name], w)
+    # a 3x3 convolution ("SAME", stride 1 = PyTorch's padding 1), NHWC in Flax, NCHW in PyTorch
+    kernel = tensors["params/enc1/conv1/kernel"]
+    assert state["params/enc1/conv1/kernel"].shape == (8, 4, 3, 3)
+    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    flax_out = nn.Conv(8, (3, 3), padding="SAME", use_bias=False).apply({"params": {"kernel": kernel}}, x)
+    torch_out = _torch_conv2d(x.transpose(0, 3, 1, 2), state["params/enc1/conv1/kernel"], 1)
+    np.testing.assert_allclose(torch_out.transpose(0, 2, 3, 1), flax_out, rtol=1e-5, atol=1e-5)
+    # the 2x2 stride-2 transposed convolution of the decoder: the kernel is flipped, then [in, out, H, W]
+    up = {"kernel": tensors["params/up0/kernel"], "bias": tensors["params/up0/bias"]}
+    assert state["params/up0/kernel"].shape == (8, 4, 2, 2)
+    g = rng.normal(size=(2, 4, 4, 8)).astype(np.float32)
+    flax_up = nn.ConvTranspose(4, (2, 2), strides=(2, 2)).apply({"params": up}, g)
+    torch_up = _torch_conv_transpose2d(g.transpose(0, 3, 1, 2), state["params/up0/kernel"], state["params/up0/bias"])
+    np.testing.assert_allclose(torch_up.transpose(0, 2, 3, 1), flax_up, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(state["params/up0/kernel"], tensors["params/up0/kernel"].transpose(2, 3, 0, 1))
+    # the classifier's dense head: PyTorch's Linear computes x @ weight.T + bias
+    scope = _run_snippet(se_resnet[0], tmp_path / "se_resnet")
+    tensors, state = scope["tensors"], scope["state"]
+    head = {"kernel": tensors["params/head/kernel"], "bias": tensors["params/head/bias"]}
+    assert state["params/head/kernel"].shape == (3, head["kernel"].shape[0])
+    f = rng.normal(size=(5, head["kernel"].shape[0])).astype(np.float32)
+    flax_fc = nn.Dense(3).apply({"params": head}, f)
+    np.testing.assert_allclose(f @ state["params/head/kernel"].T + state["params/head/bias"], flax_fc,
+                               rtol=1e-5, atol=1e-5)
