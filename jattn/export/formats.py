@@ -254,14 +254,14 @@ def _trained_as_ema(params: dict, variables: dict, network: str, run_keys) -> tu
 
 
 def _probe_inputs(saved: dict, fields) -> dict:
-    """A fixed batch of 2 with the task's fields at the config's sizes: images uniform in
+    """A fixed batch of 1 with the task's fields at the config's sizes: images uniform in
     [-1, 1], a central box mask, zero labels and segmentations."""
     from jattn.train.setup import batch_shapes
 
     config = ml_collections.ConfigDict({"data": saved.get("data", {})})
     rng = np.random.default_rng(0)
     batch = {}
-    for name, spec in batch_shapes(config, fields, batch_size=2).items():
+    for name, spec in batch_shapes(config, fields, batch_size=1).items():
         if name == "mask":
             _, h, w, _ = spec.shape
             batch[name] = np.zeros(spec.shape, np.float32)
