@@ -114,6 +114,22 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_errors() -> tuple[type[Exception], ...]:
+    """What a training or evaluation run raises for the user to fix: refused runs and configs
+    that cannot make one, unreadable, corrupt or unsaved checkpoints, an unusable eval mask
+    file, logs that cannot be written."""
+    from jattn.data.masks import EvalMaskError
+    from jattn.train.checkpoint import CheckpointError
+    from jattn.train.logging import LogWriteError
+    from jattn.train.loop import TrainError
+
+    return TrainError, CheckpointError, EvalMaskError, LogWriteError
+
+
+def _one_line(err: BaseException) -> UserError:
+    return UserError((str(err).strip().splitlines() or [type(err).__name__])[0])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _load_config(args)
     from jattn.train.distributed import initialize
@@ -122,14 +138,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
     except ValueError as err:
         raise UserError(str(err)) from None
-    from jattn.train.checkpoint import CheckpointError
-    from jattn.train.loop import NonFiniteLossError, TrainError, train
+    from jattn.train.loop import NonFiniteLossError, train
 
     try:
         result = train(config, args.workdir, progress=not args.no_progress,
                        allow_config_change=args.allow_config_change)
-    except (TrainError, CheckpointError) as err:  # refused runs; unreadable, corrupt or unsaved checkpoints
-        raise UserError(str(err).strip().splitlines()[0]) from None
+    except _run_errors() as err:
+        raise _one_line(err) from None
     except NonFiniteLossError as err:
         print(f"jattn train: stopped: {err}", file=sys.stderr)
         return 1
@@ -143,6 +158,8 @@ def _checkpoint_steps(workdir) -> list[int]:
     import pathlib
 
     workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"{workdir}: a file, not a workdir")
     if not workdir.is_dir():
         raise UserError(f"{workdir}: no such workdir")
     folder = workdir / "checkpoints"
@@ -193,9 +210,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         task, state, mesh, step = restore_for_eval(config, args.workdir, args.step)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
-    result = {"step": step, **evaluate(task, state, config, mesh, args.workdir)}
+        result = {"step": step, **evaluate(task, state, config, mesh, args.workdir)}
+    except (FileNotFoundError, *_run_errors()) as err:
+        raise _one_line(err) from None
     out = pathlib.Path(args.workdir) / f"eval_{step}.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
@@ -251,10 +268,11 @@ def _run_inference(args: argparse.Namespace, pairs: list, load, process, desc: s
 
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
-    from jattn.export.inference import InpaintError, Inpainter, inpaint_files
+    from jattn.export.inference import InpaintError, Inpainter, check_inpaint_files, inpaint_files
 
     try:
         pairs = _inpaint_pairs(args.image, args.mask, args.output)
+        check_inpaint_files(pairs, save_flow=args.save_flow, batch_size=args.batch_size)  # before the model loads
     except InpaintError as err:
         raise UserError(str(err)) from None
     def load(path, config):
@@ -285,9 +303,14 @@ def _upscale_pairs(image: str, output: str) -> list[tuple]:
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
-    from jattn.export.upscale import Upscaler, upscale_files
+    from jattn.export.inference import check_outputs
+    from jattn.export.upscale import UpscaleError, Upscaler, upscale_files
 
     pairs = _upscale_pairs(args.image, args.output)
+    try:
+        check_outputs([out for _, out in pairs], UpscaleError)  # before the model loads
+    except UpscaleError as err:
+        raise UserError(str(err)) from None
     upscaler, written = _run_inference(
         args, pairs, Upscaler.from_checkpoint,
         lambda m, p, progress: upscale_files(m, p, tile=args.tile, overlap=args.overlap, progress=progress),
@@ -338,12 +361,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from jattn.config import ConfigError
     from jattn.demo import run_main_demo
+    from jattn.export.inference import InferenceError
 
     try:
         result = run_main_demo(args.workdir, args.output, config_path=config_path(args.config or "demo"),
                                overrides=args.set or [], photo=args.photo)
-    except (ConfigError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
+    except (ConfigError, FileNotFoundError, InferenceError, *_run_errors()) as err:
+        raise _one_line(err) from None
     print(json.dumps(result))
     return 0
 

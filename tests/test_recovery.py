@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from jattn.train.checkpoint import MANIFEST, Checkpointer, CheckpointRestoreError, CheckpointSaveError
-from jattn.train.logging import read_metrics, truncate_metrics
+from jattn.train.logging import read_events, read_metrics, truncate_metrics
 from jattn.train.loop import (
     ConfigMismatchError,
     NonFiniteLossError,
@@ -57,6 +57,9 @@ def _assert_same_run(workdir, reference):
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == list(range(1, TOTAL + 1))  # every step logged once
     assert [r["g_loss"] for r in records] == reference["g_loss"]
+    g_loss = [(e.step, v.simple_value) for e in read_events(workdir) for v in e.summary.value if v.tag == "g_loss"]
+    assert [step for step, _ in g_loss] == list(range(1, TOTAL + 1))  # in TensorBoard too
+    np.testing.assert_array_equal([v for _, v in g_loss], np.float32(reference["g_loss"]))
 
 
 def _snapshot(workdir):

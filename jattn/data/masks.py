@@ -46,6 +46,7 @@ __all__ = [
     "EvalMaskSet",
     "eval_set",
     "load_eval_set",
+    "EvalMaskError",
     "file_sha256",
 ]
 
@@ -523,26 +524,35 @@ def _spec_to_json(spec: MaskSpec) -> Any:
                              for k, v in dataclasses.asdict(spec).items()}}
 
 
+class EvalMaskError(ValueError):
+    """An eval mask set on disk that cannot be used (corrupt, unreadable, or built with other
+    parameters); the message names the file."""
+
+
 def load_eval_set(path: str | os.PathLike, expected_sha256: str | None = None) -> EvalMaskSet:
     """Loads an eval mask set written by :func:`eval_set`, verifying its SHA-256.
 
     The ``.npy`` file holds the bit-packed masks; ``<file>.json`` holds the metadata and
-    the hash.  Raises ``ValueError`` when the file does not match the recorded (or the
-    ``expected_sha256``) hash.
+    the hash.  Raises ``EvalMaskError`` when the metadata cannot be read or the file does
+    not match the recorded (or the ``expected_sha256``) hash.
     """
     path = pathlib.Path(path)
     meta_path = path.with_name(path.name + ".json")
     if not path.is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"eval mask set {path} (or its metadata {meta_path.name}) not found")
-    meta = json.loads(meta_path.read_text())
+    rebuild = f"remove {path.name} and {meta_path.name} to rebuild it"
+    try:
+        meta = json.loads(meta_path.read_text())
+        n, h, w = meta["n"], meta["height"], meta["width"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise EvalMaskError(f"eval mask set {path}: unreadable metadata {meta_path.name} ({err}); {rebuild}") from None
     digest = file_sha256(path)
     for want in (meta.get("sha256"), expected_sha256):
         if want is not None and want != digest:
-            raise ValueError(f"eval mask set {path} has SHA-256 {digest}, expected {want}: "
-                             "the file is corrupt or was regenerated differently")
+            raise EvalMaskError(f"eval mask set {path} has SHA-256 {digest}, expected {want}: "
+                                f"the file is corrupt or was regenerated differently; {rebuild}")
     if meta.get("format") != _EVAL_FORMAT:
-        raise ValueError(f"{path}: unknown eval mask format {meta.get('format')!r}")
-    n, h, w = meta["n"], meta["height"], meta["width"]
+        raise EvalMaskError(f"{path}: unknown eval mask format {meta.get('format')!r}")
     bits = np.load(path, allow_pickle=False)
     masks = np.unpackbits(bits, axis=-1, count=w).reshape(n, h, w, 1).astype(np.float32)
     return EvalMaskSet(masks=masks, sha256=digest, path=path, metadata=meta)
@@ -573,7 +583,7 @@ def eval_set(name: str, n: int, size: int | Sequence[int], seed: int, *,
         loaded = load_eval_set(path)
         stored = {k: loaded.metadata.get(k) for k in meta}
         if json.dumps(stored, sort_keys=True) != json.dumps(meta, sort_keys=True):
-            raise ValueError(f"eval mask set {path} exists but was built with different "
+            raise EvalMaskError(f"eval mask set {path} exists but was built with different "
                              f"parameters: {stored} != {meta}")
         return loaded
     masks = masks_for_indices(parsed, hw, seed, range(n))

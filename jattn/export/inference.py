@@ -19,6 +19,7 @@ Module state: `LOADED`, the last two models `inpaint` loaded from paths (a bound
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 from typing import Any, NamedTuple
@@ -29,8 +30,8 @@ import ml_collections
 import numpy as np
 
 __all__ = ["InferenceError", "InpaintError", "Inpainter", "Plan", "restore_trained", "read_image", "read_mask",
-           "write_image", "inpaint_file", "inpaint_files", "inpaint", "parse_memory", "default_memory_budget",
-           "checkpoint_identity", "LoadedModels", "LOADED"]
+           "write_image", "check_outputs", "check_inpaint_files", "inpaint_file", "inpaint_files", "inpaint",
+           "parse_memory", "default_memory_budget", "checkpoint_identity", "LoadedModels", "LOADED"]
 
 MULTIPLE = 8  # DeepFill downsamples 3 times
 
@@ -84,19 +85,48 @@ def read_mask(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
     return arr > 127
 
 
-def write_image(path: str | pathlib.Path, image: np.ndarray) -> None:
-    """Write uint8 [H, W, 3] atomically (temporary name, then rename)."""
+def _image_format(path: pathlib.Path, error=InpaintError) -> str:
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise error(f"{path}: unknown image extension {path.suffix!r}")
+    return fmt
+
+
+def check_outputs(paths, error=InpaintError) -> None:
+    """An `error` naming the first of `paths` that cannot be written as an image (an unknown
+    extension, a folder in its place, a parent that is a file, a folder that is not
+    writable), so that nothing is written when one of them is bad."""
+    from jattn._paths import write_problem
+
+    for path in map(pathlib.Path, paths):
+        _image_format(path, error)
+        problem = write_problem(path, folder=False)
+        if problem is not None:
+            raise error(f"cannot write {path}: {problem}")
+
+
+def write_image(path: str | pathlib.Path, image: np.ndarray, error=InpaintError) -> None:
+    """Write uint8 [H, W, 3] atomically (temporary name, then rename), making its missing
+    parent folders; an OSError (a full disk) is an `error` naming the path, and leaves
+    neither the file nor a folder made for it."""
     from PIL import Image
 
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InpaintError(f"{path}: unknown image extension {path.suffix!r}")
+    fmt = _image_format(path, error)
+    made = [p for p in path.parents if not p.exists()]  # innermost first
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(tmp, format=fmt)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        for folder in made:
+            with contextlib.suppress(OSError):  # one the failed mkdir did not make
+                folder.rmdir()
+        raise error(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -612,10 +642,26 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _flow_path(output: pathlib.Path) -> pathlib.Path:
+    return output.with_name(output.stem + "_flow" + output.suffix)
+
+
+def check_inpaint_files(triples, *, save_flow: bool = False, batch_size: int = 8) -> None:
+    """What `inpaint_files` checks before it reads an image: the batch size, and every output
+    path (`check_outputs`; the flow pictures' too with `save_flow`)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InpaintError(f"batch size must be a whole number of at least 1, not {batch_size!r}")
+    paths = [pathlib.Path(t[2]) for t in triples]
+    check_outputs(paths + ([_flow_path(p) for p in paths] if save_flow else []))
+
+
 def inpaint_files(inpainter: Inpainter, triples, *, save_flow: bool = False, batch_size: int = 8, progress=None) -> list[pathlib.Path]:
     """Inpaint (image, mask, output) path triples: every input is read and checked first
     (nothing is written if one is bad), then images of equal size run in batches of
-    `batch_size`. Outputs are written atomically; `<output>_flow` with `save_flow`."""
+    `batch_size`. Every output path is checked before the first is written (`check_outputs`);
+    each is written atomically; `<output>_flow` with `save_flow`."""
+    triples = list(triples)
+    check_inpaint_files(triples, save_flow=save_flow, batch_size=batch_size)
     loaded = []
     for image_path, mask_path, output_path in triples:
         image = read_image(image_path)
@@ -639,7 +685,7 @@ def inpaint_files(inpainter: Inpainter, triples, *, save_flow: bool = False, bat
                 write_image(out, completed[i])
                 written.append(out)
                 if save_flow and "flow" in outputs:
-                    flow_path = out.with_name(out.stem + "_flow" + out.suffix)
+                    flow_path = _flow_path(out)
                     write_image(flow_path, _to_uint8(outputs["flow"][i]))
                     written.append(flow_path)
             if progress is not None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.export.inference import (InferenceError, LoadedModels, _first_line, _is_out_of_memory, _on_one_device,
-                                    checkpoint_identity, read_image, restore_trained, write_image)
+                                    check_outputs, checkpoint_identity, read_image, restore_trained, write_image)
 
 __all__ = ["UpscaleError", "Upscaler", "upscale_files", "upscale", "LOADED"]
 
@@ -94,12 +94,14 @@ class Upscaler:
 
 def upscale_files(upscaler: Upscaler, pairs, *, tile: int | None = None, overlap: int = 8,
                   progress=None) -> list[pathlib.Path]:
-    """Upscale (input, output) path pairs: every input is read first (nothing is written
-    when one is bad), then each is upscaled and written atomically."""
+    """Upscale (input, output) path pairs: every output path is checked and every input read
+    first (nothing is written when one is bad), then each is upscaled and written atomically."""
+    pairs = list(pairs)
+    check_outputs([dst for _, dst in pairs], UpscaleError)
     loaded = [(read_image(src), pathlib.Path(dst)) for src, dst in pairs]
     written = []
     for image, dst in loaded:
-        write_image(dst, upscaler(image, tile, overlap))
+        write_image(dst, upscaler(image, tile, overlap), UpscaleError)
         written.append(dst)
         if progress is not None:
             progress(1)

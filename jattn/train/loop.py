@@ -11,8 +11,9 @@ continues exactly; a larger `total_steps` extends a finished run. A resume is re
   size, seed, data, model, optimizer, ...; `allow_config_change=True` accepts it);
   how long to run and how often to log, evaluate or save may change freely.
 A corrupt latest checkpoint is moved aside and the previous one used (see
-`jattn.train.checkpoint`); `metrics.jsonl` is cut back to the restored step, so replayed
-steps are logged once.
+`jattn.train.checkpoint`); `metrics.jsonl` and the TensorBoard events are cut back to the
+restored step, so replayed steps are logged once. A config, data source or workdir that
+cannot make a run is a `SetupError` before the workdir is created.
 
 Sections: set-up (mesh, task, data), state (restore or init), the step loop, and the end
 (final checkpoint, summary). Each step is one compiled program (`make_train_step`) fed by
@@ -32,24 +33,25 @@ import pathlib
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from jattn._paths import write_problem
 from jattn.config import with_defaults
 from jattn.train.checkpoint import Checkpointer, NonFiniteStateError
 from jattn.train.evaluate import make_evaluator
 from jattn.train.input import StepBatches
-from jattn.train.logging import MetricWriter, truncate_metrics
+from jattn.train.logging import MetricWriter, truncate_events, truncate_metrics
 from jattn.train.setup import abstract_train_state, provenance, state_init_fn
 from jattn.train.sharding import make_mesh, replicated, to_global_array
 from jattn.train.state import TrainState
 from jattn.train.steps import make_train_step
 from jattn.train.task import build_task
 
-__all__ = ["NonFiniteLossError", "TrainError", "ConfigMismatchError", "TotalStepsError", "WorkdirLockedError",
-           "WorkdirLock", "config_changes", "train", "make_train_data", "learning_rates"]
+__all__ = ["NonFiniteLossError", "TrainError", "SetupError", "ConfigMismatchError", "TotalStepsError",
+           "WorkdirLockedError", "WorkdirLock", "config_changes", "train", "make_train_data", "learning_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,12 @@ class NonFiniteLossError(FloatingPointError):
 
 class TrainError(Exception):
     """A run refused before it trains or writes anything; the message is one line."""
+
+
+class SetupError(TrainError, ValueError):
+    """The config, its data or the workdir cannot make a run: a batch size the devices cannot
+    split, a data source that gives no image, an image size the model cannot take, a workdir
+    that cannot be written. Found before the workdir is created."""
 
 
 class ConfigMismatchError(TrainError, ValueError):
@@ -256,31 +264,81 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     allow_config_change: resume even where the config differs from the checkpoint's in keys
     that change what is trained (otherwise `ConfigMismatchError` names them).
     Raises `TrainError` (refused: nothing written, though a corrupt checkpoint met on the way
-    is still moved aside), `NonFiniteLossError`, and `jattn.train.checkpoint.CheckpointError`
-    (a save failed, or no checkpoint restores).
+    is still moved aside; `SetupError` before the workdir is even created),
+    `NonFiniteLossError`, `jattn.train.checkpoint.CheckpointError` (a save failed, or no
+    checkpoint restores) and `jattn.train.logging.LogWriteError`.
     """
     config = with_defaults(config)  # every key of the task's schema, its defaults where unset
+    total = _total_steps(config)
+    workdir = pathlib.Path(workdir)
+    problem = write_problem(workdir, folder=True)
+    if problem is not None:
+        raise SetupError(f"cannot train in workdir {workdir}: {problem}")
+    run = _set_up(config, data_iter)
+    lock = WorkdirLock(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:  # the other processes of a run share process 0's workdir
+            lock.acquire()
+    except OSError as err:
+        raise SetupError(f"cannot train in workdir {workdir}: {err.strerror or err}") from None
+    try:
+        return _train_locked(config, workdir, total, run, progress, allow_config_change)
+    finally:
+        lock.release()
+
+
+def _total_steps(config) -> int:
     total = config.total_steps
     if isinstance(total, float) and total.is_integer():
         total = int(total)
     if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
         raise TotalStepsError(f"total_steps must be a whole number of at least 1, not {total!r}")
-    total = int(total)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock = WorkdirLock(workdir)
-    if jax.process_index() == 0:  # the other processes of a run share process 0's workdir
-        lock.acquire()
-    try:
-        return _train_locked(config, workdir, total, data_iter, progress, allow_config_change)
-    finally:
-        lock.release()
+    return int(total)
 
 
-def _train_locked(config, workdir: pathlib.Path, total: int, data_iter, progress: bool,
-                  allow_config_change: bool) -> dict[str, Any]:
+class _Run(NamedTuple):
+    """What a run is made of before its workdir exists."""
+
+    mesh: Any
+    task: Any
+    data: Any
+    abstract_state: TrainState
+
+
+def _set_up(config, data_iter) -> _Run:
+    """The mesh, task, training data and abstract state of a run; `SetupError` (one line)
+    for batch sizes the devices cannot split, a data source that gives no image, or a model
+    that cannot take the config's images (its initialisation is traced, nothing computed)."""
     mesh = make_mesh()
-    task = build_task(config)
+    _check_batch_sizes(config, mesh.size)
+    try:
+        task = build_task(config)
+        data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
+        return _Run(mesh, task, data, abstract_train_state(task, config, mesh))
+    except (ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SetupError(f"cannot train this config: {first}") from None
+
+
+def _check_batch_sizes(config, devices: int) -> None:
+    """batch_size (and eval_batch_size where the run evaluates) positive multiples of the
+    device count, which each batch is split over; eval_images at least one eval batch."""
+    sizes = {"batch_size": config.batch_size}
+    if config.eval_every:
+        sizes["eval_batch_size"] = config.eval_batch_size or config.batch_size
+    for key, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 or size % devices:
+            raise SetupError(f"{key}={size!r}: a batch must be a positive multiple of the {devices} devices "
+                             "it is split over")
+    if config.eval_every and config.eval_images < sizes["eval_batch_size"]:
+        raise SetupError(f"eval_images={config.eval_images} is less than one eval batch "
+                         f"({sizes['eval_batch_size']})")
+
+
+def _train_locked(config, workdir: pathlib.Path, total: int, run: _Run, progress: bool,
+                  allow_config_change: bool) -> dict[str, Any]:
+    mesh, task, data = run.mesh, run.task, run.data
     # The run owns the workdir (the lock): it may delete saves that never completed (orbax
     # does so on process 0).
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric,
@@ -289,7 +347,6 @@ def _train_locked(config, workdir: pathlib.Path, total: int, data_iter, progress
     bar = None
     finished = False
     try:
-        data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
         # Only grain iterators have a state to checkpoint (get_state / set_state).
         saved_iter = data if hasattr(data, "get_state") else None
 
@@ -313,7 +370,7 @@ def _train_locked(config, workdir: pathlib.Path, total: int, data_iter, progress
                 raise TotalStepsError(
                     f"total_steps={total} is below the latest checkpoint of {workdir} (step {latest}); "
                     f"a run never goes back: pass total_steps >= {latest}, or train in another workdir")
-            restored = ckpt.restore(abstract_train_state(task, config, mesh), step=latest, data_iter=saved_iter)
+            restored = ckpt.restore(run.abstract_state, step=latest, data_iter=saved_iter)
             state = restored.state
             log.info("resumed from step %d", restored.step)
         else:
@@ -327,6 +384,7 @@ def _train_locked(config, workdir: pathlib.Path, total: int, data_iter, progress
         batches = StepBatches(data, len(task.updates), mesh, size=int(config.prefetch_steps))
         if jax.process_index() == 0:
             truncate_metrics(workdir, start)  # replayed steps are logged again below
+            truncate_events(workdir, start)
         writer = MetricWriter(workdir, process_index=jax.process_index())
         predict = jax.jit(task.predict)
         eval_every = int(config.eval_every)
