@@ -344,6 +344,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.format != "jax-export":
             raise UserError(f"--spatial applies to jax-export, not {args.format}")
         kwargs["spatial"] = args.spatial
+    if args.weights is not None:
+        if args.format != "safetensors":
+            raise UserError(f"--weights applies to safetensors exports, not {args.format}")
+        kwargs["weights"] = args.weights
     try:
         metadata = exporter(args.workdir, args.output, step=args.step, **kwargs)
     except (formats.ExportError, FileNotFoundError) as err:
@@ -565,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--spatial", choices=["any", "fixed"], default=None,
                      help="jax-export: H, W any multiples of 8 (default) or fixed to the config's image size")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    exp.add_argument("--weights", choices=["ema", "trained"], default=None,
+                     help="safetensors: the EMA weights (the default where the run keeps them, as SAGAN samples "
+                          "from them) or the trained ones")
     exp.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="the main job on bundled data: train DeepFill v1 briefly, then inpaint a photo")

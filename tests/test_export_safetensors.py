@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from jattn.cli import main
 from jattn.config import load_config, with_defaults
-from jattn.export.formats import ExportError, export_safetensors
+from jattn.export.formats import ExportError, export_safetensors, load_safetensors
 from jattn.train.checkpoint import Checkpointer
 from jattn.train.setup import init_batch
 from jattn.train.state import create_state
@@ -130,6 +130,18 @@ def test_sagan_trained_weights_on_request(sagan_track, tmp_path):
     _assert_same_tree(variables["batch_stats"], state.variables["generator"]["batch_stats"])
     with pytest.raises(ExportError, match="weights must be one of ema, trained, got 'last'"):
         export_safetensors(workdir, tmp_path / "x.safetensors", weights="last")
+
+
+def test_the_cli_chooses_the_weights(sagan_track, tmp_path, capsys):
+    workdir, _, state = sagan_track
+    out = tmp_path / "g.safetensors"
+    assert main(["export", "--workdir", str(workdir), "--format", "safetensors", "--output", str(out),
+                 "--weights", "trained"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "trained"
+    _assert_same_tree(load_safetensors(out)[0]["params"], state.params["generator"])
+    code = main(["export", "--workdir", str(workdir), "--format", "jax-export", "--output", str(tmp_path / "g.jax"),
+                 "--weights", "ema"])
+    assert code == 2 and "--weights applies to safetensors exports, not jax-export" in capsys.readouterr().err
 
 
 def test_sagan_ema_normalised_with_batch_statistics(tmp_path):

@@ -135,7 +135,7 @@ def test_safetensors_export_matches_the_checkpoint(workdir, tmp_path, capsys):
     flat = load_file(str(out))  # plain NumPy, no jattn needed
     inpainter = Inpainter.from_checkpoint(workdir)
     params = inpainter.params["generator"]
-    expected = {f"{layer}/{name}": np.asarray(v) for layer, d in params.items() for name, v in d.items()}
+    expected = {f"params/{layer}/{name}": np.asarray(v) for layer, d in params.items() for name, v in d.items()}
     assert set(flat) == set(expected)
     for k, v in expected.items():
         assert flat[k].dtype == np.float32
