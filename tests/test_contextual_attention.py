@@ -126,6 +126,23 @@ def test_blocked_path_really_blocks():
     assert "scan" not in str(dense)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_blocked_path_memory_is_a_few_copies_of_a_blocks_scores(rows):
+    """XLA's memory analysis of the blocked program (compiled, not run): a block of `rows`
+    query rows holds the window products of its rows + 4 rows and the scores of its
+    rows + 2 rows (the fuse step's reach), then its own rows' fused scores, attention and
+    paste; everything else is smaller. So its temporaries stay within 4 arrays of rows + 2
+    rows of scores and 2 of its own rows (one row: [B, w, L] float32)."""
+    size, channels = 256, 32
+    h = w = size // 2
+    f = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
+    fn = jax.jit(lambda f, m: contextual_attention(f, f, m, rate=2, block_size=rows * w))
+    temp = fn.lower(f, mask).compile().memory_analysis().temp_size_in_bytes
+    row = w * (h * w) * 4
+    assert temp <= (4 * (rows + 2) + 2 * rows) * row, temp / row
+
+
 @pytest.mark.parametrize("rate", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_per_image_masks_equal_running_each_image_alone(rate):
     f, masks = _inputs(batch=3, size=32)

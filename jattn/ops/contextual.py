@@ -48,6 +48,18 @@ class ContextualAttentionOutput(NamedTuple):
 # --------------------------------------------------------------------------- helpers
 
 
+def _in_memory(fn, x: jax.Array, when: jax.Array) -> jax.Array:
+    """fn(x), computed on its own and kept as one array in memory.
+
+    `when` must be true at run time (a traced value, so XLA cannot fold it): fn runs in a
+    branch of a conditional, which XLA fuses neither with what makes x nor with what reads
+    the result. Without it, XLA fuses the stages of the blocked scores into each other and
+    keeps their shifted terms, arrays as large as the scores, in memory instead.
+    """
+    out = jax.eval_shape(fn, x)
+    return jax.lax.cond(when, fn, lambda _: jnp.zeros(out.shape, out.dtype), x)
+
+
 def _diag_shift(s: jax.Array, d: int) -> jax.Array:
     """t[b, u, q] = s[b, u + d, q + d], zero where out of range. s: [B, U, L]."""
     if d == 0:
@@ -116,36 +128,44 @@ def _fuse_dense_jvp(h, w, fuse_k, primals, tangents):
     return y, dy
 
 
-def _fuse_block(s: jax.Array, *, y0, rows: int, halo: int, h: int, w: int, fuse_k: int) -> jax.Array:
+def _fuse_block(s: jax.Array, *, y0, rows: int, h: int, w: int, fuse_k: int) -> jax.Array:
     """The official 'fuse' step for a block of query rows.
 
-    s: [B, (rows + 2 * halo) * w, L] scores of the query rows y0 - halo ... y0 + rows + halo
-    (taken modulo h; with halo = 0 the block must be the whole image). Returns the fused
-    scores of rows y0 ... y0 + rows: [B, rows * w, L].
+    s: [B, U, L] scores of the flat (row-major) query positions y0 * w - a * (w + 1) ...
+    (y0 + rows) * w + b * (w + 1) - 1, taken modulo N = h * w, where the fuse offsets run
+    from -a to b (`_block_extent`). Returns the fused scores of rows y0 ... y0 + rows:
+    [B, rows * w, L].
 
     The official code sums S[p + d, q + d] over d with (p, q) flattened row-major (wrapping
     across row ends, zero beyond the ends of the flattened ranges), then the same with both
-    axes flattened column-major (p' = x * h + y). Everything here is slicing and padding
-    (no gathers), so the backward pass has no scatters either.
+    axes flattened column-major (p' = x * h + y). The column-major stage reads rows
+    y0 - a ... y0 + rows + b - 1 of the row-major stage, which reads a cells before and b
+    after each of them: the extended range. Everything here is slicing and padding (no
+    gathers), so the backward pass has no scatters either.
     """
-    if halo == 0:
-        return _fuse_dense(s, h, w, fuse_k)
-    n_total = h * w
     offsets = _window_offsets(fuse_k)
-    # Row-major stage on the extended block. Zero padding at its ends only reaches unused
-    # halo rows; the mask removes the (modular) wrap from the last global position to the first.
-    ext = jnp.arange(s.shape[1])
-    p_ext = ((y0 - halo + ext // w) % h) * w + ext % w
+    a, _ = _block_extent(offsets)
+    n_total = h * w
+    # Row-major stage on the extended range. Zero padding at its ends only reaches its first
+    # a and last b cells, which the column-major stage does not read; the mask removes the
+    # (modular) wrap from the last global position to the first.
+    p_ext = (y0 * w - a * (w + 1) + jnp.arange(s.shape[1])) % n_total
 
     def valid(d):
         return ((p_ext + d >= 0) & (p_ext + d < n_total)).astype(s.dtype)
 
-    s1 = _row_major_fuse(s, offsets, valid)
+    s1 = _in_memory(lambda x: _row_major_fuse(x, offsets, valid), s, y0 >= 0)
 
     def queries(x, e):
-        return _cm_shift_block_queries(x, e, y0, rows, halo, h)
+        return _cm_shift_block_queries(x, e, y0, rows, a, h, w)
 
     return _col_major_fuse(s1, offsets, h, w, queries)
+
+
+def _block_extent(offsets) -> tuple[int, int]:
+    """(a, b): a block of query rows needs the fuse step's scores of a rows and a cells
+    before it and b rows and b cells after it, for fuse offsets -a ... b."""
+    return -min(0, offsets[0]), max(0, offsets[-1])
 
 
 def _shift_axis(x: jax.Array, k: int, axis: int) -> jax.Array:
@@ -181,16 +201,16 @@ def _cm_shift(s: jax.Array, e: int, h: int, w: int, axis: int) -> jax.Array:
     return t.reshape(shape)
 
 
-def _cm_shift_block_queries(s1: jax.Array, e: int, y0, rows: int, halo: int, h: int) -> jax.Array:
+def _cm_shift_block_queries(s1: jax.Array, e: int, y0, rows: int, a: int, h: int, w: int) -> jax.Array:
     """The query side of `_cm_shift` for a block of rows y0 .. y0 + rows.
 
-    s1: [B, (rows + 2 * halo) * w, L] (rows y0 - halo .. taken modulo h) -> [B, rows * w, L].
-    Row y reads row y + e of the extended block; where y + e leaves [0, h) (the global
+    s1: [B, U, L], the extended range of `_fuse_block` (row y0 starts at a * (w + 1))
+    -> [B, rows * w, L]. Row y reads row y + e; where y + e leaves [0, h) (the global
     column-major wrap) it also moves one column, with zero beyond the ends of the grid.
     """
-    batch, u_count, keys = s1.shape
-    w = u_count // (rows + 2 * halo)
-    t = jax.lax.slice_in_dim(s1, (halo + e) * w, (halo + e + rows) * w, axis=1).reshape(batch, rows, w, keys)
+    batch, _, keys = s1.shape
+    start = a * (w + 1) + e * w
+    t = jax.lax.slice_in_dim(s1, start, start + rows * w, axis=1).reshape(batch, rows, w, keys)
     if e != 0:
         y = y0 + jnp.arange(rows) + e
         wraps = ((y < 0) | (y >= h))[None, :, None, None]
@@ -206,27 +226,28 @@ def _row_windows(x: jax.Array, ksize: int) -> jax.Array:
 def _window_scores(fq: jax.Array, b_rows: jax.Array, ksize: int, row_valid=None, *, precision, acc_dtype) -> jax.Array:
     """Products of f's k x k windows with b's k x k patches, from products of 1 x k windows.
 
-    fq: [B, U + k - 1, w, k*C], the 1 x k windows (`_row_windows`) of U query rows and of
-    the k - 1 rows their k x k windows reach above and below; b_rows: [B, h, w, k*C], b's.
-    row_valid(oy): [U] 0/1, whether each query row's row at offset oy lies inside the map
-    (None: fq's extra rows are zeros where they leave it). Returns [B, U * w, h * w]:
-    S[u, q] = sum_oy Frow[u + oy] . Brow[q + oy] over the k row offsets, zero where a row
-    leaves the map: the product of the zero-padded k x k windows of `extract_patches`, in
-    k times fewer FLOPs (a product with k*C columns instead of k*k*C, then k shifted sums).
+    fq: [B, U + (k - 1) w, k*C], the 1 x k windows (`_row_windows`) of U consecutive flat
+    (row-major) query positions and of the k - 1 rows of positions their k x k windows
+    reach before and after them; b_rows: [B, h, w, k*C], b's. row_valid(oy): [U] 0/1,
+    whether each query's row at offset oy lies inside the map (None: fq's extra rows are
+    zeros where they leave it). Returns [B, U, h * w]: S[u, q] = sum_oy Frow[u + oy w] .
+    Brow[q + oy w] over the k row offsets, zero where a row leaves the map: the product of
+    the zero-padded k x k windows of `extract_patches`, in k times fewer FLOPs (a product
+    with k*C columns instead of k*k*C, then k shifted sums).
     """
-    batch, rows_ext, w, kc = fq.shape
-    h = b_rows.shape[1]
-    rows = rows_ext - (ksize - 1)
-    c = jnp.einsum("bpc,bqc->bpq", fq.reshape(batch, -1, kc), b_rows.reshape(batch, h * w, kc),
+    batch, length, kc = fq.shape
+    _, h, w, _ = b_rows.shape
+    u_count = length - (ksize - 1) * w
+    c = jnp.einsum("bpc,bqc->bpq", fq, b_rows.reshape(batch, h * w, kc),
                    precision=precision, preferred_element_type=acc_dtype)
-    c = c.reshape(batch, rows_ext, w, h, w)
+    c = c.reshape(batch, length, h, w)
     before = (ksize - 1) // 2
     s = 0.0
     for oy in _window_offsets(ksize):
-        # Query rows u + oy are a slice (fq holds them); key rows shift by oy.
-        t = _shift_axis(jax.lax.slice_in_dim(c, before + oy, before + oy + rows, axis=1), oy, axis=3)
-        s = s + (t if row_valid is None else t * row_valid(oy)[None, :, None, None, None])
-    return s.reshape(batch, rows * w, h * w)
+        # Queries u + oy w are a slice (fq holds them); key rows shift by oy.
+        t = _shift_axis(jax.lax.slice_in_dim(c, (before + oy) * w, (before + oy) * w + u_count, axis=1), oy, axis=2)
+        s = s + (t if row_valid is None else t * row_valid(oy)[None, :, None, None])
+    return s.reshape(batch, u_count, h * w)
 
 
 def _paste(a: jax.Array, blocks: jax.Array, *, rows: int, h: int, w: int, rate: int, precision) -> jax.Array:
@@ -254,14 +275,22 @@ def _paste(a: jax.Array, blocks: jax.Array, *, rows: int, h: int, w: int, rate: 
     return rearrange(out, "b (gy gx) (u v c) -> b (gy u) (gx v) c", gy=rows + 1, u=rate, v=rate)
 
 
-def _choose_rows(block_size: int | None, h: int, w: int, halo: int) -> int:
-    """Query rows per block: whole rows, a divisor of h; h (dense) when blocking gains nothing."""
+def _attend(s: jax.Array, mm: jax.Array, softmax_scale: float) -> tuple[jax.Array, jax.Array]:
+    """The official mask, softmax, mask and first argmax of fused scores s [B, U, L] with
+    patch validity mm [1 or B, 1, L]: (attention [B, U, L], argmax int32 [B, U])."""
+    a = jax.nn.softmax(s * mm * softmax_scale, axis=-1) * mm
+    return a, jnp.argmax(a, axis=-1).astype(jnp.int32)
+
+
+def _choose_rows(block_size: int | None, h: int, w: int, extra: int) -> int:
+    """Query rows per block: whole rows, a divisor of h; h (dense) when blocking gains
+    nothing (a block's scores would cover all h rows: `extra`, the rows a block adds)."""
     if block_size is None:
         return h
     rows = max(1, block_size // w)
     while h % rows:
         rows -= 1
-    if rows + 2 * halo >= h:
+    if rows + extra >= h:
         return h
     return rows
 
@@ -390,65 +419,56 @@ def _contextual_attention(f, b, mask, *, ksize, rate, fuse_k, softmax_scale, fus
         m_pat = _extract_patches(m_down, ksize, 1).reshape(mask.shape[0], 1, n, -1)
         mm = (jnp.mean(m_pat, axis=-1) == 0.0).astype(acc_dtype)[:, 0][:, None, :]
 
-    # Rows of halo a block needs: the column-major fuse reaches one row per offset step
-    # and the row-major fuse, whose shifts can wrap across a row end, one more.
-    halo = 2 * max(abs(d) for d in _window_offsets(fuse_k)) if fuse else 0
-    rows = _choose_rows(block_size, h, w, halo)
+    # A block's scores cover its rows, plus (a + b) rows and as many cells of the fuse
+    # step's reach (`_block_extent`); f's windows reach `before` rows above, `after` below.
+    fuse_a, fuse_b = _block_extent(_window_offsets(fuse_k)) if fuse else (0, 0)
+    rows = _choose_rows(block_size, h, w, fuse_a + fuse_b)
     n_blocks = h // rows
-    if n_blocks == 1:
-        halo = 0
-
-    # Rows of f the query windows reach above and below their own.
     taps = _window_offsets(ksize)
     before, after = -taps[0], taps[-1]
     f_rows = _row_windows(f_down, ksize)
     b_rows = _row_windows(b_down, ksize)
-    if n_blocks == 1:
-        f_ext = jnp.pad(f_rows, ((0, 0), (before, after), (0, 0), (0, 0)))
-    else:
-        # The blocks' query rows with `halo` rows around them, taken modulo h (so each block
-        # is a slice), plus the rows their windows reach; a row reached across the map's
-        # edge is masked out (row_valid), not wrapped.
-        f_ext = jnp.take(f_rows, np.arange(-halo - before, h + halo + after) % h, axis=1)
+    kc = f_rows.shape[-1]
 
-    def block(y0):
-        """Rows y0 .. y0 + rows: (padded output rows [B, (rows+1) r, W + r, C], argmax [B, rows*w])."""
-        # 5a. scores [B, U, L] of the query rows y0 - halo ... y0 + rows + halo
-        if n_blocks == 1:
-            s = _window_scores(f_ext, b_rows, ksize, precision=precision, acc_dtype=acc_dtype)
-        else:
-            u_rows = rows + 2 * halo
-            fq = jax.lax.dynamic_slice_in_dim(f_ext, y0, u_rows + before + after, axis=1)
-            rows_global = (y0 - halo + jnp.arange(u_rows)) % h
+    if n_blocks == 1:
+        f_ext = jnp.pad(f_rows, ((0, 0), (before, after), (0, 0), (0, 0))).reshape(batch, -1, kc)
+        s = _window_scores(f_ext, b_rows, ksize, precision=precision, acc_dtype=acc_dtype) / norm
+        if fuse:
+            s = _fuse_dense(s, h, w, fuse_k)
+        a, arg = _attend(s, mm, softmax_scale)
+        y_pad = _paste(a, b_blocks, rows=h, h=h, w=w, rate=rate, precision=precision)
+    else:
+        # Each block's queries: a flat (row-major) range of positions taken modulo N (so
+        # each block is a slice), plus the rows their windows reach; a row reached across
+        # the map's edge is masked out (row_valid), not wrapped.
+        lead = fuse_a * (w + 1) + before * w
+        u_count = rows * w + (fuse_a + fuse_b) * (w + 1)
+        length = u_count + (before + after) * w
+        f_ext = jnp.take(f_rows.reshape(batch, n, kc), np.arange(-lead, (h - rows) * w - lead + length) % n, axis=1)
+
+        def block(tail, y0):
+            """Rows y0 .. y0 + rows: tail [B, r, W + r, C] of the previous block's paste ->
+            (this block's tail, (output rows [B, rows r, W + r, C], argmax [B, rows*w]))."""
+            fq = jax.lax.dynamic_slice_in_dim(f_ext, y0 * w, length, axis=1)
+            rows_global = ((y0 * w - fuse_a * (w + 1) + jnp.arange(u_count)) % n) // w
 
             def row_valid(oy):
                 return ((rows_global + oy >= 0) & (rows_global + oy < h)).astype(acc_dtype)
 
-            s = _window_scores(fq, b_rows, ksize, row_valid, precision=precision, acc_dtype=acc_dtype)
-        s = s / norm
-        # 5b. fuse
-        if fuse:
-            s = _fuse_block(s, y0=y0, rows=rows, halo=halo, h=h, w=w, fuse_k=fuse_k)
-        # 5c. mask, softmax, mask
-        a = jax.nn.softmax(s * mm * softmax_scale, axis=-1) * mm
-        # 5d. argmax (first maximum)
-        arg = jnp.argmax(a, axis=-1).astype(jnp.int32)
-        # 5e. paste
-        return _paste(a, b_blocks, rows=rows, h=h, w=w, rate=rate, precision=precision), arg
+            s = _in_memory(lambda x: _window_scores(x, b_rows, ksize, row_valid, precision=precision,
+                                                    acc_dtype=acc_dtype) / norm, fq, y0 >= 0)
+            if fuse:
+                s = _fuse_block(s, y0=y0, rows=rows, h=h, w=w, fuse_k=fuse_k)
+            a, arg = _attend(s, mm, softmax_scale)
+            out = _paste(a, b_blocks, rows=rows, h=h, w=w, rate=rate, precision=precision)
+            # Consecutive blocks overlap by r rows: this block's first r rows add the previous tail.
+            head = out[:, :rate] + tail
+            return out[:, rows * rate :], (jnp.concatenate([head, out[:, rate : rows * rate]], axis=1), arg)
 
-    if n_blocks == 1:
-        y_pad, arg = block(0)
-    else:
-        y0s = jnp.arange(n_blocks) * rows
-        parts, args = jax.lax.map(jax.checkpoint(block), y0s)
-        # parts: [n_blocks, B, (rows+1) r, W + r, C]; consecutive blocks overlap by r rows.
-        main = rearrange(parts[:, :, : rows * rate], "n b x wp c -> b (n x) wp c")
-        tails = jnp.pad(parts[:, :, rows * rate :], ((0, 0), (0, 0), (0, (rows - 1) * rate), (0, 0), (0, 0)))
-        tails = rearrange(tails, "n b x wp c -> b (n x) wp c")
-        # Block k's tail lands on the first r rows of block k + 1 (the last one's on the pad).
-        y_pad = jnp.pad(main, ((0, 0), (0, rate), (0, 0), (0, 0))) + jnp.pad(
-            tails, ((0, 0), (rows * rate, 0), (0, 0), (0, 0))
-        )[:, : height + rate]
+        tail0 = jnp.zeros((batch, rate, (w + 1) * rate, b.shape[-1]), acc_dtype)
+        tail, (parts, args) = jax.lax.scan(jax.checkpoint(block), tail0, jnp.arange(n_blocks) * rows)
+        # parts: [n_blocks, B, rows r, W + r, C]; the last tail lands on the pad row.
+        y_pad = jnp.concatenate([rearrange(parts, "n b x wp c -> b (n x) wp c"), tail], axis=1)
         arg = rearrange(args, "n b u -> b (n u)")
 
     pad_top, pad_left = pad_h[0], pad_w[0]
