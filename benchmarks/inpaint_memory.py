@@ -7,8 +7,9 @@
 What: one image of each size (a square of random pixels, a centred hole of half its side),
 inpainted by a DeepFill v1 generator of the official widths (cnum 32). Without
 `--checkpoint` the script writes such a workdir first: the model's shapes (configs/
-deepfill_v1_base.py) with random weights, as `jattn.train.checkpoint.Checkpointer` saves a
-run; time and memory do not depend on the weights' values.
+deepfill_v1_base.py) with random weights, saved as a training run saves it
+(`jattn.export.inference.write_random_checkpoint`); time and memory do not depend on the
+weights' values.
 
 How: each size runs in a fresh process that makes the `jattn` command's process settings
 (`jattn.cli.process_settings`), then does what `jattn inpaint` does
@@ -41,32 +42,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def make_checkpoint(workdir: pathlib.Path, cnum: int = 32) -> pathlib.Path:
     """A DeepFill v1 workdir (checkpoint 0) of configs/deepfill_v1_base.py's model with random weights."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    from jattn.config import load_config
+    from jattn.export.inference import write_random_checkpoint
 
-    from jattn.config import load_config, with_defaults
-    from jattn.train.checkpoint import Checkpointer
-    from jattn.train.setup import state_init_fn
-    from jattn.train.task import build_task
-
-    config = with_defaults(load_config(ROOT / "configs" / "deepfill_v1_base.py", [f"model.cnum={cnum}"]))
-    shapes = jax.eval_shape(state_init_fn(build_task(config), config), jax.random.key(0))
-    rng = np.random.default_rng(0)
-
-    def draw(s):
-        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        if len(s.shape) < 2 or not jnp.issubdtype(s.dtype, jnp.floating):
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    try:
-        ckpt.save(0, jax.tree_util.tree_map(draw, shapes), config=json.loads(json.dumps(config.to_dict())))
-    finally:
-        ckpt.close()
-    return workdir
+    config = load_config(ROOT / "configs" / "deepfill_v1_base.py", [f"model.cnum={cnum}"])
+    return write_random_checkpoint(workdir, config)
 
 
 def write_inputs(folder: pathlib.Path, size: int) -> tuple[pathlib.Path, pathlib.Path]:

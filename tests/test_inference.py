@@ -257,34 +257,13 @@ def test_a_config_that_does_not_match_the_checkpoint_is_one_line(workdir, tmp_pa
 def _deepfill_checkpoint(root, cnum=4):
     """A DeepFill v1 workdir (checkpoint 0) with random weights of the model's shapes: what
     is tested here (memory, blocks, caching) does not depend on trained values."""
-    import jax
-    import jax.numpy as jnp
     import ml_collections
 
-    from jattn.config import with_defaults
-    from jattn.train.checkpoint import Checkpointer
-    from jattn.train.setup import state_init_fn
-    from jattn.train.task import build_task
+    from jattn.export.inference import write_random_checkpoint
 
-    config = with_defaults(ml_collections.ConfigDict({
+    return write_random_checkpoint(root, ml_collections.ConfigDict({
         "model": {"name": "deepfill_v1", "cnum": cnum, "critic_cnum": 4, "local_size": 16},
         "data": {"image_size": 32}, "learning_rate": 1e-4, "seed": 0}))
-    shapes = jax.eval_shape(state_init_fn(build_task(config), config), jax.random.key(0))
-    rng = np.random.default_rng(0)
-
-    def draw(s):
-        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        if len(s.shape) < 2 or not jnp.issubdtype(s.dtype, jnp.floating):
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-
-    ckpt = Checkpointer(root / "checkpoints", async_save=False)
-    try:
-        ckpt.save(0, jax.tree_util.tree_map(draw, shapes), config=json.loads(json.dumps(config.to_dict())))
-    finally:
-        ckpt.close()
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +299,7 @@ def test_an_image_that_does_not_fit_is_one_line_naming_the_option(deepfill_workd
     _write(tmp_path / "in.png", np.zeros((64, 56, 3), np.uint8))
     _write(tmp_path / "mask.png", _mask(64, 56))
     monkeypatch.setattr(inference, "default_memory_budget", lambda device=None: 10**6)
+    monkeypatch.setattr(inference, "default_memory_limit", lambda device=None: 10**6)
     code = main(["inpaint", "--checkpoint", str(deepfill_workdir), "--image", str(tmp_path / "in.png"),
                  "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png")])
     err = capsys.readouterr().err
@@ -340,6 +320,31 @@ def test_an_image_that_does_not_fit_is_one_line_naming_the_option(deepfill_workd
     for bad in ("8XB", "-1GB", 0, "lots"):
         with pytest.raises(InpaintError, match="not a memory size"):
             Inpainter.from_checkpoint(workdir, max_memory=bad)
+
+
+def test_an_image_over_the_default_budget_runs_with_the_smallest_blocks_within_the_limit(deepfill_workdir,
+                                                                                      monkeypatch):
+    from jattn.export import inference
+
+    h, w = 64, 56
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    hole = _mask(h, w) > 0
+    expected = Inpainter.from_checkpoint(deepfill_workdir, max_memory="1TB").predict(image, hole)
+    monkeypatch.setattr(inference, "default_memory_budget", lambda device=None: 10**6)
+    monkeypatch.setattr(inference, "default_memory_limit", lambda device=None: 10**12)
+    inpainter = Inpainter.from_checkpoint(deepfill_workdir)
+    plan = inpainter.plan(h, w)
+    assert plan.block_size == w // 8 and plan.budget == 10**12 and 10**6 < plan.needed  # one row of the grid
+    got = inpainter.predict(image, hole)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=name)
+    # two images at once do not use the limit: they run one at a time
+    with pytest.raises(InpaintError, match="inpainting 2 images of 56x64 at once needs .* over the 1 MB allowed"):
+        inpainter.plan(h, w, batch=2)
+    monkeypatch.setattr(inference, "default_memory_limit", lambda device=None: plan.needed - 1)
+    with pytest.raises(InpaintError, match=r"a 56x64 image needs .* over the .* allowed \(the default: 0.67 of the"):
+        Inpainter.from_checkpoint(deepfill_workdir).plan(h, w)
 
 
 def test_a_batch_that_does_not_fit_runs_in_smaller_batches(workdir):

@@ -31,7 +31,8 @@ import numpy as np
 
 __all__ = ["InferenceError", "InpaintError", "Inpainter", "Plan", "restore_trained", "read_image", "read_mask",
            "write_image", "check_outputs", "check_inpaint_files", "inpaint_file", "inpaint_files", "inpaint",
-           "parse_memory", "default_memory_budget", "checkpoint_identity", "LoadedModels", "LOADED"]
+           "parse_memory", "default_memory_budget", "default_memory_limit", "write_random_checkpoint",
+           "checkpoint_identity", "LoadedModels", "LOADED"]
 
 MULTIPLE = 8  # DeepFill downsamples 3 times
 
@@ -204,6 +205,37 @@ def _export_metadata(path: pathlib.Path) -> dict:
         raise InpaintError(f"{meta_path}: unreadable export metadata ({err})") from None
 
 
+def write_random_checkpoint(workdir: str | pathlib.Path, config) -> pathlib.Path:
+    """A workdir holding checkpoint 0 of `config`'s model with random weights, saved as a
+    training run saves it (with the config): for measuring inference memory and time, which
+    do not depend on the weights' values. Float arrays of 2 or more dimensions are drawn
+    from N(0, 1 / fan-in) (seed 0), other arrays are zeros, PRNG keys key(0)."""
+    import json
+
+    from jattn.train.checkpoint import Checkpointer
+    from jattn.train.setup import state_init_fn
+    from jattn.train.task import build_task
+
+    workdir = pathlib.Path(workdir)
+    config = _with_defaults(config)
+    shapes = jax.eval_shape(state_init_fn(build_task(config), config), jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def draw(s):
+        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        if len(s.shape) < 2 or not jnp.issubdtype(s.dtype, jnp.floating):
+            return jnp.zeros(s.shape, s.dtype)
+        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
+
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        ckpt.save(0, jax.tree_util.tree_map(draw, shapes), config=json.loads(json.dumps(config.to_dict())))
+    finally:
+        ckpt.close()
+    return workdir
+
+
 # --------------------------------------------------------------------------- memory
 
 # Units of `max_memory` strings: decimal (KB, MB, GB, TB; K, M, G, T alike) and binary (KiB ...).
@@ -215,23 +247,27 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 # is this program's, less a margin for the runtime's own allocations.
 HOST_MEMORY_FRACTION = 1 / 3
 DEVICE_MEMORY_FRACTION = 0.9
+# A single image whose smallest attention blocks exceed the default budget may use up to
+# this share of the host's available memory (the default limit); on a GPU / TPU the limit
+# is the budget.
+HOST_MEMORY_LIMIT_FRACTION = 2 / 3
 
 # DeepFill v1 and v2 run contextual attention on their 1/4-resolution features with rate 2:
 # queries and keys are the cells of an (H / 8) x (W / 8) grid.
 _CA_STRIDE = 8
-# Rows of halo a block of query rows needs for the fuse step (fuse_k = 3; see
+# Rows a block of query rows adds for the fuse step (fuse_k = 3; see
 # `jattn.ops.contextual._contextual_attention`).
-_CA_HALO = 2
+_CA_EXTRA_ROWS = 2
 # Float32 score arrays ([B, rows, L]) live at the attention's peak, fit to XLA's memory
 # analysis of DeepFill v1 (cnum 32) on CPU from 1024 to 4096 pixels a side: the dense path
-# holds about 5 of all N rows; a block of r rows about 9 of r + 2 halo rows and one of r.
+# holds about 5 of all N rows; a block of r rows about 4 of r + 2 rows and one of r.
 # It only orders the candidates: the chosen one is verified by its compiled memory analysis.
 _DENSE_COPIES = 5
 # The dense path takes one more [B, N, L] float32 array than XLA's analysis counts (peak
 # resident memory on CPU exceeds it by exactly that; the blocked path's matches): it is
 # added to the analysis, on every backend, so a dense plan never exceeds its budget.
 _DENSE_UNCOUNTED = 1
-_BLOCK_COPIES, _BLOCK_OUT_COPIES = 9, 1
+_BLOCK_COPIES, _BLOCK_OUT_COPIES = 4, 1
 # The convolutions' peak (their largest im2col buffers), per pixel of the batch.
 _CONV_BYTES_PER_PIXEL = 600
 # Bytes per pixel of the model call's inputs (image and mask, float32).
@@ -303,6 +339,18 @@ def default_memory_budget(device=None) -> int | None:
     return int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * DEVICE_MEMORY_FRACTION)
 
 
+def default_memory_limit(device=None) -> int | None:
+    """The most one model call of a single image may allocate when no `max_memory` is given,
+    in bytes: `HOST_MEMORY_LIMIT_FRACTION` of the host's available memory on CPU (taken only
+    by an image whose smallest attention blocks do not fit `default_memory_budget`), the
+    budget itself on a GPU / TPU; None when unknown (no limit)."""
+    device = device if device is not None else jax.local_devices()[0]
+    if device.platform == "cpu":
+        free = _host_available()
+        return None if free is None else int(free * HOST_MEMORY_LIMIT_FRACTION)
+    return default_memory_budget(device)
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
     """An allocation failure: NumPy's MemoryError or an XLA runtime error (RESOURCE_EXHAUSTED)."""
     if isinstance(err, MemoryError):
@@ -358,9 +406,10 @@ class Inpainter:
     attention (`config.model.ca_block_size`) the block size is chosen per size: dense where
     it fits, else the largest block that fits (larger blocks recompute fewer halo rows);
     the block size changes how the attention is evaluated, not its result or the weights.
-    A batch that does not fit runs in smaller batches; a single image that does not fit is
-    an `InpaintError` naming the memory it needs. Running out of memory anyway is an
-    `InpaintError` too, never a traceback.
+    A batch that does not fit runs in smaller batches. Without `max_memory`, a single image
+    whose smallest blocks exceed the budget runs with them if they fit within
+    `default_memory_limit()`; one that does not fit is an `InpaintError` naming the memory
+    it needs. Running out of memory anyway is an `InpaintError` too, never a traceback.
     """
 
     def __init__(self, run, config, *, multiple: int = MULTIPLE, fixed_size: tuple[int, int] | None = None,
@@ -431,6 +480,11 @@ class Inpainter:
         """Bytes one model call may allocate: `max_memory`, else `default_memory_budget()` now."""
         return self.max_memory if self.max_memory is not None else default_memory_budget()
 
+    def memory_limit(self) -> int | None:
+        """Bytes a single image whose smallest blocks exceed `memory_budget()` may allocate:
+        `max_memory`, else `default_memory_limit()` now."""
+        return self.max_memory if self.max_memory is not None else default_memory_limit()
+
     def _has_attention_blocks(self) -> bool:
         return self._blocks
 
@@ -444,7 +498,7 @@ class Inpainter:
         h, w = th // _CA_STRIDE, tw // _CA_STRIDE
         out: list[int | None] = [None]
         for rows in range(h - 1, 0, -1):
-            if h % rows == 0 and _choose_rows(rows * w, h, w, _CA_HALO) == rows:
+            if h % rows == 0 and _choose_rows(rows * w, h, w, _CA_EXTRA_ROWS) == rows:
                 out.append(rows * w)
         return out
 
@@ -459,7 +513,7 @@ class Inpainter:
                 attention = (_DENSE_COPIES + _DENSE_UNCOUNTED) * h * row
             else:
                 rows = block_size // w
-                attention = (_BLOCK_COPIES * (rows + 2 * _CA_HALO) + _BLOCK_OUT_COPIES * rows) * row
+                attention = (_BLOCK_COPIES * (rows + _CA_EXTRA_ROWS) + _BLOCK_OUT_COPIES * rows) * row
         return max(attention, _CONV_BYTES_PER_PIXEL * pixels) + _INPUT_BYTES_PER_PIXEL * pixels
 
     def _task_for(self, block_size: int | None):
@@ -528,21 +582,30 @@ class Inpainter:
                 ratio = needed / self._estimate(th, tw, n, choice)
                 self._calibration[(th, tw)] = ratio
             smallest = candidates[-1]
+            limit = self.memory_limit() if n == 1 else budget
+            if limit is not None and limit > budget:
+                needed = self._compile(th, tw, n, smallest)[1]
+                if needed is None or needed <= limit:
+                    plan = self._plans[key] = Plan(smallest, needed, limit)
+                    return plan
+                tried[smallest] = needed
             cached = self._plans[key] = _NoFit(tried.get(smallest) or int(self._estimate(th, tw, n, smallest) * ratio))
         if not last:
             raise cached
         blocks = " with the smallest attention blocks" if len(candidates) > 1 else ""
         what = f"a {shown[1]}x{shown[0]} image" if n == 1 else f"{n} images of {shown[1]}x{shown[0]} at once"
+        allowed = max(budget, self.memory_limit() or 0) if n == 1 else budget
         raise InpaintError(f"{self.source}: inpainting {what} needs "
-                           f"{_format_bytes(cached.needed)} of memory{blocks}, over the {_format_bytes(budget)} "
-                           f"allowed ({self._budget_origin()}); raise it with --max-memory (max_memory=) or "
-                           "inpaint a smaller image")
+                           f"{_format_bytes(cached.needed)} of memory{blocks}, over the {_format_bytes(allowed)} "
+                           f"allowed ({self._budget_origin(limit=allowed > budget)}); raise it with --max-memory "
+                           "(max_memory=) or inpaint a smaller image")
 
-    def _budget_origin(self) -> str:
+    def _budget_origin(self, limit: bool = False) -> str:
         if self.max_memory is not None:
             return "--max-memory / max_memory="
         if jax.local_devices()[0].platform == "cpu":
-            return f"the default: {HOST_MEMORY_FRACTION:.2g} of the available memory"
+            share = HOST_MEMORY_LIMIT_FRACTION if limit else HOST_MEMORY_FRACTION
+            return f"the default: {share:.2g} of the available memory"
         return f"the default: {DEVICE_MEMORY_FRACTION:.2g} of the device's free memory"
 
     def plan(self, height: int, width: int, batch: int = 1) -> Plan:
