@@ -281,9 +281,10 @@ def _reproduction_error(task, state, params, variables, batch, network: str, wei
     if weights == "trained":
         reference = _trained_as_ema(*reference, network, set(state.variables))
         params, variables = _trained_as_ema(params, variables, network, set(state.variables))
-    expected = task.predict(*reference, batch)
+    predict = jax.jit(task.predict)  # a compile per call, not one per operation
+    expected = predict(*reference, batch)
     try:
-        got = task.predict(params, variables, batch)
+        got = predict(params, variables, batch)
     except Exception as err:  # noqa: BLE001 - a missing variable shows as KeyError or a Flax scope error
         raise ExportError(f"the export would not reproduce the model: its inference reads more than the "
                           f"{network}'s exported variables ({type(err).__name__}: {_one_line(err)})") from None
