@@ -9,6 +9,7 @@ Compilation dominates these tests' time on CPU, so two things keep it down:
   tiny test programs run in milliseconds either way).
 """
 
+import contextlib
 import functools
 
 import jax
@@ -79,3 +80,26 @@ def fit(task, batch: dict, steps: int, seed: int = 0, state=None):
             metrics.update({k: float(v) for k, v in m.items()})
         history.append(metrics)
     return state, history
+
+
+@contextlib.contextmanager
+def count_loads_and_compiles(module, monkeypatch):
+    """Yields (restores, compiles): the checkpoint restores of `module` (jattn.export.inference
+    or .upscale, given an empty cache of 2 models) and the XLA compiles made inside."""
+    import jax
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    monkeypatch.setattr(module, "LOADED", module.LoadedModels(size=2))
+    restores, compiles = [], []
+    real_restore = module.restore_trained
+    monkeypatch.setattr(module, "restore_trained", lambda *a, **k: restores.append(a[0]) or real_restore(*a, **k))
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield restores, compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -280,9 +280,10 @@ def test_loader_errors_name_the_tensors(tmp_path, fake_generator_tensors):
     with pytest.raises(ValueError) as err:
         di.load_official_generator(prefix, cnum=4)
     msg = str(err.value)
-    assert "missing 1: inpaint_net/pmconv9/bias" in msg
-    assert "wrong shape: inpaint_net/conv5/kernel is [3, 3, 16, 7], expected [3, 3, 16, 16]" in msg
-    assert "unexpected 1: inpaint_net/extra_layer/kernel" in msg
+    assert "1 missing (inpaint_net/pmconv9/bias)" in msg
+    assert "1 of the wrong shape (inpaint_net/conv5/kernel is [3, 3, 16, 7], expected [3, 3, 16, 16])" in msg
+    assert "1 unexpected (inpaint_net/extra_layer/kernel)" in msg
+    assert len(msg.splitlines()) == 1
     with pytest.raises(ValueError, match="cannot read a TensorFlow checkpoint"):
         di.load_official_generator(str(tmp_path / "nothing_here"), cnum=4)
     with pytest.raises(ValueError, match="channel_order"):

@@ -10,6 +10,7 @@ import jattn
 from jattn.cli import main
 from jattn.export.inference import InpaintError, Inpainter, read_image
 from jattn.train.loop import train
+from task_helpers import count_loads_and_compiles
 from toy import toy_config
 
 
@@ -383,28 +384,14 @@ def test_out_of_memory_while_running_is_one_line(workdir, tmp_path, capsys, monk
 def test_repeated_python_api_calls_load_and_compile_once(workdir, tmp_path, monkeypatch):
     import shutil
 
-    import jax
-    from jax._src.dispatch import BACKEND_COMPILE_EVENT
-
     from jattn.export import inference
 
     wd = tmp_path / "wd"
     shutil.copytree(workdir, wd)
-    monkeypatch.setattr(inference, "LOADED", inference.LoadedModels(size=2))
-    restores = []
-    real_restore = inference.restore_trained
-    monkeypatch.setattr(inference, "restore_trained", lambda *a, **k: restores.append(a[0]) or real_restore(*a, **k))
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            compiles.append(duration)
-
     rng = np.random.default_rng(6)
     image = rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)
     hole = _mask(24, 20) > 0
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_loads_and_compiles(inference, monkeypatch) as (restores, compiles):
         first = jattn.inpaint(wd, image, hole)
         assert len(restores) == 1 and compiles
         compiled = len(compiles)
@@ -426,7 +413,5 @@ def test_repeated_python_api_calls_load_and_compile_once(workdir, tmp_path, monk
         assert len(restores) == 3 and len(inference.LOADED) == 2
         jattn.inpaint(wd / "checkpoints" / "4", image, hole)
         assert len(restores) == 4
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     with pytest.raises(InpaintError, match="max_memory applies to a path"):
         jattn.inpaint(Inpainter.from_checkpoint(workdir), image, hole, max_memory="1GB")

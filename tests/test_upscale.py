@@ -7,6 +7,7 @@ from PIL import Image
 from jattn.cli import main
 from jattn.export.upscale import Upscaler
 from jattn.train.loop import train
+from task_helpers import count_loads_and_compiles
 from toy import toy_config
 
 
@@ -77,27 +78,13 @@ def test_an_inpainting_checkpoint_is_refused(tmp_path, capsys):
 def test_repeated_python_api_calls_load_and_compile_once(workdir, tmp_path, monkeypatch):
     import shutil
 
-    import jax
-    from jax._src.dispatch import BACKEND_COMPILE_EVENT
-
     from jattn.export import upscale as module
 
     wd = tmp_path / "wd"
     shutil.copytree(workdir, wd)
-    monkeypatch.setattr(module, "LOADED", module.LoadedModels(size=2))
-    restores = []
-    real_restore = module.restore_trained
-    monkeypatch.setattr(module, "restore_trained", lambda *a, **k: restores.append(a[0]) or real_restore(*a, **k))
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            compiles.append(duration)
-
     image = np.random.default_rng(2).integers(0, 255, (21, 18, 3), dtype=np.uint8)
     latest = wd / "checkpoints" / str(max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()))
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_loads_and_compiles(module, monkeypatch) as (restores, compiles):
         first = module.upscale(wd, image)
         assert first.shape == (42, 36, 3) and len(restores) == 1 and compiles
         compiled = len(compiles)
@@ -111,8 +98,6 @@ def test_repeated_python_api_calls_load_and_compile_once(workdir, tmp_path, monk
         shutil.copytree(latest, wd / "checkpoints" / "9")  # a newer checkpoint
         np.testing.assert_array_equal(module.upscale(wd, image), first)
         assert len(restores) == 2
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_out_of_memory_is_one_line_naming_tiles(workdir, tmp_path, capsys, monkeypatch):

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn.export.formats import unflatten
+
 __all__ = [
     "expected_critic_v2_shapes",
     "expected_critics_shapes",
@@ -106,18 +108,6 @@ def _flatten_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, tupl
         else:
             out[name] = tuple(value.shape)
     return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a/b/kernel": x}`` -> ``{"a": {"b": {"kernel": x}}}``."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def read_checkpoint_scope(
@@ -200,7 +190,11 @@ def _generator_version(prefix: str) -> str | None:
     width = found["conv1/kernel"][-1]
     for version in _VERSIONS:
         for cnum in sorted({width, width // 2, _OFFICIAL_CNUM[version]}):
-            if cnum > 0 and not _mismatch(found, expected_generator_shapes(version, cnum), head):
+            try:
+                expected = expected_generator_shapes(version, cnum)
+            except ValueError:  # a width this version's generator cannot have
+                continue
+            if not _mismatch(found, expected, head):
                 return version
     return None
 
