@@ -15,7 +15,7 @@ from PIL import Image
 import jattn.train.logging as logs
 from jattn.cli import main
 from jattn.train.loop import train
-from toy import toy_config
+from toy import toy_config, train_toy_sr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.py"
@@ -282,12 +282,7 @@ def test_a_full_disk_while_writing_an_output_is_one_line_and_leaves_no_file(trai
 def upscaler(tmp_path_factory):
     """A workdir of the toy super-resolution task."""
     workdir = tmp_path_factory.mktemp("sr")
-    config = toy_config(total=1)
-    config.model.name = "toy_sr"
-    config.data.mask = None
-    config.data.scale = 2
-    config.image_every = 0
-    train(config, workdir, progress=False)
+    train_toy_sr(workdir, total=1)
     return workdir
 
 

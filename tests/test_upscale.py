@@ -8,19 +8,13 @@ from jattn.cli import main
 from jattn.export.upscale import Upscaler
 from jattn.train.loop import train
 from task_helpers import count_loads_and_compiles
-from toy import toy_config
+from toy import toy_config, train_toy_sr
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = tmp_path_factory.mktemp("sr")
-    cfg = toy_config(total=3)
-    cfg.model.name = "toy_sr"
-    cfg.data.mask = None
-    cfg.data.scale = 2
-    cfg.image_every = 0
-    result = train(cfg, wd, progress=False)
-    assert result["step"] == 3
+    assert train_toy_sr(wd, total=3)["step"] == 3
     return wd
 
 

@@ -142,3 +142,15 @@ def _toy_sr(config):
 
     tx = make_optimizer(config.optimizer)
     return Task("toy_sr", init, {"model": tx}, (Update("train", "model", loss_fn, tx),), predict, fields=("lowres",))
+
+
+def train_toy_sr(workdir, total: int) -> dict:
+    """Train the toy x2 super-resolution task for `total` steps in `workdir`; its summary."""
+    from jattn.train.loop import train
+
+    config = toy_config(total=total)
+    config.model.name = "toy_sr"
+    config.data.mask = None
+    config.data.scale = 2
+    config.image_every = 0
+    return train(config, workdir, progress=False)
