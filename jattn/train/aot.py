@@ -403,9 +403,10 @@ def compile_run(config, devices: Sequence, topology: str) -> Compiled:
                      f"HBM, {chip.hbm_bandwidth / 1e9:g} GB/s ({chip.source}); the estimate leaves out the "
                      "collectives' time")
         if compute_dtype == "float32":
-            notes.append("compute_dtype float32: the estimate divides by the bf16 peak, which flatters a float32 step "
-                         "(float32 matmuls run as several bf16 passes on TPU at higher precision, as TF32 at half "
-                         "the rate on H100/H200); compare with --set compute_dtype=bfloat16")
+            notes.append("compute_dtype float32: the estimate divides by the bf16 peak. On TPU, at JAX's default "
+                         "precision, float32 convolutions and matmuls run as one bf16 pass, so only their float32 "
+                         "activations' bytes cost more; on H100/H200 they run as TF32 at half the bf16 rate, and the "
+                         "bf16 peak flatters a float32 step; compare with --set compute_dtype=bfloat16")
     return Compiled(report, tuple(notes))
 
 
