@@ -354,17 +354,26 @@ def shave(x, border: int) -> jax.Array:
 # --------------------------------------------------------------------------- summary
 
 
-def summarize(a, b, mask=None, data_range=2.0) -> dict[str, jax.Array]:
-    """Batch means of the metrics of prediction ``a`` against reference ``b``.
+def summarize(a, b, mask=None, value_range: Sequence[float] = (-1.0, 1.0)) -> dict[str, jax.Array]:
+    """Batch means of the metrics of prediction ``a`` against reference ``b``, both with
+    pixel values in ``value_range`` (jattn's models work on ``[-1, 1]``).
 
-    Returns ``{"psnr", "ssim", "l1", "l2", "tv"}`` (scalars): ``mask`` (if given) restricts
-    ``psnr``, ``l1`` and ``l2``; ``ssim`` (default 11-tap window, so ``H, W >= 11``) is over the
-    whole image; ``tv`` is :func:`total_variation` of ``a``. ``psnr`` is the mean of the
-    per-image dB values (``inf`` if any image is reproduced exactly).
+    Returns ``{"psnr", "ssim", "l1", "l2", "tv"}`` (scalars). ``psnr`` and ``ssim`` are
+    computed on the images mapped to ``[0, 1]`` with data range 1, the convention of
+    scikit-image, dm-pix, tf.image and the papers' tables: SSIM's luminance term is not
+    shift-invariant, so SSIM on ``[-1, 1]`` with range 2 is a different number. ``l1``, ``l2``
+    and ``tv`` (:func:`total_variation` of ``a``) are on ``value_range`` itself. ``mask`` (if
+    given) restricts ``psnr``, ``l1`` and ``l2``; ``ssim`` (11-tap Gaussian window, sigma 1.5,
+    so ``H, W >= 11``) is over the whole image. ``psnr`` is the mean of the per-image dB
+    values (``inf`` if any image is reproduced exactly).
     """
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"summarize: value_range must be (low, high) with high > low, got {tuple(value_range)!r}")
+    a01, b01 = ((jnp.asarray(x, _compute_dtype(a, b)) - lo) / (hi - lo) for x in (a, b))
     return {
-        "psnr": jnp.mean(psnr(a, b, data_range=data_range, mask=mask)),
-        "ssim": jnp.mean(ssim(a, b, data_range=data_range)),
+        "psnr": jnp.mean(psnr(a01, b01, data_range=1.0, mask=mask)),
+        "ssim": jnp.mean(ssim(a01, b01, data_range=1.0)),
         "l1": jnp.mean(l1(a, b, mask=mask)),
         "l2": jnp.mean(l2(a, b, mask=mask)),
         "tv": jnp.mean(total_variation(a)),

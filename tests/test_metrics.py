@@ -235,12 +235,11 @@ def test_jit_matches_eager():
     mask = np.zeros((2, 16, 16, 1), np.float32)
     mask[:, 4:12, 4:12] = 1.0
     eager = M.summarize(a, b, mask=mask)
-    jitted = jax.jit(M.summarize)(a, b, mask, jnp.float32(2.0))  # data_range traced
+    jitted = jax.jit(M.summarize)(a, b, mask)
     assert set(eager) == {"psnr", "ssim", "l1", "l2", "tv"}
     for k in eager:
         assert jitted[k].shape == () and jitted[k].dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(jitted[k]), np.asarray(eager[k]), rtol=1e-5, err_msg=k)
-    np.testing.assert_allclose(float(eager["ssim"]), _sk_ssim(a, b, 2.0).mean(), atol=ATOL)
     np.testing.assert_allclose(float(eager["l1"]), float(jnp.mean(M.l1(a, b, mask))), rtol=1e-6)
     np.testing.assert_allclose(float(eager["tv"]), float(jnp.mean(M.total_variation(a))), rtol=1e-6)
     ssim_small = jax.jit(M.ssim, static_argnames=("filter_size", "filter_sigma"))
@@ -248,6 +247,26 @@ def test_jit_matches_eager():
                                np.asarray(M.ssim(a, b, filter_size=7, filter_sigma=1.0)), rtol=1e-5)
     y = jax.jit(lambda x: M.shave(M.rgb_to_y(x), 2))(a)
     assert y.shape == (2, 12, 12, 1)
+
+
+def test_summarize_scores_minus_one_to_one_images_on_zero_to_one():
+    """Models work on [-1, 1]; the reported SSIM and PSNR are the standard ones, those of the
+    images on [0, 1] with data range 1 (skimage), not SSIM on [-1, 1] with range 2, whose
+    luminance term differs."""
+    a, b = _pair(21, shape=(3, 24, 24, 3), smooth=True)
+    a, b = _to_range(a, 2.0), _to_range(b, 2.0)  # [-1, 1]
+    out = M.summarize(_f32(a), _f32(b))
+    a01, b01 = (a + 1) / 2, (b + 1) / 2
+    np.testing.assert_allclose(float(out["ssim"]), _sk_ssim(a01, b01, 1.0).mean(), atol=ATOL)
+    assert abs(float(out["ssim"]) - _sk_ssim(a, b, 2.0).mean()) > 10 * ATOL  # the two conventions differ here
+    psnr01 = np.mean([sk_psnr(y, x, data_range=1.0) for x, y in zip(a01, b01)])
+    np.testing.assert_allclose(float(out["psnr"]), psnr01, atol=ATOL)
+    np.testing.assert_allclose(float(out["l1"]), np.abs(a - b).mean(), rtol=1e-5)  # on the images' own range
+    same = M.summarize(_f32(a01), _f32(b01), value_range=(0.0, 1.0))
+    for k in ("psnr", "ssim"):
+        np.testing.assert_allclose(float(same[k]), float(out[k]), rtol=1e-5, err_msg=k)
+    with pytest.raises(ValueError, match="value_range"):
+        M.summarize(_f32(a), _f32(b), value_range=(1.0, 1.0))
 
 
 def test_ssim_is_differentiable():
