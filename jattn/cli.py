@@ -117,13 +117,16 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 def _run_errors() -> tuple[type[Exception], ...]:
     """What a training or evaluation run raises for the user to fix: refused runs and configs
     that cannot make one, unreadable, corrupt or unsaved checkpoints, an unusable eval mask
-    file, logs that cannot be written."""
+    file, eval data that gives no image, logs or files (config.json) that cannot be
+    written."""
+    from jattn._paths import WriteError
     from jattn.data.masks import EvalMaskError
     from jattn.train.checkpoint import CheckpointError
+    from jattn.train.evaluate import EvalDataError
     from jattn.train.logging import LogWriteError
     from jattn.train.loop import TrainError
 
-    return TrainError, CheckpointError, EvalMaskError, LogWriteError
+    return TrainError, CheckpointError, EvalMaskError, EvalDataError, LogWriteError, WriteError
 
 
 def _one_line(err: BaseException) -> UserError:
@@ -205,18 +208,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.step is not None and args.step not in steps:
         raise UserError(f"{args.workdir}: no checkpoint for step {args.step} (have {', '.join(map(str, steps))})")
     config = _load_config(args) if args.config else _saved_config(args, steps[-1] if args.step is None else args.step)
-    from jattn.train.evaluate import evaluate
+    from jattn._paths import check_writable, write_atomic
+    from jattn.train.evaluate import check_eval_data, evaluate
     from jattn.train.setup import restore_for_eval
 
+    workdir = pathlib.Path(args.workdir)
     try:
-        task, state, mesh, step = restore_for_eval(config, args.workdir, args.step)
-        result = {"step": step, **evaluate(task, state, config, mesh, args.workdir)}
+        # what can be checked before the checkpoint is read: the result's file, the eval data
+        check_writable(workdir / f"eval_{steps[-1] if args.step is None else args.step}.json")
+        check_eval_data(config)
+        task, state, mesh, step = restore_for_eval(config, workdir, args.step)
+        result = {"step": step, **evaluate(task, state, config, mesh, workdir)}
+        write_atomic(workdir / f"eval_{step}.json", json.dumps(result, indent=2))
     except (FileNotFoundError, *_run_errors()) as err:
         raise _one_line(err) from None
-    out = pathlib.Path(args.workdir) / f"eval_{step}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
     print(json.dumps(result))
     return 0
 

@@ -12,20 +12,29 @@ config therefore has every key, with its default where the file does not set it.
 In a schema, a block (a nested dict) is merged key by key; any other value, None included,
 is replaced whole: None marks a free-form value (e.g. `data.source`, checked by the code
 that reads it), an optional one, or a required one (:data:`REQUIRED`).
+
+Values are checked against the type of their default (:func:`check_types`): a number where
+the default is a float (an int will do), a whole number where it is an int, True / False
+where it is a bool, a list or tuple where it is one; a key whose default is None takes any
+value unless :data:`TYPED_KEYS` gives its type (the learning rates, the batch sizes), and a
+string default any value (strings such as "auto" stand for other types too). None is
+accepted everywhere. A value of the wrong type is an error naming the key.
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import importlib.util
+import numbers
 import pathlib
 import sys
 from collections.abc import Iterable
 
 import ml_collections
 
-__all__ = ["ConfigError", "REQUIRED", "load_config", "apply_overrides", "overlay", "optimizer_schema",
-           "trainer_schema", "schema_for", "with_defaults"]
+__all__ = ["ConfigError", "REQUIRED", "TYPED_KEYS", "load_config", "apply_overrides", "check_types", "overlay",
+           "optimizer_schema", "trainer_schema", "schema_for", "with_defaults"]
 
 
 class ConfigError(ValueError):
@@ -34,6 +43,19 @@ class ConfigError(ValueError):
 
 #: Keys a loaded config must set (their schema value is None).
 REQUIRED = ("model.name", "data.source", "data.image_size", "batch_size", "total_steps")
+
+#: The type of keys whose default is None, where they are set (`fnmatch` patterns of dotted
+#: keys; an optimizer block is `optimizer` or one per network, `optimizer.generator`).
+TYPED_KEYS = {
+    "learning_rate": float,
+    "optimizer.lr": float,
+    "optimizer.*.lr": float,
+    "optimizer.clip_norm": float,
+    "optimizer.*.clip_norm": float,
+    "batch_size": int,
+    "eval_batch_size": int,
+    "total_steps": int,
+}
 
 
 def optimizer_schema(*networks: str) -> ml_collections.ConfigDict:
@@ -158,6 +180,51 @@ def _missing(config) -> list[str]:
     return missing
 
 
+def _type_problem(value, kind: type) -> str | None:
+    """What `value` should be, as a key whose values are of type `kind`, or None when it is
+    fine (None always is)."""
+    if value is None or kind is str:
+        return None
+    if kind is bool:
+        ok = isinstance(value, (bool, numbers.Integral)) or type(value).__name__ == "bool_"
+        return None if ok else "expected True or False"
+    if kind is int:
+        whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+        return None if whole and not isinstance(value, bool) else "expected a whole number"
+    if kind is float:
+        return None if isinstance(value, numbers.Real) and not isinstance(value, bool) else "expected a number"
+    if kind in (list, tuple):
+        return None if isinstance(value, (list, tuple)) else "expected a list or tuple"
+    return None
+
+
+def _type_problems(values: dict, schema, prefix: str = "") -> list[str]:
+    problems = []
+    for key, value in values.items():
+        dotted = prefix + key
+        default = schema.get(key) if isinstance(schema, dict) else None
+        if isinstance(value, dict):
+            problems += _type_problems(value, default, dotted + ".")
+            continue
+        if isinstance(default, dict):
+            continue  # a block given a value: _merge reports it
+        kind = type(default) if default is not None else next(
+            (t for pattern, t in TYPED_KEYS.items() if fnmatch.fnmatchcase(dotted, pattern)), None)
+        problem = None if kind is None else _type_problem(value, kind)
+        if problem is not None:
+            problems.append(f"{dotted}: {problem}, got {value!r}")
+    return problems
+
+
+def check_types(config) -> None:
+    """A ConfigError naming each key of `config` whose value does not have the type of its
+    default in the schema of its task (or the one :data:`TYPED_KEYS` gives a key whose
+    default is None); see the module's docstring for what each type accepts."""
+    problems = _type_problems(_plain(config), _plain(schema_for(_task_name(config))))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
@@ -216,8 +283,17 @@ def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_c
         raise ConfigError(f"config file {path}: get_config() failed: {type(err).__name__}: {err}") from err
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, got {type(config).__name__}")
+    config = with_defaults(config)
+    try:
+        check_types(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     # completed again: an override of model.name changes the schema the keys must fit
-    config = with_defaults(apply_overrides(with_defaults(config), overrides))
+    config = with_defaults(apply_overrides(config, overrides))
+    try:
+        check_types(config)
+    except ConfigError as err:
+        raise ConfigError(f"override {err}") from None
     missing = _missing(config)
     if missing:
         raise ConfigError(f"{path}: required config key(s) not set: {', '.join(missing)}")

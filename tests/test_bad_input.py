@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import jattn._paths as paths
 import jattn.train.logging as logs
 from jattn.cli import main
 from jattn.train.loop import train
@@ -83,6 +84,72 @@ def read_only(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
+@pytest.fixture
+def read_only_copy(tmp_path):
+    """`copy(workdir)`: a copy of a workdir that nothing can be written in: mode 555, or for
+    root a tmpfs made read-only once the copy is on it."""
+    mounted = []
+
+    def copy(workdir):
+        folder = tmp_path / "ro_copy"
+        folder.mkdir()
+        if os.geteuid() != 0:
+            shutil.copytree(workdir, folder / "run")
+            (folder / "run").chmod(0o555)
+            mounted.append(lambda: (folder / "run").chmod(0o755))
+            return folder / "run"
+        mount = shutil.which("mount")
+        if mount is None or subprocess.run([mount, "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+            pytest.skip("root, and no tmpfs can be mounted here (to make read-only)")
+        mounted.append(lambda: subprocess.run(["umount", str(folder)], check=False))
+        shutil.copytree(workdir, folder / "run")
+        if subprocess.run([mount, "-o", "remount,ro", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("root, and the tmpfs cannot be remounted read-only here")
+        return folder / "run"
+
+    yield copy
+    for undo in reversed(mounted):
+        undo()
+
+
+class _FullDisk:
+    """A file whose writes write half of their data, then fail as on a full disk."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def write(self, data):
+        self._file.write(data[: len(data) // 2])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _full_disk_for(monkeypatch, name):
+    """Files written by jattn._paths whose name has `name` in it are on a full disk."""
+
+    def full_disk_open(path, *args, **kwargs):
+        file = open(path, *args, **kwargs)
+        return _FullDisk(file) if name in pathlib.Path(path).name else file
+
+    monkeypatch.setattr(paths, "open", full_disk_open, raising=False)
+
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under `folder` (folders as None)."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
 def _images(folder, names, data=None):
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -119,6 +186,9 @@ def test_train_settings_that_cannot_make_a_run_create_no_workdir(tmp_path, toy, 
         (toy, [folder(root=str(tmp_path / "nowhere"))], "image folder not found", "nowhere"),
         (toy, [folder(root=str(empty))], "no image files", str(empty)),
         (toy, [folder(root=str(unreadable))], "no readable image", str(unreadable)),
+        # the eval source too, where the run evaluates: before, not at the first evaluation
+        (toy, ["--config.eval_every=2", f"--config.data.eval_source={ {'kind': 'folder', 'root': str(empty)} }"],
+         "data.eval_source", "no image files", str(empty)),
     ]
     for config, overrides, *words in cases:
         _one_line_error(capsys, ["train", "--config", config, "--workdir", workdir, "--no-progress", *overrides],
@@ -134,6 +204,32 @@ def test_a_config_file_whose_get_config_raises(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("line,words", [
+    ("c.learning_rate = 'fast'", "learning_rate: expected a number, got 'fast'"),
+    ("c.optimizer = ml_collections.ConfigDict({'lr': 'fast'})", "optimizer.lr: expected a number, got 'fast'"),
+    ("c.prefetch_steps = '2'", "prefetch_steps: expected a whole number, got '2'"),
+    ("c.step_unroll = 'no'", "step_unroll: expected True or False, got 'no'"),
+])
+def test_a_value_of_the_wrong_type_in_a_config_file_names_its_key(tmp_path, capsys, line, words):
+    config = tmp_path / "typed.py"
+    config.write_text(TOY.replace("from toy", "import ml_collections\nfrom toy").replace(
+        "    return c", f"    {line}\n    return c"))
+    _one_line_error(capsys, ["train", "--config", config, "--workdir", tmp_path / "w"], str(config), words)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_string_learning_rate_in_a_bundled_models_config_file_names_its_key(tmp_path, capsys):
+    """DeepFill's per-network optimizer blocks (lr None: the config's learning_rate)."""
+    config = tmp_path / "fast.py"
+    config.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'configs')!r})\nimport demo\n\n\n"
+                      "def get_config():\n    c = demo.get_config()\n    c.optimizer.generator.lr = 'fast'\n"
+                      "    c.optimizer.critic.clip_norm = [1]\n    return c\n")
+    _one_line_error(capsys, ["train", "--config", config, "--workdir", tmp_path / "w"], str(config),
+                    "optimizer.generator.lr: expected a number, got 'fast'",
+                    "optimizer.critic.clip_norm: expected a number, got [1]")
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_workdir_that_is_a_file_or_under_one(tmp_path, toy, capsys):
     file = tmp_path / "notes.txt"
     file.write_text("mine")
@@ -146,6 +242,31 @@ def test_a_read_only_workdir_or_parent(read_only, toy, capsys):
     for workdir in (read_only, read_only / "w"):
         _one_line_error(capsys, ["train", "--config", toy, "--workdir", workdir], f"{read_only} is not writable")
     assert not list(read_only.iterdir())
+
+
+def test_a_config_json_that_is_a_folder_refuses_the_run_and_changes_nothing(trained, tmp_path, toy, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    (workdir / "config.json").unlink()
+    (workdir / "config.json").mkdir()
+    before = _snapshot(workdir)
+    _one_line_error(capsys, ["train", "--config", toy, "--workdir", workdir, "--total-steps", "4", "--no-progress"],
+                    f"{workdir / 'config.json'} is a folder, not a file")
+    assert _snapshot(workdir) == before
+
+
+def test_a_full_disk_while_writing_config_json_keeps_the_old_one(trained, tmp_path, toy, capsys, monkeypatch):
+    """The resumed run stops at config.json, naming it: the old file whole, no temporary
+    file, the logs as they were."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = _snapshot(workdir)
+    _full_disk_for(monkeypatch, "config.json")
+    line = _one_line_error(capsys, ["train", "--config", toy, "--workdir", workdir, "--total-steps", "4",
+                                    "--no-progress"], f"cannot write {workdir / 'config.json'}", "No space left")
+    assert "config.json.tmp" not in line
+    after = _snapshot(workdir)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
 
 
 def test_demo_refusals_are_one_line_like_train(tmp_path, capsys):
@@ -195,6 +316,59 @@ def test_eval_of_a_mistyped_workdir_or_a_file_creates_nothing(tmp_path, capsys):
     file = tmp_path / "notes.txt"
     file.write_text("mine")
     _one_line_error(capsys, ["eval", "--workdir", file], "a file, not a workdir")
+
+
+def test_eval_of_eval_data_without_images_creates_nothing(trained, tmp_path, capsys):
+    """An eval source that gives no eval batch, however the user gets there: one line naming
+    it, before the checkpoint is read, and no eval_N.json nor eval masks written."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    few = _images(tmp_path / "few", ["a.png", "b.png", "c.png"])
+    unreadable = _images(tmp_path / "unreadable", [f"{i}.png" for i in range(9)], b"not an image")
+    before = _snapshot(workdir)
+
+    def source(**spec):
+        return f"data.eval_source={ {'kind': 'folder', **spec} }"
+
+    other_masks = "data.eval_mask={'kind': 'box', 'hole_size': [4, 4], 'margin': [0, 0], 'max_delta': [1, 1]}"
+    cases = [
+        ([source(root=str(empty))], "data.eval_source", "no image files", str(empty)),
+        ([source(root=str(empty)), other_masks], "no image files", str(empty)),  # no new mask set either
+        ([source(root=str(few))], "3 image(s), fewer than one eval batch (8)", str(few)),
+        ([source(root=str(few), split="val", val_fraction=0.0)], "split 'val' is empty", str(few)),
+        ([source(root=str(unreadable))], "no readable image", str(unreadable)),
+        ([source(root=str(tmp_path / "nowhere"))], "image folder not found", "nowhere"),
+        (["eval_images=4"], "eval_images=4 is less than one eval batch (8)"),
+    ]
+    for overrides, *words in cases:
+        _one_line_error(capsys, ["eval", "--workdir", workdir, *[a for o in overrides for a in ("--set", o)]], *words)
+        assert _snapshot(workdir) == before, overrides
+
+
+def test_eval_result_that_cannot_be_written(trained, tmp_path, capsys, read_only_copy):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    (workdir / "eval_2.json").mkdir()
+    _one_line_error(capsys, ["eval", "--workdir", workdir], f"cannot write {workdir / 'eval_2.json'}",
+                    "a folder, not a file")
+    assert not list((workdir / "eval_2.json").iterdir())
+    read_only = read_only_copy(trained)
+    _one_line_error(capsys, ["eval", "--workdir", read_only], f"cannot write {read_only / 'eval_2.json'}",
+                    f"{read_only} is not writable")
+    assert not (read_only / "eval_2.json").exists()
+
+
+def test_a_full_disk_while_writing_the_eval_result_keeps_the_old_one(trained, tmp_path, capsys, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    (workdir / "eval_2.json").write_text('{"step": 2, "eval_psnr": 20.0}')
+    _full_disk_for(monkeypatch, "eval_2.json")
+    _one_line_error(capsys, ["eval", "--workdir", workdir], f"cannot write {workdir / 'eval_2.json'}",
+                    "No space left on device")
+    assert (workdir / "eval_2.json").read_text() == '{"step": 2, "eval_psnr": 20.0}'
+    assert sorted(p.name for p in workdir.iterdir() if "eval_2" in p.name) == ["eval_2.json"]  # no temporary file
 
 
 def test_eval_with_another_models_config(trained, capsys):

@@ -8,6 +8,9 @@ its SHA-256, so every evaluation of every run with that config sees bit-identica
 Metrics: the task's `eval_metrics(outputs, batch)` averaged over the set; by default the
 inpainting ones (PSNR, SSIM, L1, L2, TV, and L1 inside the hole of "output" against
 "image"). A task with its own whole-set evaluation (`Task.evaluate`, e.g. FID) uses it.
+Eval data that gives no eval batch (a source that cannot be made or holds no image, fewer
+images than one batch, eval_images below one batch) is an `EvalDataError` naming the
+source, raised before anything is written.
 """
 
 from __future__ import annotations
@@ -23,13 +26,60 @@ from jattn import metrics as M
 from jattn.config import with_defaults
 from jattn.train.sharding import to_global_array
 
-__all__ = ["EVAL_MASK_SEED", "eval_mask_set", "eval_batches", "make_evaluator", "evaluate", "inpainting_metrics"]
+__all__ = ["EVAL_MASK_SEED", "EvalDataError", "check_eval_data", "eval_mask_set", "eval_batches", "make_evaluator",
+           "evaluate", "inpainting_metrics"]
 
 EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
 
 
+class EvalDataError(ValueError):
+    """The eval data gives no eval batch; the message is one line naming the source (its
+    config key and kind, and a folder's path or a dataset's name)."""
+
+
 def _plain(x):
     return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _where(config) -> str:
+    """The eval source as the config gives it, e.g. `data.eval_source (folder /x)`."""
+    key = "data.eval_source" if config.data.eval_source is not None else "data.source"
+    spec = _plain(config.data.eval_source or config.data.source)
+    if not isinstance(spec, dict):
+        return f"{key} ({type(spec).__name__})"
+    named = [str(spec[k]) for k in ("root", "name", "split") if spec.get(k) is not None]
+    return f"{key} ({' '.join([str(spec.get('kind')), *named])})"
+
+
+def _eval_batch_size(config) -> int:
+    return int(config.eval_batch_size or config.batch_size)
+
+
+def check_eval_data(config):
+    """The eval source of `config`, made (nothing is read but its index: a folder's file
+    names, a TFDS dataset's info) and checked to hold at least one eval batch; an
+    `EvalDataError` naming it otherwise, or when eval_images is less than one batch."""
+    from jattn.data import source_from_config
+
+    config = with_defaults(config)
+    batch, n = _eval_batch_size(config), int(config.eval_images)
+    if n < batch:
+        raise EvalDataError(f"eval_images={n} is less than one eval batch ({batch}): there is nothing to evaluate")
+    spec = _plain(config.data.eval_source or config.data.source)
+    if spec is None:
+        raise EvalDataError("no eval data: data.source and data.eval_source are not set")
+    try:
+        source = source_from_config(spec) if isinstance(spec, dict) else spec
+    except (ValueError, OSError) as err:
+        raise EvalDataError(f"eval data {_where(config)}: {_first_line(err)}") from None
+    if hasattr(source, "__len__") and len(source) < batch:
+        raise EvalDataError(f"eval data {_where(config)}: {len(source)} image(s), fewer than one eval batch "
+                            f"({batch})")
+    return source
 
 
 def eval_mask_set(config, workdir: str | pathlib.Path):
@@ -47,37 +97,49 @@ def eval_mask_set(config, workdir: str | pathlib.Path):
 
 def eval_batches(config, fields=("mask",)):
     """Host batches of this process: images in order, with the task's fields (the eval
-    set's masks for inpainting)."""
+    set's masks for inpainting). The data is checked (`check_eval_data`) and its pipeline
+    made at once, the batches read as they are iterated; an `EvalDataError` naming the
+    source where there is none to read."""
     from jattn.data import make_dataset
     from jattn.data.sharding import per_process_batch_size
 
     config = with_defaults(config)
+    source = check_eval_data(config)
     d = config.data
     mask = d.eval_mask or d.mask
     n = int(config.eval_images)
-    batch = per_process_batch_size(int(config.eval_batch_size or config.batch_size), jax.process_count())
-    it = make_dataset(
-        _plain(d.eval_source or d.source),
-        loader="grain",
-        image_size=d.image_size,
-        batch_size=batch,
-        mask_spec=_plain(mask) if "mask" in fields else None,
-        fields=tuple(fields),
-        scale=d.scale,
-        seed=config.seed,
-        mask_seed=EVAL_MASK_SEED,
-        train=False,
-        num_epochs=1,
-        drop_remainder=True,
-    )
+    batch = per_process_batch_size(_eval_batch_size(config), jax.process_count())
+    try:
+        it = make_dataset(
+            source,
+            loader="grain",
+            image_size=d.image_size,
+            batch_size=batch,
+            mask_spec=_plain(mask) if "mask" in fields else None,
+            fields=tuple(fields),
+            scale=d.scale,
+            seed=config.seed,
+            mask_seed=EVAL_MASK_SEED,
+            train=False,
+            num_epochs=1,
+            drop_remainder=True,
+        )
+    except (ValueError, OSError) as err:  # e.g. no readable image
+        raise EvalDataError(f"eval data {_where(config)}: {_first_line(err)}") from None
     per_process = n // jax.process_count()
-    seen = 0
-    for b in it:
-        if seen + len(b["image"]) > per_process:  # keep global batches whole
-            break
-        # mask index = source index, so these are the eval set's masks (checked by the data tests)
-        yield {k: b[k] for k in ("image", *fields)}
-        seen += len(b["image"])
+
+    def batches():
+        seen = 0
+        for b in it:
+            if seen + len(b["image"]) > per_process:  # keep global batches whole
+                break
+            # mask index = source index, so these are the eval set's masks (checked by the data tests)
+            yield {k: b[k] for k in ("image", *fields)}
+            seen += len(b["image"])
+        if not seen:
+            raise EvalDataError(f"eval data {_where(config)}: no eval batch of {batch} readable images")
+
+    return batches()
 
 
 def inpainting_metrics(outputs: dict, batch: dict) -> dict[str, jax.Array]:
@@ -100,6 +162,7 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path):
             return {k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()}
 
         return whole_set
+    check_eval_data(config)  # before the eval masks are written
     mask_set = eval_mask_set(config, workdir) if "mask" in task.fields else None
     metric_fn = task.eval_metrics or inpainting_metrics
     batch_metrics = jax.jit(lambda params, variables, batch: metric_fn(task.predict(params, variables, batch), batch))
@@ -113,8 +176,8 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path):
             for k, v in jax.device_get(batch_metrics(state.params, state.variables, batch)).items():
                 totals[k] = totals.get(k, 0.0) + float(v) * size
             count += size
-        if count == 0:
-            raise ValueError("evaluation saw no images: eval_images must be at least the eval batch size")
+        if count == 0:  # eval_batches says why first
+            raise EvalDataError(f"eval data {_where(config)}: evaluation saw no images")
         result = {f"eval_{k}": v / count for k, v in totals.items()}
         result["eval_images"] = count
         if mask_set is not None:

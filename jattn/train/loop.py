@@ -38,10 +38,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jattn._paths import write_problem
+from jattn._paths import write_atomic, write_problem
 from jattn.config import with_defaults
 from jattn.train.checkpoint import Checkpointer, NonFiniteStateError
-from jattn.train.evaluate import make_evaluator
+from jattn.train.evaluate import check_eval_data, make_evaluator
 from jattn.train.input import StepBatches
 from jattn.train.logging import MetricWriter, truncate_events, truncate_metrics
 from jattn.train.setup import abstract_train_state, provenance, state_init_fn
@@ -266,12 +266,15 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
     Raises `TrainError` (refused: nothing written, though a corrupt checkpoint met on the way
     is still moved aside; `SetupError` before the workdir is even created),
     `NonFiniteLossError`, `jattn.train.checkpoint.CheckpointError` (a save failed, or no
-    checkpoint restores) and `jattn.train.logging.LogWriteError`.
+    checkpoint restores), `jattn.train.logging.LogWriteError` and `jattn._paths.WriteError`
+    (`WORKDIR/config.json` could not be written, e.g. a full disk; the old one is kept).
     """
     config = with_defaults(config)  # every key of the task's schema, its defaults where unset
     total = _total_steps(config)
     workdir = pathlib.Path(workdir)
     problem = write_problem(workdir, folder=True)
+    if problem is None and workdir.is_dir():
+        problem = write_problem(workdir / "config.json", folder=False)
     if problem is not None:
         raise SetupError(f"cannot train in workdir {workdir}: {problem}")
     run = _set_up(config, data_iter)
@@ -308,13 +311,16 @@ class _Run(NamedTuple):
 
 def _set_up(config, data_iter) -> _Run:
     """The mesh, task, training data and abstract state of a run; `SetupError` (one line)
-    for batch sizes the devices cannot split, a data source that gives no image, or a model
-    that cannot take the config's images (its initialisation is traced, nothing computed)."""
+    for batch sizes the devices cannot split, a data source (or eval source, where the run
+    evaluates) that gives no image, or a model that cannot take the config's images (its
+    initialisation is traced, nothing computed)."""
     mesh = make_mesh()
     _check_batch_sizes(config, mesh.size)
     try:
         task = build_task(config)
         data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
+        if config.eval_every:
+            check_eval_data(config)
         return _Run(mesh, task, data, abstract_train_state(task, config, mesh))
     except (ValueError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -382,17 +388,17 @@ def _train_locked(config, workdir: pathlib.Path, total: int, run: _Run, progress
         # One program per step (all its updates), the state donated; see jattn.train.steps.
         step_fn = make_train_step(task.updates, mesh, unroll=bool(config.step_unroll))
         batches = StepBatches(data, len(task.updates), mesh, size=int(config.prefetch_steps))
+        config_dict = _plain(config)
+        config_dict["jattn"] = provenance()
         if jax.process_index() == 0:
+            # before the logs are cut back: a config.json that cannot be written loses nothing
+            _write_json(workdir / "config.json", config_dict)
             truncate_metrics(workdir, start)  # replayed steps are logged again below
             truncate_events(workdir, start)
         writer = MetricWriter(workdir, process_index=jax.process_index())
         predict = jax.jit(task.predict)
         eval_every = int(config.eval_every)
         evaluator = make_evaluator(task, config, mesh, workdir) if eval_every else None  # compiled once
-        config_dict = _plain(config)
-        config_dict["jattn"] = provenance()
-        if jax.process_index() == 0:
-            _write_json(workdir / "config.json", config_dict)
 
         def save(step: int) -> None:
             try:
@@ -525,9 +531,9 @@ def _bad_data_counts(data) -> dict[str, float]:
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    """`data` as JSON in `path`, replaced at once (`jattn._paths.write_atomic`); a
+    `WriteError` naming `path` when it cannot be written."""
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def _numeric(metrics: dict | None) -> dict | None:
