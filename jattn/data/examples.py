@@ -16,7 +16,7 @@ batches for the same arguments.
   index = slot = mask index, so eval masks do not depend on the number of processes),
   then the remainder split evenly over the processes.
 * Example (:class:`ExampleMaker`).  ``image`` always; the task's ``fields`` add
-  ``mask`` = ``masks.mask_for_index(spec, image_size, mask_seed, mask_index)``, ``label``
+  ``mask`` = ``masks.mask_for_index(spec, image_size, mask_seed, mask_index, train=train)``, ``label``
   (the record's class), ``lowres`` (bicubic downscale of the crop by ``scale``) and
   ``segmentation`` (the record's map, cropped and flipped with the image); crop / flip
   use ``default_rng([seed, mask_index, 1])``.
@@ -211,8 +211,9 @@ class ExampleMaker:
         return spec
 
     def mask(self, mask_index: int) -> np.ndarray:
+        # train=False: folder masks take file mask_index % n unaugmented, as eval_set does.
         return masks_lib.mask_for_index(self.mask_spec, self.image_size, self.mask_seed,
-                                        int(mask_index))
+                                        int(mask_index), train=self.train)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,21 +9,32 @@ functions of a ``numpy.random.Generator``; the pipelines build it from
 ``(seed, example index)`` with :func:`mask_rng`, so the same example gets the same mask
 in tf.data, in grain and in :func:`eval_set`.
 
+``{"kind": "folder", "path": DIR}`` (:class:`FolderMask`) reads masks from image files
+(white / nonzero = hole): in training a random file per example, randomly rotated, flipped
+and cropped; in evaluation (``train=False``) file ``i`` for example ``i``, unaugmented.
+
 Only numpy and PIL are used here (no TensorFlow, no grain).
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
+import io
 import json
+import logging
 import math
 import os
 import pathlib
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from jattn.data.images import BadImageError
 
 Size = tuple[int, int]
 
@@ -34,6 +45,9 @@ __all__ = [
     "LamaBoxMask",
     "MixtureMask",
     "UnionMask",
+    "FolderMask",
+    "MASK_EXTENSIONS",
+    "clear_mask_cache",
     "Stroke",
     "PRESETS",
     "parse_mask_spec",
@@ -372,8 +386,9 @@ class MixtureMask:
         """Index of the component used for the next mask."""
         return int(rng.choice(len(self.components), p=self.probabilities))
 
-    def sample(self, rng: np.random.Generator, size: Size) -> np.ndarray:
-        return self.components[self.choose(rng)][1].sample(rng, size)
+    def sample(self, rng: np.random.Generator, size: Size, index: int | None = None,
+               train: bool = True) -> np.ndarray:
+        return _draw(self.components[self.choose(rng)][1], rng, size, index, train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,14 +403,296 @@ class UnionMask:
             raise ValueError("union mask needs at least one part")
         object.__setattr__(self, "parts", parts)
 
-    def sample(self, rng: np.random.Generator, size: Size) -> np.ndarray:
+    def sample(self, rng: np.random.Generator, size: Size, index: int | None = None,
+               train: bool = True) -> np.ndarray:
         mask = np.zeros(size, bool)
         for part in self.parts:
-            mask |= part.sample(rng, size)
+            mask |= _draw(part, rng, size, index, train)
         return mask
 
 
-MaskSpec = Union[BoxMask, FreeFormMask, LamaStrokeMask, LamaBoxMask, MixtureMask, UnionMask]
+# --------------------------------------------------------------------------- mask folders
+
+#: Extensions of mask image files (any case).
+MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+#: Bytes of bit-packed masks kept per process by the decoded-mask cache (LRU).
+MASK_CACHE_BYTES = 64 << 20
+
+logger = logging.getLogger("jattn.data")
+
+_cache: OrderedDict = OrderedDict()  # (content digest, threshold, invert) -> (bits, width) | reason
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def clear_mask_cache() -> None:
+    """Empties this process's cache of decoded mask files (results never depend on it)."""
+    global _cache_bytes
+    with _cache_lock:
+        _cache.clear()
+        _cache_bytes = 0
+
+
+def _warn_bad_mask(name: str, reason: str) -> None:
+    with _cache_lock:
+        if name in _warned:
+            return
+        _warned.add(name)
+    logger.warning("skipping bad mask file %s: %s", name, reason)
+
+
+def _decode_gray(data: bytes, name: str) -> np.ndarray:
+    """Encoded image -> uint8 ``[h, w]``: each pixel's largest channel (16-bit scaled to 8
+    bits, transparent pixels black); raises :class:`BadImageError`."""
+    if not data:
+        raise BadImageError(name, "empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # raises on truncated data
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if mode in ("1", "L"):
+                arr = np.asarray(im.convert("L"))
+            elif mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                raw = np.asarray(im).astype(np.float64)
+                scale = 65535.0 if mode != "I" or (raw.size and raw.max() > 255) else 255.0
+                arr = np.clip(np.round(raw / scale * 255.0), 0, 255).astype(np.uint8)
+            else:
+                if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")
+                    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                    im = Image.alpha_composite(black, rgba)
+                arr = np.asarray(im.convert("RGB")).max(axis=2)
+    except UnidentifiedImageError:
+        raise BadImageError(name, "not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as e:
+        raise BadImageError(name, f"too many pixels ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
+        raise BadImageError(name, f"corrupt or truncated image ({e})") from None
+    if arr.ndim != 2 or min(arr.shape) == 0:
+        raise BadImageError(name, f"unsupported image shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _load_mask_file(path: str, threshold: float, invert: bool) -> np.ndarray:
+    """bool ``[h, w]`` (True = hole) of a mask file; raises :class:`BadImageError`.
+
+    The decoded mask is cached by a digest of the file's bytes, so a changed file is
+    decoded again and the result never depends on the cache."""
+    global _cache_bytes
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadImageError(path, f"cannot read ({e.strerror or e})") from None
+    key = (hashlib.blake2b(data, digest_size=16).digest(), float(threshold), bool(invert))
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+    if isinstance(hit, str):
+        raise BadImageError(path, hit)
+    if hit is not None:
+        bits, width = hit
+        return np.unpackbits(bits, axis=-1, count=width).astype(bool)
+    try:
+        hole = _decode_gray(data, path) > threshold * 255.0
+    except BadImageError as e:
+        entry, mask = e.reason, None
+    else:
+        if invert:
+            hole = ~hole
+        entry, mask = (np.packbits(hole, axis=-1), hole.shape[1]), hole
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = entry
+            _cache_bytes += 64 if isinstance(entry, str) else entry[0].nbytes
+            while _cache_bytes > MASK_CACHE_BYTES and len(_cache) > 1:
+                _, old = _cache.popitem(last=False)
+                _cache_bytes -= 64 if isinstance(old, str) else old[0].nbytes
+    if mask is None:
+        raise BadImageError(path, entry)
+    return mask
+
+
+def _list_mask_files(path: str, pattern: str) -> tuple[str, list[str]]:
+    """``(absolute root, sorted relative posix paths)`` of the mask images below ``path``."""
+    if "://" in path:
+        raise ValueError(f"mask folder {path}: only local folders are supported (copy the masks to each host)")
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(root):
+        raise ValueError(f"mask folder not found: {root}")
+    if not os.path.isdir(root):
+        raise ValueError(f"mask folder {root} is not a folder")
+    pat = pattern.lower()
+    rel = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in filenames:
+            low = fn.lower()
+            if os.path.splitext(low)[1] in MASK_EXTENSIONS and fnmatch.fnmatchcase(low, pat):
+                rel.append(os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"))
+    rel.sort()
+    if not rel:
+        which = "" if pattern == "*" else f" matching {pattern!r}"
+        raise ValueError(f"mask folder {root}: no mask images{which} "
+                         f"({', '.join(MASK_EXTENSIONS)}, any case)")
+    return root, rel
+
+
+def _fit(mask: np.ndarray, size: Size, rng: np.random.Generator | None, fit: str) -> np.ndarray:
+    """bool ``[h, w]`` -> ``[H, W]``: with ``fit="crop"`` a mask at least as large as the
+    image on both sides is cropped (at random with ``rng``, else centred); any other
+    mask is resized (nearest neighbour) to exactly ``size``."""
+    (H, W), (h, w) = size, mask.shape
+    if fit == "crop" and h >= H and w >= W:
+        if rng is None:
+            top, left = (h - H) // 2, (w - W) // 2
+        else:
+            top, left = int(rng.integers(0, h - H + 1)), int(rng.integers(0, w - W + 1))
+        mask = mask[top:top + H, left:left + W]
+    elif (h, w) != (H, W):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((W, H), Image.NEAREST)) > 0
+    return np.ascontiguousarray(mask, dtype=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderMask:
+    """Masks read from the image files below ``path`` (recursive).
+
+    Files: extensions in :data:`MASK_EXTENSIONS` (any case) whose name matches ``pattern``
+    (``fnmatch``, any case), sorted by relative path -- the order does not depend on the
+    filesystem.  A pixel's value is its largest channel (16-bit images scaled to 8 bits,
+    transparent pixels count as black); it is a hole when ``value > threshold * 255``
+    (white / nonzero = hole), or ``<=`` with ``invert=True`` (black = hole).
+
+    Training (``train=True``): file ``rng.integers(n)``, then (with the same generator) a
+    rotation by a random multiple of 90 degrees (``rotate``), random left-right and
+    up-down flips with probability 1/2 each (``flip``), and the fit to the image size.
+    Evaluation (``train=False``): file ``index % n`` (cycling when there are fewer files
+    than examples), no rotation or flip, centred fit.
+
+    Fit (``fit="crop"``): a mask at least as large as the image on both sides is cropped
+    (random position in training, centred in evaluation); otherwise it is resized to the
+    image size with nearest neighbour (aspect ratio not kept).  ``fit="resize"``: always
+    resized, so the whole mask (and its hole fraction) is kept.
+
+    A file that cannot be decoded is skipped: it is replaced by the next readable file in
+    order (one warning per file and process, logger ``jattn.data``).  Making the spec
+    lists the folder and decodes the first readable file: a missing folder, a folder
+    without mask images, or one whose files are all unreadable is a ``ValueError``.
+    """
+
+    path: str = ""
+    invert: bool = False
+    threshold: float = 0.5
+    flip: bool = True
+    rotate: bool = True
+    fit: str = "crop"
+    pattern: str = "*"
+
+    def __post_init__(self):
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+            raise ValueError(f"folder mask needs 'path', a folder of mask images, got {self.path!r}")
+        object.__setattr__(self, "path", os.fspath(self.path))
+        for name in ("invert", "flip", "rotate"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"folder mask {name!r} must be true or false, got {value!r}")
+            object.__setattr__(self, name, bool(value))
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.number)) \
+                or not 0.0 <= float(self.threshold) < 1.0:
+            raise ValueError(f"folder mask threshold must be a number in [0, 1), got {self.threshold!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        if self.fit not in ("crop", "resize"):
+            raise ValueError(f"folder mask fit must be 'crop' or 'resize', got {self.fit!r}")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"folder mask pattern must be a non-empty string, got {self.pattern!r}")
+        root, files = _list_mask_files(self.path, self.pattern)
+        # Not dataclass fields: equality, repr and the JSON form are the parameters only.
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_files", tuple(files))
+        self.load(0)  # a folder without one readable mask fails here, before training
+
+    @property
+    def root(self) -> str:
+        """Absolute path of the folder."""
+        return self._root
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Relative paths (``/``-separated) of the mask files, in the order used."""
+        return self._files
+
+    def file_path(self, j: int) -> str:
+        return os.path.join(self._root, *self._files[j].split("/"))
+
+    def load(self, j: int) -> np.ndarray:
+        """bool ``[h, w]`` (True = hole) of file ``j``, or of the next readable file after it
+        (cyclically) when it cannot be decoded."""
+        n = len(self._files)
+        first = None
+        for step in range(n):
+            try:
+                return _load_mask_file(self.file_path((j + step) % n), self.threshold, self.invert)
+            except BadImageError as e:
+                _warn_bad_mask(e.name, e.reason)
+                first = first or e
+        raise ValueError(f"mask folder {self._root}: no readable mask image among its {n} file(s) "
+                         f"(first error: {first})")
+
+    def sample(self, rng: np.random.Generator, size: Size, index: int | None = None,
+               train: bool = True) -> np.ndarray:
+        n = len(self._files)
+        if train:
+            mask = self.load(int(rng.integers(n)))
+            if self.rotate:
+                mask = np.rot90(mask, int(rng.integers(4)))
+            if self.flip:
+                if rng.random() < 0.5:
+                    mask = mask[:, ::-1]
+                if rng.random() < 0.5:
+                    mask = mask[::-1, :]
+            return _fit(mask, size, rng, self.fit)
+        if index is None:
+            raise ValueError("folder masks in evaluation take file index % n: pass the example index "
+                             "(mask_for_index(..., train=False))")
+        return _fit(self.load(int(index) % n), size, None, self.fit)
+
+
+def _draw(spec: Any, rng: np.random.Generator, size: Size, index: int | None, train: bool) -> np.ndarray:
+    """``spec.sample``, passing the example index and the mode to the specs that use them."""
+    if isinstance(spec, (FolderMask, MixtureMask, UnionMask)):
+        return spec.sample(rng, size, index=index, train=train)
+    return spec.sample(rng, size)
+
+
+def _folder_masks(spec: Any) -> list[FolderMask]:
+    if isinstance(spec, FolderMask):
+        return [spec]
+    if isinstance(spec, MixtureMask):
+        return [f for _, s in spec.components for f in _folder_masks(s)]
+    if isinstance(spec, UnionMask):
+        return [f for p in spec.parts for f in _folder_masks(p)]
+    return []
+
+
+def _folder_digest(folder: FolderMask) -> str:
+    """SHA-256 over the relative paths and SHA-256s of a mask folder's files."""
+    digest = hashlib.sha256()
+    for j, rel in enumerate(folder.files):
+        try:
+            file_hash = file_sha256(folder.file_path(j))
+        except OSError as e:
+            file_hash = f"unreadable ({e.strerror or e})"
+        digest.update(f"{rel}\0{file_hash}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+MaskSpec = Union[BoxMask, FreeFormMask, LamaStrokeMask, LamaBoxMask, MixtureMask, UnionMask,
+                 FolderMask]
 
 _KINDS = {
     "box": BoxMask,
@@ -404,6 +701,7 @@ _KINDS = {
     "lama_boxes": LamaBoxMask,
     "mixture": MixtureMask,
     "union": UnionMask,
+    "folder": FolderMask,
 }
 
 def parse_mask_spec(spec: Any) -> MaskSpec:
@@ -461,26 +759,34 @@ PRESETS: dict[str, MaskSpec] = {
 }
 
 
-def sample_mask(spec: Any, size: int | Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """One mask ``[H, W, 1]`` float32 (1 = hole) drawn from ``spec`` with ``rng``."""
+def sample_mask(spec: Any, size: int | Sequence[int], rng: np.random.Generator, *,
+                index: int | None = None, train: bool = True) -> np.ndarray:
+    """One mask ``[H, W, 1]`` float32 (1 = hole) drawn from ``spec`` with ``rng``.
+
+    ``index`` (the example's) and ``train`` matter to folder masks only: evaluation
+    (``train=False``) takes file ``index % n``, unaugmented."""
     hw = _size(size)
-    mask = parse_mask_spec(spec).sample(rng, hw)
+    mask = _draw(parse_mask_spec(spec), rng, hw, index, train)
     return mask.astype(np.float32)[:, :, None]
 
 
-def mask_for_index(spec: Any, size: int | Sequence[int], seed: int, index: int) -> np.ndarray:
-    """The mask ``[H, W, 1]`` of example ``index`` under ``seed``: a pure function."""
-    return sample_mask(spec, size, mask_rng(seed, index))
+def mask_for_index(spec: Any, size: int | Sequence[int], seed: int, index: int, *,
+                   train: bool = True) -> np.ndarray:
+    """The mask ``[H, W, 1]`` of example ``index`` under ``seed``: a pure function.
+
+    ``train=False`` (evaluation) changes folder masks only (file ``index % n``, no
+    augmentation); generated masks are the same in both modes."""
+    return sample_mask(spec, size, mask_rng(seed, index), index=int(index), train=train)
 
 
 def masks_for_indices(spec: Any, size: int | Sequence[int], seed: int,
-                      indices: Sequence[int]) -> np.ndarray:
+                      indices: Sequence[int], *, train: bool = True) -> np.ndarray:
     """Masks ``[N, H, W, 1]`` of the given example indices."""
     spec = parse_mask_spec(spec)
     hw = _size(size)
     out = np.zeros((len(indices), *hw, 1), np.float32)
     for k, i in enumerate(indices):
-        out[k] = mask_for_index(spec, hw, seed, i)
+        out[k] = mask_for_index(spec, hw, seed, i, train=train)
     return out
 
 
@@ -562,13 +868,19 @@ def eval_set(name: str, n: int, size: int | Sequence[int], seed: int, *,
              directory: str | os.PathLike | None = None, spec: Any = None) -> EvalMaskSet:
     """Builds (or reloads) a fixed eval mask set of ``n`` masks ``[n, H, W, 1]``.
 
-    Mask ``i`` is ``mask_for_index(spec, size, seed, i)`` -- the same mask the pipelines
-    give the example with index ``i`` in eval mode with this mask seed.  ``spec``
-    defaults to the preset ``name``.  The set is saved as
+    Mask ``i`` is ``mask_for_index(spec, size, seed, i, train=False)`` -- the same mask
+    the pipelines give the example with index ``i`` in eval mode with this mask seed (for
+    generated masks the same as in training; folder masks take file ``i % n_files``,
+    unaugmented).  ``spec`` defaults to the preset ``name``.  The set is saved as
     ``<directory>/<name>_n<n>_<H>x<W>_seed<seed>.npy`` (packed bits; deterministic bytes)
     plus ``.npy.json`` with the metadata and the file's SHA-256, then re-read from disk;
     an existing file is loaded and verified instead of rebuilt.  ``directory`` defaults
     to ``$JATTN_CACHE_DIR/eval_masks`` or ``~/.cache/jattn/eval_masks``.
+
+    For specs with mask folders the metadata also records ``mask_files``: per folder, a
+    SHA-256 over its files' relative paths and SHA-256s (every file is read once per
+    call), so an existing set built from files that have changed since is an
+    :class:`EvalMaskError`, not silently reused.
     """
     if n <= 0:
         raise ValueError(f"eval mask set size must be positive, got n={n}")
@@ -579,14 +891,24 @@ def eval_set(name: str, n: int, size: int | Sequence[int], seed: int, *,
     path = directory / f"{safe}_n{n}_{hw[0]}x{hw[1]}_seed{seed}.npy"
     meta = {"format": _EVAL_FORMAT, "name": name, "n": n, "height": hw[0], "width": hw[1],
             "seed": seed, "spec": _spec_to_json(parsed)}
+    folders = _folder_masks(parsed)
+    if folders:
+        meta["mask_files"] = {f.path: _folder_digest(f) for f in folders}
     if path.exists():
         loaded = load_eval_set(path)
         stored = {k: loaded.metadata.get(k) for k in meta}
         if json.dumps(stored, sort_keys=True) != json.dumps(meta, sort_keys=True):
+            rebuild = f"remove {path.name} and {path.name}.json to rebuild it"
+            if {k: v for k, v in stored.items() if k != "mask_files"} == \
+                    {k: v for k, v in meta.items() if k != "mask_files"}:
+                changed = sorted(k for k, v in meta["mask_files"].items()
+                                 if (stored.get("mask_files") or {}).get(k) != v)
+                raise EvalMaskError(f"eval mask set {path} was built from mask files that have changed "
+                                    f"since (in {', '.join(changed)}); {rebuild}")
             raise EvalMaskError(f"eval mask set {path} exists but was built with different "
                              f"parameters: {stored} != {meta}")
         return loaded
-    masks = masks_for_indices(parsed, hw, seed, range(n))
+    masks = masks_for_indices(parsed, hw, seed, range(n), train=False)
     bits = np.packbits(masks[..., 0] > 0.5, axis=-1)  # [n, H, ceil(W / 8)] uint8
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes may build it at once
