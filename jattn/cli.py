@@ -209,18 +209,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{args.workdir}: no checkpoint for step {args.step} (have {', '.join(map(str, steps))})")
     config = _load_config(args) if args.config else _saved_config(args, steps[-1] if args.step is None else args.step)
     from jattn._paths import check_writable, write_atomic
-    from jattn.train.evaluate import check_eval_data, evaluate
+    from jattn.train.evaluate import SaveOutputsError, check_eval_data, check_save_outputs, evaluate
     from jattn.train.setup import restore_for_eval
 
     workdir = pathlib.Path(args.workdir)
     try:
-        # what can be checked before the checkpoint is read: the result's file, the eval data
+        # what can be checked before the checkpoint is read: the result's file, the eval data, the outputs' folder
         check_writable(workdir / f"eval_{steps[-1] if args.step is None else args.step}.json")
         check_eval_data(config)
+        if args.save_outputs is not None:
+            check_save_outputs(args.save_outputs)
         task, state, mesh, step = restore_for_eval(config, workdir, args.step)
-        result = {"step": step, **evaluate(task, state, config, mesh, workdir)}
+        result = {"step": step, **evaluate(task, state, config, mesh, workdir, save_outputs=args.save_outputs)}
         write_atomic(workdir / f"eval_{step}.json", json.dumps(result, indent=2))
-    except (FileNotFoundError, *_run_errors()) as err:
+    except (FileNotFoundError, SaveOutputsError, *_run_errors()) as err:
         raise _one_line(err) from None
     print(json.dumps(result))
     return 0
@@ -528,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workdir", required=True, help="the training workdir whose checkpoint is evaluated")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    ev.add_argument("--save-outputs", default=None, metavar="DIR",
+                    help="also write every evaluated example as PNG files into DIR (a new or empty folder): "
+                         "NNNN_output.png, NNNN_target.png and, for inpainting, NNNN_mask.png")
     ev.set_defaults(func=_cmd_eval)
 
     inp = sub.add_parser("inpaint", help="fill the holes of images with a trained checkpoint")

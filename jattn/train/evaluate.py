@@ -11,11 +11,21 @@ inpainting ones (PSNR, SSIM, L1, L2, TV, and L1 inside the hole of "output" agai
 Eval data that gives no eval batch (a source that cannot be made or holds no image, fewer
 images than one batch, eval_images below one batch) is an `EvalDataError` naming the
 source, raised before anything is written.
+
+With `save_outputs=DIR` every evaluated example is written as PNG files too, so any tool
+can score them: `DIR/NNNN_output.png` (the model's output: the completed image, the
+super-resolved image, the coloured label map), `DIR/NNNN_target.png` and, for inpainting,
+`DIR/NNNN_mask.png` (white = hole), NNNN the example's index in the eval set. Pixel values
+in [-1, 1] become round((x + 1) * 127.5). The metrics reported are those of the float
+outputs; computed from the files they agree up to this 8-bit rounding.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -26,8 +36,8 @@ from jattn import metrics as M
 from jattn.config import with_defaults
 from jattn.train.sharding import to_global_array
 
-__all__ = ["EVAL_MASK_SEED", "EvalDataError", "check_eval_data", "eval_mask_set", "eval_batches", "make_evaluator",
-           "evaluate", "inpainting_metrics"]
+__all__ = ["EVAL_MASK_SEED", "EvalDataError", "SaveOutputsError", "check_eval_data", "eval_mask_set", "eval_batches",
+           "make_evaluator", "evaluate", "inpainting_metrics", "saved_images", "check_save_outputs"]
 
 EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
 
@@ -35,6 +45,11 @@ EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
 class EvalDataError(ValueError):
     """The eval data gives no eval batch; the message is one line naming the source (its
     config key and kind, and a folder's path or a dataset's name)."""
+
+
+class SaveOutputsError(ValueError):
+    """Evaluation outputs that cannot be saved as images (the task has none, or the folder
+    cannot be written); the message is one line."""
 
 
 def _plain(x):
@@ -69,6 +84,13 @@ def check_eval_data(config):
     batch, n = _eval_batch_size(config), int(config.eval_images)
     if n < batch:
         raise EvalDataError(f"eval_images={n} is less than one eval batch ({batch}): there is nothing to evaluate")
+    if config.data.eval_mask is not None:  # a mask spec that cannot be parsed, before anything is written
+        from jattn.data.masks import parse_mask_spec
+
+        try:
+            parse_mask_spec(_plain(config.data.eval_mask))
+        except ValueError as err:
+            raise EvalDataError(f"data.eval_mask: {_first_line(err)}") from None
     spec = _plain(config.data.eval_source or config.data.source)
     if spec is None:
         raise EvalDataError("no eval data: data.source and data.eval_source are not set")
@@ -151,11 +173,101 @@ def inpainting_metrics(outputs: dict, batch: dict) -> dict[str, jax.Array]:
     return out
 
 
-def make_evaluator(task, config, mesh, workdir: str | pathlib.Path):
+def _to_uint8(x: jax.Array) -> jax.Array:
+    """[-1, 1] -> uint8 round((x + 1) * 127.5), clipped."""
+    return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def saved_images(outputs: dict, batch: dict) -> dict[str, jax.Array]:
+    """The images `--save-outputs` writes per example, uint8 `[B, H, W, C]`: "output" (the
+    task's "labels" picture if it has one, else its "output"), "target" (its "target", else
+    the batch's "image") and "mask" (inpainting: 255 = hole). A `SaveOutputsError` when
+    the output is not an image batch (1 or 3 channels, the target's size)."""
+    output = outputs.get("labels", outputs.get("output"))
+    target = outputs.get("target", batch["image"])
+    if output is None or output.ndim != 4 or output.shape[-1] not in (1, 3) or output.shape[:3] != target.shape[:3]:
+        shape = None if output is None else tuple(output.shape)
+        raise SaveOutputsError(f"--save-outputs writes images, and this task's output (shape {shape}) is not an "
+                               "image of the target's size")
+    out = {"output": _to_uint8(output), "target": _to_uint8(target)}
+    if "mask" in batch:
+        out["mask"] = (jnp.round(batch["mask"].astype(jnp.float32)) * 255).astype(jnp.uint8)
+    return out
+
+
+def check_save_outputs(directory: str | os.PathLike) -> pathlib.Path:
+    """`directory` as a Path when the outputs can be saved there (it does not exist, or is an
+    empty folder, and its parent can be written); a `SaveOutputsError` saying why not."""
+    from jattn._paths import write_problem
+
+    directory = pathlib.Path(directory)
+    problem = write_problem(directory, folder=True)
+    if problem is None and directory.is_dir() and any(directory.iterdir()):
+        problem = "the folder is not empty"
+    if problem is not None:
+        raise SaveOutputsError(f"cannot save outputs to {directory}: {problem}")
+    return directory
+
+
+class _ImageWriter:
+    """Writes `saved_images` batches into a temporary folder beside `directory` and moves
+    it into place when every example is written (`finish`), so a failed evaluation leaves
+    no partial folder (`abort`)."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.directory = directory
+        self.tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.count = 0
+
+    def write(self, images: dict[str, np.ndarray]) -> None:
+        from PIL import Image
+
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            for i in range(len(images["output"])):
+                for name, batch in images.items():
+                    picture = batch[i][..., 0] if batch.shape[-1] == 1 else batch[i]
+                    buffer = io.BytesIO()
+                    Image.fromarray(picture).save(buffer, format="PNG")
+                    (self.tmp / f"{self.count:04d}_{name}.png").write_bytes(buffer.getvalue())
+                self.count += 1
+        except OSError as err:
+            self.abort()
+            raise SaveOutputsError(f"cannot save outputs to {self.directory}: {err.strerror or err}") from None
+
+    def finish(self) -> None:
+        try:
+            if self.directory.is_dir():
+                self.directory.rmdir()  # checked empty before the evaluation
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp, self.directory)
+        except OSError as err:
+            self.abort()
+            raise SaveOutputsError(f"cannot save outputs to {self.directory}: {err.strerror or err}") from None
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _host_images(images: dict) -> dict[str, np.ndarray]:
+    """Every process's examples of a global batch, on every process, as numpy."""
+    if jax.process_count() == 1:
+        return {k: np.asarray(v) for k, v in jax.device_get(images).items()}
+    from jax.experimental import multihost_utils
+
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(images, tiled=True).items()}
+
+
+def make_evaluator(task, config, mesh, workdir: str | pathlib.Path, save_outputs: str | os.PathLike | None = None):
     """`evaluator(state) -> dict`: the metrics of `evaluate`, with the metric program
     compiled once (at its first call) for every later evaluation of the run, and the eval
-    mask set built and hashed once."""
+    mask set built and hashed once. With `save_outputs`, each call also writes the eval
+    set's images there (module docstring); process 0 writes them."""
     config = with_defaults(config)
+    if save_outputs is not None and getattr(task, "evaluate", None) is not None:
+        raise SaveOutputsError("--save-outputs writes images per example, and this task evaluates the whole set at "
+                               "once (e.g. FID); it has no per-example outputs to save")
     if getattr(task, "evaluate", None) is not None:
         def whole_set(state):
             result = task.evaluate(state, config, mesh, eval_batches(config, task.fields))
@@ -165,19 +277,38 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path):
     check_eval_data(config)  # before the eval masks are written
     mask_set = eval_mask_set(config, workdir) if "mask" in task.fields else None
     metric_fn = task.eval_metrics or inpainting_metrics
-    batch_metrics = jax.jit(lambda params, variables, batch: metric_fn(task.predict(params, variables, batch), batch))
+    directory = None if save_outputs is None else check_save_outputs(save_outputs)
+
+    def metrics_and_images(params, variables, batch):
+        outputs = task.predict(params, variables, batch)
+        return metric_fn(outputs, batch), (saved_images(outputs, batch) if directory is not None else {})
+
+    batch_metrics = jax.jit(metrics_and_images)
 
     def per_batch_means(state):
         totals: dict[str, float] = {}
         count = 0
-        for host in eval_batches(config, task.fields):
-            batch = to_global_array(host, mesh)
-            size = batch["image"].shape[0]
-            for k, v in jax.device_get(batch_metrics(state.params, state.variables, batch)).items():
-                totals[k] = totals.get(k, 0.0) + float(v) * size
-            count += size
-        if count == 0:  # eval_batches says why first
-            raise EvalDataError(f"eval data {_where(config)}: evaluation saw no images")
+        writer = _ImageWriter(directory) if directory is not None and jax.process_index() == 0 else None
+        try:
+            for host in eval_batches(config, task.fields):
+                batch = to_global_array(host, mesh)
+                size = batch["image"].shape[0]
+                metrics, images = batch_metrics(state.params, state.variables, batch)
+                for k, v in jax.device_get(metrics).items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * size
+                if directory is not None:
+                    images = _host_images(images)  # every process takes part in the gather
+                    if writer is not None:
+                        writer.write(images)
+                count += size
+            if count == 0:  # eval_batches says why first
+                raise EvalDataError(f"eval data {_where(config)}: evaluation saw no images")
+            if writer is not None:
+                writer.finish()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
         result = {f"eval_{k}": v / count for k, v in totals.items()}
         result["eval_images"] = count
         if mask_set is not None:
@@ -187,6 +318,8 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path):
     return per_batch_means
 
 
-def evaluate(task, state, config, mesh, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Mean metrics over the eval set (`eval_` prefixed), plus the mask set's SHA-256."""
-    return make_evaluator(task, config, mesh, workdir)(state)
+def evaluate(task, state, config, mesh, workdir: str | pathlib.Path,
+             save_outputs: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Mean metrics over the eval set (`eval_` prefixed), plus the mask set's SHA-256; with
+    `save_outputs`, the eval set's images written there (module docstring)."""
+    return make_evaluator(task, config, mesh, workdir, save_outputs)(state)
