@@ -1,5 +1,6 @@
 """tf.data pipeline and TFDS sources, on a tiny TFDS dataset built locally (no download)."""
 import io
+import json
 import logging
 import os
 
@@ -60,6 +61,9 @@ def toy_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     for fmt in ("tfrecord", "array_record"):
         JattnTestToyImages(data_dir=os.fspath(root / fmt), file_format=fmt).download_and_prepare()
+    # 4 files a split: the shuffled file order and the interleave of files matter
+    JattnTestToyImages(data_dir=os.fspath(root / "tfrecord4"), file_format="tfrecord").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
     return root
 
 
@@ -204,3 +208,124 @@ def test_tfds_source_pickles_for_workers(toy_dir):
     clone = pickle.loads(pickle.dumps(src))
     assert clone._builder is None and len(clone) == 11
     assert clone[3].data == src[3].data and clone[3].name == f"{TOY}/test[3]"
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def _resumed(make, n, k, encode=True):
+    """n batches straight; k batches, the state, a fresh iterator restored from it, n - k
+    batches.  Returns (straight, resumed, straight iterator, restored iterator, state)."""
+    straight = make()
+    a = [next(straight) for _ in range(n)]
+    first = make()
+    b = [next(first) for _ in range(k)]
+    state = first.get_state()
+    first.close()
+    restored = make()
+    # grain's orbax handler passes a non-grain iterator's state back as the JSON bytes
+    restored.set_state(json.dumps(state).encode() if encode else state)
+    b += [next(restored) for _ in range(n - k)]
+    return a, b, straight, restored, state
+
+
+class _CountingSource:
+    """A random-access source that records which records are read."""
+
+    random_access = True
+
+    def __init__(self, source):
+        self.source, self.read = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.read.append(int(i))
+        return self.source[i]
+
+
+@pytest.mark.parametrize("kind", ["sample_photos", "folder"])
+def test_random_access_state_restore_is_exact(kind, tmp_path):
+    if kind == "folder":
+        for i in range(23):
+            (tmp_path / f"{i:02d}.png").write_bytes(_constant_png(i))
+        src = S.folder_source(tmp_path)
+    else:
+        src = S.sample_photos_source(num_examples=23, crop_size=40)
+    # 2 processes x 3 = 6 a global batch: 3 batches an epoch per process, restored inside epoch 2
+    kw = _kw(batch_size=3, process_index=1, process_count=2)
+    a, b, straight, restored, state = _resumed(lambda: tfdata.make_dataset(src, **kw), n=8, k=4)
+    assert_batches_equal(a, b)
+    assert state["format"] == tfdata.STATE_FORMAT and state["position"] == 12 and state["batches"] == 4
+    assert state["pipeline"]["num_records"] == 23 and state["pipeline"]["process_index"] == 1
+    assert restored.get_state() == straight.get_state()
+    assert restored.bad_data == straight.bad_data
+    # the same batches as grain's
+    assert_batches_equal(a, _take(jgrain.make_dataset(src, **kw), 8))
+
+
+def test_random_access_restore_reads_no_skipped_example():
+    src = _CountingSource(S.sample_photos_source(num_examples=30, crop_size=40))
+    kw = _kw(batch_size=3, num_epochs=1)
+    it = tfdata.make_dataset(src, **kw)
+    _take(it, 8)
+    state = it.get_state()
+    assert state["position"] == 24
+    restored = tfdata.make_dataset(src, **kw)
+    restored.set_state(state)
+    src.read.clear()  # the build checks that a record is readable
+    rest = list(restored)
+    assert len(rest) == 2
+    perm = np.random.default_rng([5, 0, 2]).permutation(30)  # epoch 0 of seed 5 (ExampleOrder)
+    assert sorted(src.read) == sorted(perm[24:].tolist())  # only positions 24..29 are read
+
+
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_tfds_tfrecord_state_restore_is_exact(toy_dir, process_index, process_count):
+    src = toy(toy_dir, "train", "tfrecord4")
+    kw = _kw(shuffle_buffer=8, process_index=process_index, process_count=process_count)
+    per_process = 37 // process_count
+    n = 2 * per_process // 4 + 2  # over 2 epochs, restored in the first
+    a, b, straight, restored, _ = _resumed(lambda: tfdata.make_dataset(src, **kw), n=n, k=5)
+    assert_batches_equal(a, b)
+    assert restored.get_state() == straight.get_state()
+    ids = np.concatenate([decode_ids(x["image"]) for x in a])
+    assert len(set(ids[:per_process].tolist())) == per_process  # a shuffled epoch, then the next
+    assert not np.array_equal(ids[:per_process], ids[per_process:2 * per_process])
+
+
+def test_tfds_tfrecord_restore_counts_dropped_records_exactly(toy_dir):
+    src = toy(toy_dir, "mixed")  # ids 200..207; 202, 205, 207 are bad (207 last), 206 gray
+    kw = _kw(train=False, batch_size=1, drop_remainder=False)
+    straight = tfdata.make_dataset(src, **kw)
+    a = list(straight)
+    first = tfdata.make_dataset(src, **kw)
+    b = _take(first, 3)  # 200, 201, 203: one dropped on the way
+    assert first.bad_data.skipped == 1
+    restored = tfdata.make_dataset(src, **kw)
+    restored.set_state(first.get_state())
+    b += list(restored)
+    assert_batches_equal(a, b)
+    assert restored.bad_data == straight.bad_data == tfdata.ex.BadDataStats(skipped=3, converted=1)
+
+
+def test_restore_refuses_a_grain_state_and_warns_on_another_pipeline(caplog):
+    src = S.sample_photos_source(num_examples=30, crop_size=40)
+    grain_it = jgrain.make_dataset(src, **_kw())
+    _take(grain_it, 2)
+    it = tfdata.make_dataset(src, **_kw())
+    with pytest.raises(ValueError, match=r"^the saved data-iterator state is not a tf\.data one \(written by "
+                       r"the grain loader\?\)[^\n]*$"):
+        it.set_state(json.dumps(grain_it.get_state()).encode())
+    with pytest.raises(ValueError, match="not a tf.data one"):
+        it.set_state(b"not json")
+    first = tfdata.make_dataset(src, **_kw())
+    _take(first, 2)
+    other = tfdata.make_dataset(src, **_kw(seed=6))
+    with caplog.at_level(logging.WARNING, logger="jattn.data"):
+        other.set_state(first.get_state())
+    assert any("seed (5 -> 6)" in r.getMessage() for r in caplog.records)
+    assert other.get_state()["position"] == 8
+    next(other)
+    assert other.get_state()["position"] == 12 and other.get_state()["batches"] == 3

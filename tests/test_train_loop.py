@@ -37,6 +37,42 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
     assert log_full == log_split and [s for s, _ in log_full] == [1, 2, 3, 4, 5, 6]
 
 
+def test_tfdata_resumed_run_is_bitwise_identical_and_other_loaders_are_refused(tmp_path):
+    def tfdata_config(total):
+        cfg = _config(total=total)
+        cfg.data.loader = "tfdata"
+        return cfg
+
+    train(tfdata_config(8), tmp_path / "full", progress=False)
+    train(tfdata_config(4), tmp_path / "split", progress=False)  # "interrupted" after step 4
+    saved = json.loads((tmp_path / "split" / "checkpoints" / "4" / "data_iter" / "process_0-of-1.json").read_text())
+    assert saved["format"] == "jattn.tfdata" and saved["batches"] == 4 * 3  # 3 updates a step
+    assert saved["position"] == 4 * 3 * 8  # 96 of 64 examples: inside the second epoch
+    train(tfdata_config(8), tmp_path / "split", progress=False)
+    a, b = _final_state(tmp_path / "full", _config()), _final_state(tmp_path / "split", _config())
+    assert a.step == b.step == 8
+    for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # every logged metric agrees step for step, each step logged once
+    def logged(workdir):
+        return [{k: v for k, v in r.items() if k != "images_per_second"} for r in read_metrics(workdir)]
+
+    assert logged(tmp_path / "full") == logged(tmp_path / "split")
+    assert [r["step"] for r in logged(tmp_path / "full")] == list(range(1, 9))
+    # a position written by one loader is not restored by the other, even with changes allowed
+    with pytest.raises(ConfigMismatchError, match=r"data\.loader='tfdata', whose iterator position "
+                       r"data\.loader='grain' cannot restore"):
+        train(_config(total=10), tmp_path / "split", progress=False, allow_config_change=True)
+    assert Checkpointer(tmp_path / "split" / "checkpoints").all_steps()[-1] == 8  # nothing written
+    from jattn.config import with_defaults
+    from jattn.train.loop import _check_loader
+
+    with pytest.raises(ConfigMismatchError, match=r"data\.loader='grain', whose iterator position "
+                       r"data\.loader='tfdata' cannot restore"):
+        _check_loader({"data": {"loader": "grain"}}, with_defaults(tfdata_config(4)), tmp_path)
+    _check_loader({"data": {"loader": "tf"}}, with_defaults(tfdata_config(4)), tmp_path)  # an alias
+
+
 def test_logs_checkpoints_and_images(tmp_path):
     result = train(_config(total=4), tmp_path, progress=False)
     records = read_metrics(tmp_path)

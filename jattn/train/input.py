@@ -32,8 +32,9 @@ def stack_batches(batches: list[dict]) -> dict:
 class StepBatches:
     """Iterator of device batches `{field: [n, B, ...]}`, `size` steps ahead of the consumer.
 
-    `host`: the process's batch iterator (grain's has `get_state`, tf.data's does not);
-    `first_host_batch`: the last host batch of the first step, kept for image summaries."""
+    `host`: the process's batch iterator (grain's and tf.data's have `get_state`; one without
+    it cannot be checkpointed); `first_host_batch`: the last host batch of the first step,
+    kept for image summaries."""
 
     def __init__(self, host, updates_per_step: int, mesh: Mesh, size: int = 2):
         self._host = host

@@ -139,10 +139,10 @@ class WorkdirLock:
 
 
 def make_train_data(config, *, fields=None, process_index: int | None = None, process_count: int | None = None):
-    """The training batch iterator of this process: grain (default; its position is saved in
-    checkpoints, so a resumed run reads exactly the batches an uninterrupted one would) or
-    tf.data (`data.loader = "tf"`, e.g. for TFDS tfrecord data; a resumed run restarts its
-    shuffled order). `fields`: what the batches hold beside "image" (default: the task's)."""
+    """The training batch iterator of this process: grain (default) or tf.data
+    (`data.loader = "tfdata"`, also for TFDS tfrecord data). Either's position is saved in
+    checkpoints, so a resumed run reads exactly the batches an uninterrupted one would.
+    `fields`: what the batches hold beside "image" (default: the task's)."""
     from jattn.data import make_dataset
     from jattn.data.sharding import per_process_batch_size
 
@@ -291,6 +291,21 @@ def train(config, workdir: str | pathlib.Path, *, data_iter=None, progress: bool
         lock.release()
 
 
+_LOADER_KINDS = {"tf": "tfdata"}  # aliases of the same loader (jattn.data.make_dataset)
+
+
+def _check_loader(saved: Mapping, config, workdir: pathlib.Path) -> None:
+    """A checkpoint's data-iterator position is restored only by the loader that wrote it:
+    `ConfigMismatchError` (even where config changes are allowed) for another one."""
+    data = saved.get("data") if isinstance(saved, Mapping) else None
+    old = (data.get("loader") if isinstance(data, Mapping) else None) or "grain"
+    new = config.data.loader or "grain"
+    if _LOADER_KINDS.get(old, old) != _LOADER_KINDS.get(new, new):
+        raise ConfigMismatchError(
+            f"{workdir}: the checkpoints were written with data.loader={old!r}, whose iterator position "
+            f"data.loader={new!r} cannot restore; resume with data.loader={old!r}, or train in another workdir")
+
+
 def _total_steps(config) -> int:
     total = config.total_steps
     if isinstance(total, float) and total.is_integer():
@@ -353,7 +368,8 @@ def _train_locked(config, workdir: pathlib.Path, total: int, run: _Run, progress
     bar = None
     finished = False
     try:
-        # Only grain iterators have a state to checkpoint (get_state / set_state).
+        # grain's and tf.data's iterators have a state to checkpoint (get_state / set_state);
+        # an iterator passed in without one is not saved.
         saved_iter = data if hasattr(data, "get_state") else None
 
         # ------------------------------------------------------------------- state
@@ -363,6 +379,8 @@ def _train_locked(config, workdir: pathlib.Path, total: int, run: _Run, progress
         latest = ckpt.choose_step(move_corrupt=True)
         if latest is not None:
             saved = ckpt.restore_config(latest)
+            if latest > 0 and saved is not None and saved_iter is not None:
+                _check_loader(saved, config, workdir)
             # A step-0 checkpoint (an imported one) has seen no batch: only its model must match.
             changes = config_changes(saved, config, model_only=latest == 0) if saved is not None else []
             if changes and not allow_config_change:
@@ -377,6 +395,9 @@ def _train_locked(config, workdir: pathlib.Path, total: int, run: _Run, progress
                     f"total_steps={total} is below the latest checkpoint of {workdir} (step {latest}); "
                     f"a run never goes back: pass total_steps >= {latest}, or train in another workdir")
             restored = ckpt.restore(run.abstract_state, step=latest, data_iter=saved_iter)
+            if latest > 0 and saved_iter is not None and not ckpt._folder(latest).joinpath("data_iter").exists():
+                log.warning("checkpoint %d has no data-iterator position (written without one): the data "
+                            "restarts from its first batch, not where the saved run was", latest)
             state = restored.state
             log.info("resumed from step %d", restored.step)
         else:
