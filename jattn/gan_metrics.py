@@ -11,6 +11,10 @@
   TF average pools that ignore padding, a max pool in the last block, 1008 classes), giving
   the 2048-d pool3 features and the 1008 logits. Its weights are never downloaded: they come
   from a file the user gives (see :func:`load_inception_weights` for the tensor names).
+* :func:`kernel_inception_distance` -- KID (Binkowski et al. 2018): the unbiased MMD^2 with
+  the cubic polynomial kernel, mean and std over random subsets (float64, as torch-fidelity).
+* :func:`collect_features` -- every feature row of a feature function over a set of batches
+  (KID needs the features themselves, not just their moments).
 * :func:`evaluate_gan` -- IS and FID of a GAN task against a whole evaluation set.
 
 Every metric takes any feature / logit function, so tests can use a small stand-in network.
@@ -32,11 +36,13 @@ __all__ = [
     "INCEPTION_SIZE",
     "InceptionV3",
     "activation_statistics",
+    "collect_features",
     "evaluate_gan",
     "frechet_distance",
     "inception_network",
     "inception_score",
     "inception_tensor_shapes",
+    "kernel_inception_distance",
     "load_inception_weights",
     "load_statistics",
     "save_statistics",
@@ -149,6 +155,102 @@ def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
     """Read ``(mu, sigma)`` written by :func:`save_statistics` (or pytorch-fid's ``--save-stats``)."""
     with np.load(path) as f:
         return f["mu"], f["sigma"]
+
+
+def _polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: float) -> np.ndarray:
+    return (gamma * (x @ y.T) + coef0) ** degree
+
+
+def _unbiased_mmd2(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: float) -> float:
+    """Unbiased MMD^2 of two equal-size samples ``[m, D]``: the within-set kernel means leave
+    out the diagonal (``k(x_i, x_i)``), the cross term keeps every pair."""
+    m = x.shape[0]
+    k_xx = _polynomial_kernel(x, x, degree, gamma, coef0)
+    k_yy = _polynomial_kernel(y, y, degree, gamma, coef0)
+    k_xy = _polynomial_kernel(x, y, degree, gamma, coef0)
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2.0 * k_xy.sum() / (m * m))
+
+
+def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset_size: int = 1000,
+                              degree: int = 3, gamma: float | None = None, coef0: float = 1.0,
+                              seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance of features ``[N, D]`` and ``[M, D]``: ``(mean, std)`` over subsets.
+
+    Each of ``subsets`` rounds draws ``m = min(subset_size, N, M)`` rows of ``features_a`` and
+    then ``m`` rows of ``features_b``, each without replacement, and computes the unbiased
+    estimate of the squared MMD with the kernel ``k(x, y) = (gamma x.y + coef0)^degree``
+    (``gamma`` default ``1 / D``)::
+
+        sum_{i != j} k(a_i, a_j) / (m (m-1)) + sum_{i != j} k(b_i, b_j) / (m (m-1))
+            - 2 sum_{i, j} k(a_i, b_j) / m^2
+
+    The result is the mean and (population, ddof 0) standard deviation of these estimates.
+    This is Binkowski et al. 2018's definition as the MMD-GAN code, torch-fidelity and clean-fid
+    compute it; the subsets come from ``numpy.random.RandomState(seed)`` in torch-fidelity's
+    order, so with its seed (2020) and subset size the same features give the same subsets.
+    (torch-fidelity refuses a ``subset_size`` above ``N`` or ``M``; clean-fid caps it, as here.)
+    Computed in float64 on the host (each subset converted; the features stay as given). The
+    estimate is unbiased, so independent samples of one distribution give values scattered
+    around 0, some negative; a set against itself (whole-set subsets) gives the slightly
+    negative ``-2 (mean_i k(x_i, x_i) - mean_{i != j} k(x_i, x_j)) / m``. KIDs are often
+    reported x 1000.
+
+    Raises ValueError for features that are not 2-D, differ in ``D``, or have fewer than 2
+    rows, and for ``subsets < 1``, ``subset_size < 2``, ``degree < 1`` or ``gamma <= 0``.
+    """
+    a, b = np.asarray(features_a), np.asarray(features_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be [N, D] and [M, D], got shapes {a.shape} and {b.shape}")
+    if min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"KID needs at least 2 feature rows in each set, got {a.shape[0]} and {b.shape[0]}")
+    if isinstance(subsets, bool) or not isinstance(subsets, (int, np.integer)) or subsets < 1:
+        raise ValueError(f"subsets must be a positive int, got {subsets!r}")
+    if isinstance(subset_size, bool) or not isinstance(subset_size, (int, np.integer)) or subset_size < 2:
+        raise ValueError(f"subset_size must be an int >= 2, got {subset_size!r}")
+    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
+        raise ValueError(f"degree must be a positive int, got {degree!r}")
+    gamma = 1.0 / a.shape[1] if gamma is None else float(gamma)
+    if not gamma > 0:
+        raise ValueError(f"gamma must be positive (or None for 1 / D), got {gamma!r}")
+    m = min(int(subset_size), a.shape[0], b.shape[0])
+    rng = np.random.RandomState(seed)
+    mmds = np.empty(int(subsets))
+    for i in range(int(subsets)):
+        x = a[rng.choice(a.shape[0], m, replace=False)].astype(np.float64)
+        y = b[rng.choice(b.shape[0], m, replace=False)].astype(np.float64)
+        mmds[i] = _unbiased_mmd2(x, y, int(degree), gamma, float(coef0))
+    return float(np.mean(mmds)), float(np.std(mmds))
+
+
+def collect_features(feature_fn: FeatureFn, batches: Iterable, limit: int | None = None) -> np.ndarray:
+    """Every feature row of ``feature_fn`` over ``batches``, concatenated: ``[N, D]`` (host numpy).
+
+    ``batches`` and ``feature_fn`` as for :func:`activation_statistics` (arrays or dicts with
+    ``"image"``; ``[B, D]`` features or a tuple whose first entry is them). With ``limit``,
+    stops after ``limit`` rows: the last batch used is truncated and no further batch is
+    drawn from ``batches``. Float features keep their dtype (float32 from a network: half the
+    memory of float64; :func:`kernel_inception_distance` computes in float64 anyway).
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    parts, n = [], 0
+    for batch in batches:
+        images = batch["image"] if isinstance(batch, dict) else batch
+        x = _to_host(_features(feature_fn(images)))
+        if x.ndim != 2:
+            raise ValueError(f"features must be [B, D], got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float64)
+        if limit is not None:
+            x = x[: limit - n]
+        parts.append(x)
+        n += x.shape[0]
+        if limit is not None and n >= limit:
+            break
+    if n == 0:
+        raise ValueError("collect_features saw no features: the batches were empty")
+    return np.concatenate(parts, axis=0)
 
 
 def _features(out):
@@ -329,10 +431,12 @@ def inception_tensor_shapes() -> dict[str, tuple[int, ...]]:
     return {_tensor_name(p): _torch_shape(p, s) for p, s in _param_shapes().items()}
 
 
-def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: pathlib.Path, what: str = "Inception",
+                  howto: str = "jattn.gan_metrics.load_inception_weights") -> dict[str, np.ndarray]:
+    """The named tensors of an ``.npz`` / ``.safetensors`` file; errors say ``what`` weights it should hold."""
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights file not found: {path} (jattn never downloads it; "
-                                "see jattn.gan_metrics.load_inception_weights for how to make one)")
+        raise FileNotFoundError(f"{what} weights file not found: {path} (jattn never downloads it; "
+                                f"see {howto} for how to make one)")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
@@ -343,8 +447,8 @@ def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
             return load_file(str(path))
     except Exception as err:  # noqa: BLE001 - a corrupt file is the user's to fix
-        raise ValueError(f"Inception weights file {path} could not be read: {type(err).__name__}: {err}") from err
-    raise ValueError(f"Inception weights file {path}: unsupported format {suffix!r}; use .npz or .safetensors")
+        raise ValueError(f"{what} weights file {path} could not be read: {type(err).__name__}: {err}") from err
+    raise ValueError(f"{what} weights file {path}: unsupported format {suffix!r}; use .npz or .safetensors")
 
 
 def load_inception_weights(path: str | os.PathLike) -> dict:

@@ -283,3 +283,149 @@ def test_evaluate_gan_weights_from_config(tmp_path):
         G.evaluate_gan(task, state, _config(inception_weights=str(tmp_path / "fid_inception.npz")), batches)
     with pytest.raises(ValueError, match="no images"):
         G.evaluate_gan(task, state, _config(), [], network=_feature_fn)
+
+
+# --------------------------------------------------------------------------- KID
+
+
+def _mmd2_loops(x, y, degree=3, gamma=None, coef0=1.0):
+    """The unbiased MMD^2 estimate, term by term."""
+    m, d = x.shape
+    gamma = 1.0 / d if gamma is None else gamma
+
+    def k(u, v):
+        return (gamma * sum(float(p) * float(q) for p, q in zip(u, v)) + coef0) ** degree
+
+    s_xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+    s_yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    s_xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    return s_xx / (m * (m - 1)) + s_yy / (m * (m - 1)) - 2.0 * s_xy / (m * m)
+
+
+def test_kid_whole_sets_match_loops():
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(size=(12, 5)), rng.normal(0.3, 1.2, size=(12, 5))
+    # subsets of all rows are permutations: every subset's estimate is the whole sets'
+    mean, std = G.kernel_inception_distance(a, b, subsets=3, subset_size=1000)
+    assert mean == pytest.approx(_mmd2_loops(a, b), rel=1e-10) and std == pytest.approx(0.0, abs=1e-12)
+    mean, _ = G.kernel_inception_distance(a, b, subsets=1, subset_size=12, degree=2, gamma=0.5, coef0=0.0)
+    assert mean == pytest.approx(_mmd2_loops(a, b, degree=2, gamma=0.5, coef0=0.0), rel=1e-10)
+
+
+def test_kid_subsets_match_loops():
+    # subset rows drawn as torch-fidelity draws them: RandomState(seed), a's rows then b's, per subset
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=(15, 4)), rng.normal(0.5, 1.0, size=(25, 4))
+    mean, std = G.kernel_inception_distance(a, b, subsets=4, subset_size=10, seed=3)
+    draw = np.random.RandomState(3)
+    want = []
+    for _ in range(4):
+        x = a[draw.choice(15, 10, replace=False)]
+        y = b[draw.choice(25, 10, replace=False)]
+        want.append(_mmd2_loops(x, y))
+    assert mean == pytest.approx(np.mean(want), rel=1e-10) and std == pytest.approx(np.std(want), rel=1e-8)
+    # subset_size is capped at min(N, M) = 15
+    mean, _ = G.kernel_inception_distance(a, b, subsets=2, subset_size=1000, seed=4)
+    draw = np.random.RandomState(4)
+    want = [_mmd2_loops(a[draw.choice(15, 15, replace=False)], b[draw.choice(25, 15, replace=False)])
+            for _ in range(2)]
+    assert mean == pytest.approx(np.mean(want), rel=1e-10)
+
+
+def test_kid_same_distribution_near_zero_and_grows_with_shift():
+    rng = np.random.default_rng(12)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same, _ = G.kernel_inception_distance(a, b, subsets=20, subset_size=200)
+    shifted = [G.kernel_inception_distance(a, b + s, subsets=20, subset_size=200)[0] for s in (0.25, 0.5, 1.0, 2.0)]
+    assert abs(same) < 0.1 * shifted[0]
+    assert 0 < shifted[0] < shifted[1] < shifted[2] < shifted[3]
+    # a set against itself (whole-set subsets): -2 (mean k(x, x) - mean_{i != j} k(x_i, x_j)) / m,
+    # slightly negative (unbiased within-set terms, the cross term keeps the diagonal) and -> 0 as m grows
+    itself = []
+    for m in (50, 400):
+        k = (a[:m] @ a[:m].T / 16 + 1) ** 3
+        want = -2 * (np.mean(np.diag(k)) - (k.sum() - np.trace(k)) / (m * (m - 1))) / m
+        itself.append(G.kernel_inception_distance(a[:m], a[:m], subsets=1, subset_size=m)[0])
+        assert itself[-1] == pytest.approx(want, rel=1e-9) and itself[-1] < 0
+    assert itself[0] == pytest.approx(_mmd2_loops(a[:50], a[:50]), rel=1e-9)
+    assert abs(itself[1]) < abs(itself[0]) / 5
+
+
+def test_kid_deterministic_by_seed_and_float64():
+    rng = np.random.default_rng(13)
+    a, b = rng.normal(size=(60, 8)).astype(np.float32), rng.normal(0.2, 1, size=(50, 8)).astype(np.float32)
+    first = G.kernel_inception_distance(a, b, subsets=5, subset_size=20, seed=7)
+    assert G.kernel_inception_distance(a, b, subsets=5, subset_size=20, seed=7) == first
+    assert G.kernel_inception_distance(a, b, subsets=5, subset_size=20, seed=8) != first
+    # float32 inputs are computed in float64
+    assert first == G.kernel_inception_distance(a.astype(np.float64), b.astype(np.float64),
+                                                subsets=5, subset_size=20, seed=7)
+    assert all(isinstance(v, float) for v in first)
+
+
+def test_kid_errors():
+    a = np.zeros((10, 4))
+    for bad, match in [((np.zeros(10), a), r"\[N, D\]"), ((a, np.zeros((10, 5))), r"\[N, D\]"),
+                       ((a[:1], a), "at least 2")]:
+        with pytest.raises(ValueError, match=match):
+            G.kernel_inception_distance(*bad)
+    for kwargs, match in [({"subsets": 0}, "subsets"), ({"subsets": 2.5}, "subsets"),
+                          ({"subset_size": 1}, "subset_size"), ({"degree": 0}, "degree"),
+                          ({"gamma": -1.0}, "gamma"), ({"gamma": 0.0}, "gamma")]:
+        with pytest.raises(ValueError, match=match):
+            G.kernel_inception_distance(a, a, **kwargs)
+
+
+def test_collect_features(tiny_net):
+    rng = np.random.default_rng(14)
+    batches = [rng.uniform(-1, 1, (b, 16, 16, 3)).astype(np.float32) for b in (5, 7, 4)]
+    want = np.concatenate([np.asarray(tiny_net(b)[0]) for b in batches])
+    got = G.collect_features(tiny_net, [batches[0], {"image": batches[1]}, batches[2]])
+    assert got.shape == (16, 8) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+    drawn = []
+
+    def stream():
+        for b in batches:
+            drawn.append(len(b))
+            yield b
+
+    got = G.collect_features(tiny_net, stream(), limit=9)
+    np.testing.assert_array_equal(got, want[:9])
+    assert drawn == [5, 7]  # the third batch is never drawn
+    assert G.collect_features(lambda x: np.arange(6).reshape(3, 2), [0, 0], limit=100).dtype == np.float64
+    with pytest.raises(ValueError, match="no features"):
+        G.collect_features(tiny_net, [])
+    with pytest.raises(ValueError, match="limit"):
+        G.collect_features(tiny_net, batches, limit=0)
+    with pytest.raises(ValueError, match=r"\[B, D\]"):
+        G.collect_features(lambda x: np.zeros((2, 3, 4)), [0])
+
+
+def test_docs_fid_conversion_snippet_without_torch(tmp_path, monkeypatch):
+    """docs/metrics.md's pytorch-fid -> .npz snippet, run with a stand-in for torch."""
+    import pathlib
+    import re
+    import sys
+
+    class FakeTensor:
+        def __init__(self, a):
+            self.a = np.asarray(a)
+
+        def float(self):
+            return FakeTensor(self.a.astype(np.float32))
+
+        def numpy(self):
+            return self.a
+
+    state = {"fc.weight": FakeTensor(np.ones((2, 3), np.float64)), "fc.bias": FakeTensor(np.zeros(2, np.float16))}
+    torch = types.ModuleType("torch")
+    torch.load = lambda path, map_location=None: state if path == "pt_inception-2015-12-05-6726825d.pth" else None
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.chdir(tmp_path)
+    docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    [snippet] = [b for b in re.findall(r"```python\n(.*?)```", docs, flags=re.S) if "fid_inception.npz\", **" in b]
+    exec(compile(snippet, "docs/metrics.md", "exec"), {})
+    with np.load(tmp_path / "fid_inception.npz") as f:
+        assert set(f.files) == {"fc.weight", "fc.bias"} and f["fc.bias"].dtype == np.float32
