@@ -17,8 +17,9 @@ Values are checked against the type of their default (:func:`check_types`): a nu
 the default is a float (an int will do), a whole number where it is an int, True / False
 where it is a bool, a list or tuple where it is one; a key whose default is None takes any
 value unless :data:`TYPED_KEYS` gives its type (the learning rates, the batch sizes), and a
-string default any value (strings such as "auto" stand for other types too). None is
-accepted everywhere. A value of the wrong type is an error naming the key.
+string default any value (strings such as "auto" stand for other types too) unless
+:data:`CHOICES` lists the values it may take (the optimizer's name, schedule and decay
+mask). None is accepted everywhere. A value of the wrong type is an error naming the key.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from collections.abc import Iterable
 
 import ml_collections
 
-__all__ = ["ConfigError", "REQUIRED", "TYPED_KEYS", "load_config", "apply_overrides", "check_types", "overlay",
-           "optimizer_schema", "trainer_schema", "schema_for", "with_defaults"]
+__all__ = ["ConfigError", "REQUIRED", "TYPED_KEYS", "CHOICES", "OPTIMIZERS", "SCHEDULES", "DECAY_MASKS",
+           "load_config", "apply_overrides", "check_types", "overlay", "optimizer_schema", "trainer_schema",
+           "schema_for", "with_defaults"]
 
 
 class ConfigError(ValueError):
@@ -55,22 +57,58 @@ TYPED_KEYS = {
     "batch_size": int,
     "eval_batch_size": int,
     "total_steps": int,
+    "optimizer.boundaries": list,
+    "optimizer.*.boundaries": list,
+    "optimizer.boundaries_epochs": list,
+    "optimizer.*.boundaries_epochs": list,
+    "optimizer.steps_per_epoch": int,
+    "optimizer.*.steps_per_epoch": int,
+}
+
+#: The optimizers, learning-rate schedules and weight-decay masks of an optimizer block
+#: (`jattn.train.optim`); "multistep" is another name of "step".
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear", "step", "multistep")
+DECAY_MASKS = ("all", "kernels")
+
+#: The values a key may take where it is set (`fnmatch` patterns of dotted keys, as in
+#: :data:`TYPED_KEYS`).
+CHOICES = {
+    "optimizer.name": OPTIMIZERS,
+    "optimizer.*.name": OPTIMIZERS,
+    "optimizer.schedule": SCHEDULES,
+    "optimizer.*.schedule": SCHEDULES,
+    "optimizer.decay_mask": DECAY_MASKS,
+    "optimizer.*.decay_mask": DECAY_MASKS,
 }
 
 
 def optimizer_schema(*networks: str) -> ml_collections.ConfigDict:
-    """The Adam block read by `jattn.train.task.make_optimizer`; with `networks`, one such
-    block per network (e.g. `optimizer_schema("generator", "critic")`)."""
+    """The optimizer block read by `jattn.train.optim.make_optimizer` (see there and
+    docs/models.md); with `networks`, one such block per network (e.g.
+    `optimizer_schema("generator", "critic")`). The defaults are plain Adam at a constant
+    learning rate, the optimizer every config had before the block grew more keys."""
     if networks:
         return ml_collections.ConfigDict({net: optimizer_schema() for net in networks})
     return ml_collections.ConfigDict({
+        "name": "adam",  # "adam" | "adamw" | "sgd" (OPTIMIZERS)
         "lr": None,  # None: the config's learning_rate
-        "b1": 0.9,
+        "b1": 0.9,  # adam, adamw
         "b2": 0.999,
+        "eps": 1e-8,
+        "momentum": 0.0,  # sgd (0: plain SGD)
+        "nesterov": False,  # sgd
+        "weight_decay": 0.0,  # adam, sgd: L2 added to the gradient; adamw: decoupled
+        "decay_mask": "all",  # "all" | "kernels" (no decay of 1-D parameters: biases, norm scales)
         "clip_norm": None,  # a global gradient-norm clip
-        "schedule": "constant",  # "constant" | "cosine" | "linear" (to 0 over decay_steps)
+        "schedule": "constant",  # SCHEDULES: "constant" | "cosine" | "linear" (to 0 over decay_steps) | "step"
         "warmup_steps": 0,  # linear warm-up from 0
-        "decay_steps": 0,
+        "decay_steps": 0,  # cosine, linear: after the warm-up
+        "boundaries": None,  # step: updates (from step 0) where the lr is multiplied by factor
+        "boundaries_epochs": None,  # step: the same in epochs of steps_per_epoch updates
+        "steps_per_epoch": None,
+        "factor": 0.1,  # step: the multiplier at each boundary
+        "accumulate_steps": 1,  # k > 1: the gradients of k calls averaged into one update (optax.MultiSteps)
     })
 
 
@@ -211,6 +249,9 @@ def _type_problems(values: dict, schema, prefix: str = "") -> list[str]:
         kind = type(default) if default is not None else next(
             (t for pattern, t in TYPED_KEYS.items() if fnmatch.fnmatchcase(dotted, pattern)), None)
         problem = None if kind is None else _type_problem(value, kind)
+        choices = next((c for pattern, c in CHOICES.items() if fnmatch.fnmatchcase(dotted, pattern)), None)
+        if problem is None and choices is not None and value is not None and value not in choices:
+            problem = f"expected one of {', '.join(map(str, choices))}"
         if problem is not None:
             problems.append(f"{dotted}: {problem}, got {value!r}")
     return problems

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jattn.config import ConfigError, optimizer_schema, overlay, with_defaults
+from jattn.config import ConfigError, with_defaults
+from jattn.train.optim import make_optimizer
 from jattn.train.steps import Update
 
 __all__ = ["Task", "register_task", "build_task", "task_names", "task_schema", "make_optimizer", "compute_dtype"]
@@ -117,37 +118,6 @@ def _import_builtin_tasks() -> None:
         except ModuleNotFoundError as err:
             if err.name != module:
                 raise
-
-
-def make_optimizer(cfg, default_lr: float | None = None) -> optax.GradientTransformation:
-    """Adam from an optimizer block (`jattn.config.optimizer_schema`, whose defaults fill in
-    the keys `cfg` lacks): lr (None: `default_lr`, the config's `learning_rate`), b1, b2,
-    clip_norm, schedule ("constant" | "cosine" | "linear") with warmup_steps and decay_steps."""
-    cfg = overlay(optimizer_schema(), cfg)
-    lr = default_lr if cfg.lr is None else cfg.lr
-    if lr is None:
-        raise ValueError("optimizer: no lr in the optimizer block and no learning_rate in the config")
-    lr = float(lr)
-    sched = _schedule(cfg.schedule, lr, int(cfg.decay_steps))
-    warmup = int(cfg.warmup_steps)
-    if warmup:
-        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), sched], [warmup])
-    parts = []
-    if cfg.clip_norm:
-        parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
-    parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=float(cfg.b1), b2=float(cfg.b2)))
-    return optax.chain(*parts)
-
-
-def _schedule(name: str, lr: float, decay: int) -> optax.Schedule:
-    """The learning-rate schedule `name` from `lr` (decaying to 0 over `decay` steps)."""
-    if name == "constant":
-        return optax.constant_schedule(lr)
-    if name == "cosine":
-        return optax.cosine_decay_schedule(lr, max(decay, 1))
-    if name == "linear":
-        return optax.linear_schedule(lr, 0.0, max(decay, 1))
-    raise ValueError(f"unknown learning-rate schedule {name!r}; use constant, cosine or linear")
 
 
 def compute_dtype(config) -> jnp.dtype:
