@@ -1,8 +1,16 @@
-"""Attention U-Net (Oktay et al. 2018, 2-D) on a folder of images with per-pixel class masks.
+"""Attention U-Net (Oktay et al., *Attention U-Net: Learning Where to Look for the Pancreas*,
+MIDL 2018; here 2-D) on a folder of images with per-pixel class masks.
 
 Widths 64 / 128 / 256 / 512 / 1024 (31.6 M parameters at 4 classes), attention gates on the
 four skips, batch norm; 256x256 crops; loss: per-pixel cross-entropy + soft Dice (the paper
-trains with a Dice loss); Adam.
+trains with a Dice loss). Optimizer: the paper trains with Adam but, as far as I know, its
+text gives no learning rate; the authors' code (ozan-oktay/Attention-Gated-Networks, CT
+configs such as configs/config_unet_ct_multi_att_dsv.json) sets lr 1e-4 and an L2 weight of
+1e-6, which its optimizer factory passes to PyTorch as weight_decay (L2 added to the
+gradient). So: Adam (0.9, 0.999), lr 1e-4, L2 weight decay 1e-6 on every parameter,
+constant lr (those configs also name a "step" lr policy whose factor they do not give, so it
+is left out: an assumption, not the paper's figure). Batch 8 of 2-D crops, not the paper's
+2 3-D volumes.
 
 Folder layout (``jattn.data.sources.FolderSource`` with ``segmentation_root``)::
 
@@ -29,7 +37,8 @@ def get_config():
     c.data.image_size = 256
     c.batch_size = 8
     c.total_steps = 100_000
-    c.learning_rate = 1e-4  # Adam (0.9, 0.999)
+    c.learning_rate = 1e-4
+    c.optimizer = ml_collections.ConfigDict({"name": "adam", "b1": 0.9, "b2": 0.999, "weight_decay": 1e-6})
     c.loss = ml_collections.ConfigDict({"dice_weight": 1.0, "dice_smooth": 1.0})
     c.log_every = 100
     c.image_every = 1000

@@ -1,9 +1,11 @@
-"""DeepFill v1 with the official training settings (JiahuiYu/generative_inpainting, inpaint.yml).
+"""DeepFill v1 (Yu et al., *Generative Image Inpainting with Contextual Attention*, CVPR 2018)
+with the official training settings (JiahuiYu/generative_inpainting v1.0.0, inpaint.yml).
 
 256x256 images, one 128x128 box hole per image (each side shrunk by up to 16 px), cnum 32,
 WGAN-GP local (128x128 crop around each image's hole) and global critics, 5 critic updates
-per generator update, Adam 1e-4 (0.5, 0.9), loss weights of the paper. The experiment
-configs import this one and change the data; on its own it trains on the bundled photos.
+per generator update, Adam lr 1e-4, b1 0.5, b2 0.9 for both networks at a constant lr (the
+paper's and the official code's), loss weights of the paper. The experiment configs import
+this one and change the data; on its own it trains on the bundled photos.
 """
 
 import ml_collections

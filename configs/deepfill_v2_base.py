@@ -1,11 +1,13 @@
-"""DeepFill v2 with the official training settings (JiahuiYu/generative_inpainting master, inpaint.yml).
+"""DeepFill v2 (Yu et al., *Free-Form Image Inpainting with Gated Convolution*, ICCV 2019) with
+the official training settings (JiahuiYu/generative_inpainting master, inpaint.yml).
 
 256x256 images; each hole is the union of a 128x128 box (each side shrunk by up to 16 px) and
 1-3 free-form brush strokes (the official `bbox2mask` OR `brush_stroke_mask`); cnum 48 gated
 generator; SN-PatchGAN critic (cnum 64) on [image, mask] with the hinge loss; one critic update
-per generator update; Adam 1e-4 (0.5, 0.999); ae loss weight 1, gan loss weight 1. The
-experiment configs import this one and change the data; on its own it trains on the bundled
-photos.
+per generator update; Adam lr 1e-4, b1 0.5, b2 0.999 for both networks at a constant lr (the
+official code's values; I have not found them restated in the paper's text, so they are the
+code's, not a quoted figure); ae loss weight 1, gan loss weight 1. The experiment configs
+import this one and change the data; on its own it trains on the bundled photos.
 """
 
 import ml_collections

@@ -4,9 +4,11 @@
 SE reduction 4), 1000 steps at batch 32: two to three minutes on a 2-core CPU (measured
 103-155 s), reaching full eval accuracy on the 256 'val' shapes (measured: 0.48 at step
 250, 0.95 at 500, 1.0 at 750 and 1000). Same model, loss and engine as
-se_resnet_cifar10.py; only the sizes shrink.
+se_resnet_cifar10.py; only the sizes shrink, and the optimizer is Adam at a constant 2e-3
+(the paper recipe's SGD schedule spans 64k steps; the numbers above were measured with Adam).
 """
 
+import ml_collections
 import se_resnet_cifar10
 
 
@@ -18,7 +20,7 @@ def get_config():
     c.batch_size = 32
     c.total_steps = 1000
     c.learning_rate = 2e-3
-    c.optimizer.update({"schedule": "constant", "decay_steps": 0})
+    c.optimizer = ml_collections.ConfigDict({"name": "adam", "schedule": "constant", "decay_steps": 0})
     c.log_every = 50
     c.checkpoint_every = 500
     c.eval_every = 250

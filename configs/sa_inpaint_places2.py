@@ -3,8 +3,11 @@
 Generator: conv encoder 4 -> 64 -> 128 -> 256 (two stride-2 steps), full-width self-attention
 at 64x64 (gamma starts at 0), transposed-conv decoder, tanh. Critic: PatchGAN convs on
 [image, mask] with spectral norm. Losses: L1 on the hole and on the known pixels (weight 1
-each) + 0.01 x hinge adversarial loss; one critic then one generator update per step; Adam
-1e-4, betas (0.5, 0.999). Masks: a mixture of DeepFill v1 boxes and free-form strokes.
+each) + 0.01 x hinge adversarial loss; one critic then one generator update per step. There
+is no single paper for this model (a SAGAN-style attention block, Zhang et al. 2019, in an
+encoder-decoder inpainter), so no paper recipe to follow: the optimizer is DeepFill v2's
+(Yu et al., ICCV 2019, official code), Adam lr 1e-4, b1 0.5, b2 0.999, constant lr. Masks: a
+mixture of DeepFill v1 boxes and free-form strokes.
     tfds build places365_small --file_format=array_record --data_dir=$DATA
 """
 

@@ -1,9 +1,10 @@
-"""SAGAN on ImageNet at 128x128 with the paper's settings (Zhang et al. 2019, section 5).
+"""SAGAN on ImageNet at 128x128 with the paper's settings (Zhang et al., *Self-Attention
+Generative Adversarial Networks*, ICML 2019, section 5).
 
 Class-conditional (1000 classes: conditional batch norm in G, projection D), ch = 64, z 128,
 self-attention at the 32x32 features of both networks (the paper's best), spectral norm in G
-and D, hinge loss, TTUR (G 1e-4, D 4e-4, Adam betas 0 / 0.9), one D update per G update,
-batch 256, EMA of G's weights (0.9999). G + D: 81.5M parameters (BigGAN's SA-GAN baseline).
+and D, hinge loss, TTUR (G 1e-4, D 4e-4, Adam b1 0, b2 0.9, constant lr), one D update per G
+update, batch 256, EMA of G's weights (0.9999). G + D: 81.5M parameters (BigGAN's SA-GAN baseline).
 
 ImageNet is not downloadable automatically: place the ILSVRC2012 tars where TFDS asks, then
     tfds build imagenet2012 --manual_dir=$MANUAL --file_format=array_record --data_dir=$DATA

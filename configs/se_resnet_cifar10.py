@@ -2,8 +2,13 @@
 2016 (3x3 stem, three stages of three basic blocks, widths 16 / 32 / 64) with an SE gate
 (reduction 16) in every block; 274,847 parameters.
 
-He et al. train 64k iterations at batch 128 with SGD; jattn's optimizer is Adam (cosine
-decay here) until the engine offers SGD. Prepare once:
+The recipe is He et al.'s for CIFAR-10 (*Deep Residual Learning for Image Recognition*, CVPR
+2016, section 4.2), which the CIFAR experiments of Hu et al. (*Squeeze-and-Excitation
+Networks*, CVPR 2018 / TPAMI) build on: SGD, momentum 0.9, weight decay 1e-4 (L2, every
+parameter), batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, 64k iterations in all.
+(The SENet paper's own CIFAR schedule is not restated here: I have not checked that it
+differs from He et al.'s.) He et al.'s augmentation (4-pixel padding, random 32x32 crops,
+flips) is the data pipeline's: it flips, it does not pad. Prepare once:
     tfds build cifar10 --file_format=array_record --data_dir=$DATA
 """
 
@@ -22,10 +27,11 @@ def get_config():
     c.data.image_size = 32
     c.batch_size = 128
     c.total_steps = 64_000
-    c.learning_rate = 1e-3
-    c.optimizer = ml_collections.ConfigDict(
-        {"schedule": "cosine", "decay_steps": 64_000}
-    )
+    c.learning_rate = 0.1
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "decay_mask": "all",
+        "schedule": "step", "boundaries": [32_000, 48_000], "factor": 0.1,
+    })
     c.log_every = 100
     c.image_every = 0
     c.checkpoint_every = 4000

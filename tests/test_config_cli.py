@@ -125,10 +125,10 @@ EXPECTED = {
                              "model.is_splits": 10, "learning_rate": None, "optimizer.generator.lr": 1e-4,
                              "optimizer.critic.lr": 4e-4, "optimizer.generator.b1": 0.0, "loss.kind": "hinge"},
     "se_resnet50_imagenet.py": {"model.preset": "se_resnet50", "model.zero_init_last_bn": False,
-                                "loss.label_smoothing": 0.0, "optimizer.warmup_steps": 5000,
+                                "loss.label_smoothing": 0.0, "optimizer.warmup_steps": 0, "optimizer.name": "sgd",
                                 "optimizer.clip_norm": None, "compute_dtype": "bfloat16", "data.worker_count": 8},
-    "se_resnet_cifar10.py": {"model.preset": "se_resnet_cifar", "model.depth": 20, "optimizer.schedule": "cosine",
-                             "optimizer.decay_steps": 64_000, "loss.label_smoothing": 0.0},
+    "se_resnet_cifar10.py": {"model.preset": "se_resnet_cifar", "model.depth": 20, "optimizer.schedule": "step",
+                             "optimizer.boundaries": [32_000, 48_000], "loss.label_smoothing": 0.0},
 }
 #: Defaults every shipped config leaves to the trainer schema.
 TRAINER_DEFAULTS = {"seed": 0, "keep_checkpoints": 3, "skip_nonfinite": False, "data.loader": "grain",
