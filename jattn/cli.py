@@ -117,16 +117,16 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 def _run_errors() -> tuple[type[Exception], ...]:
     """What a training or evaluation run raises for the user to fix: refused runs and configs
     that cannot make one, unreadable, corrupt or unsaved checkpoints, an unusable eval mask
-    file, eval data that gives no image, logs or files (config.json) that cannot be
-    written."""
+    file, eval data that gives no image, eval metrics whose weight files are unusable, logs or
+    files (config.json) that cannot be written."""
     from jattn._paths import WriteError
     from jattn.data.masks import EvalMaskError
     from jattn.train.checkpoint import CheckpointError
-    from jattn.train.evaluate import EvalDataError
+    from jattn.train.evaluate import EvalDataError, EvalMetricError
     from jattn.train.logging import LogWriteError
     from jattn.train.loop import TrainError
 
-    return TrainError, CheckpointError, EvalMaskError, EvalDataError, LogWriteError, WriteError
+    return TrainError, CheckpointError, EvalMaskError, EvalDataError, EvalMetricError, LogWriteError, WriteError
 
 
 def _one_line(err: BaseException) -> UserError:
@@ -209,7 +209,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{args.workdir}: no checkpoint for step {args.step} (have {', '.join(map(str, steps))})")
     config = _load_config(args) if args.config else _saved_config(args, steps[-1] if args.step is None else args.step)
     from jattn._paths import check_writable, write_atomic
-    from jattn.train.evaluate import SaveOutputsError, check_eval_data, check_save_outputs, evaluate
+    from jattn.train.evaluate import SaveOutputsError, check_eval_data, check_eval_metrics, check_save_outputs, evaluate
     from jattn.train.setup import restore_for_eval
 
     workdir = pathlib.Path(args.workdir)
@@ -217,6 +217,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # what can be checked before the checkpoint is read: the result's file, the eval data, the outputs' folder
         check_writable(workdir / f"eval_{steps[-1] if args.step is None else args.step}.json")
         check_eval_data(config)
+        check_eval_metrics(config)
         if args.save_outputs is not None:
             check_save_outputs(args.save_outputs)
         task, state, mesh, step = restore_for_eval(config, workdir, args.step)

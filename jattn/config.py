@@ -80,6 +80,7 @@ CHOICES = {
     "optimizer.*.schedule": SCHEDULES,
     "optimizer.decay_mask": DECAY_MASKS,
     "optimizer.*.decay_mask": DECAY_MASKS,
+    "eval_lpips_net": ("alex", "vgg"),
 }
 
 
@@ -142,6 +143,11 @@ def trainer_schema() -> ml_collections.ConfigDict:
         "eval_every": 0,  # 0: never
         "eval_images": 64,
         "eval_batch_size": None,  # None: batch_size
+        # image-to-image tasks (inpainting, super-resolution): FID and KID of the outputs against the
+        # targets with the FID Inception's weights, LPIPS with an LPIPS weights file (docs/metrics.md)
+        "eval_inception_weights": None,
+        "eval_lpips_weights": None,
+        "eval_lpips_net": "alex",  # "alex" | "vgg"
         "best_metric": None,  # e.g. "eval_psnr"; None: no best checkpoint kept
         "best_mode": "max",  # "max" | "min"
         "skip_nonfinite": False,  # False: stop on a non-finite loss; True: drop the update, go on

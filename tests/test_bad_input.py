@@ -189,6 +189,9 @@ def test_train_settings_that_cannot_make_a_run_create_no_workdir(tmp_path, toy, 
         # the eval source too, where the run evaluates: before, not at the first evaluation
         (toy, ["--config.eval_every=2", f"--config.data.eval_source={ {'kind': 'folder', 'root': str(empty)} }"],
          "data.eval_source", "no image files", str(empty)),
+        # and the eval metrics' weight files
+        (toy, ["--config.eval_every=2", f"--config.eval_inception_weights={tmp_path / 'nowhere.npz'}"],
+         "eval_inception_weights", "not found", "nowhere.npz"),
     ]
     for config, overrides, *words in cases:
         _one_line_error(capsys, ["train", "--config", config, "--workdir", workdir, "--no-progress", *overrides],

@@ -112,3 +112,55 @@ def test_a_task_without_image_outputs_is_refused(tmp_path):
     assert sr["output"].shape == (2, 16, 16, 3) and int(sr["target"].min()) == 255 and "mask" not in sr
     seg = saved_images({"output": jnp.zeros((2, 8, 8, 4)), "labels": -jnp.ones((2, 8, 8, 3))}, batch)
     assert int(seg["output"].max()) == 0
+
+
+# --------------------------------------------------------------------------- FID, KID, LPIPS
+
+
+def test_fid_kid_and_lpips_of_the_outputs_against_the_targets(trained, tmp_path, capsys, monkeypatch):
+    """With weight files named in the config, eval reports FID and KID of the outputs' Inception
+    features against the targets' and the mean LPIPS; stand-in networks record what they see."""
+    import jax.numpy as jnp
+
+    import jattn.gan_metrics as gm
+    import jattn.lpips as lp
+
+    seen = []
+
+    def inception(images):  # (pool features, logits) like the FID Inception's
+        seen.append(np.asarray(images))
+        feats = jnp.concatenate([images.mean(axis=(1, 2)), images.std(axis=(1, 2))], axis=-1)
+        return feats, feats
+
+    monkeypatch.setattr(gm, "inception_network", lambda path: inception)
+    monkeypatch.setattr(lp, "lpips_network", lambda path, net: lambda a, b: jnp.abs(a - b).mean(axis=(1, 2, 3)))
+    monkeypatch.setattr(lp, "lpips_min_size", lambda net: 16)
+    for name in ("inception.npz", "lpips.npz"):
+        (tmp_path / name).write_bytes(b"stand-in")
+    code, out, err = _eval(capsys, "--workdir", trained, "--set", f"eval_inception_weights={tmp_path / 'inception.npz'}",
+                           "--set", f"eval_lpips_weights={tmp_path / 'lpips.npz'}")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    # the stand-in LPIPS is the per-image mean |output - target|: the whole image's L1
+    np.testing.assert_allclose(result["eval_lpips"], result["eval_l1"], rtol=1e-5)
+    fake, real = np.concatenate(seen[0::2]), np.concatenate(seen[1::2])
+    assert fake.shape == real.shape == (16, 16, 16, 3) and not np.array_equal(fake, real)
+    feats = [np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=-1).astype(np.float64) for x in (fake, real)]
+    fid = gm.frechet_distance(feats[0].mean(0), np.cov(feats[0], rowvar=False), feats[1].mean(0),
+                              np.cov(feats[1], rowvar=False))
+    kid, _ = gm.kernel_inception_distance(feats[0], feats[1], subset_size=16)
+    np.testing.assert_allclose(result["eval_fid"], fid, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result["eval_kid"], kid, rtol=1e-4, atol=1e-7)
+
+
+def test_unusable_metric_weights_are_one_line_errors(trained, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in trained.glob("eval_*.json")}
+    missing = tmp_path / "nowhere.npz"
+    code, out, err = _eval(capsys, "--workdir", trained, "--set", f"eval_inception_weights={missing}")
+    assert code == 2 and "Traceback" not in out + err and len(err.strip().splitlines()) == 1
+    assert "eval_inception_weights" in err and "not found" in err and str(missing) in err
+    lpips_file = tmp_path / "lpips.npz"
+    np.savez(lpips_file, x=np.zeros(1))
+    code, out, err = _eval(capsys, "--workdir", trained, "--set", f"eval_lpips_weights={lpips_file}")
+    assert code == 2 and "eval_lpips_weights" in err and "smaller than LPIPS alex's 31 px" in err
+    assert {p.name: p.read_bytes() for p in trained.glob("eval_*.json")} == before  # nothing written

@@ -12,6 +12,13 @@ Eval data that gives no eval batch (a source that cannot be made or holds no ima
 images than one batch, eval_images below one batch) is an `EvalDataError` naming the
 source, raised before anything is written.
 
+Image-to-image tasks (inpainting, super-resolution) add the distribution and perceptual
+metrics of their outputs against the targets when the config names weight files (nothing
+downloads; docs/metrics.md): `eval_inception_weights` gives `eval_fid` and `eval_kid` (FID
+and KID of the FID Inception's pool features, outputs against targets, over the whole set),
+`eval_lpips_weights` gives `eval_lpips` (the mean LPIPS distance, `eval_lpips_net`'s
+backbone).
+
 With `save_outputs=DIR` every evaluated example is written as PNG files too, so any tool
 can score them: `DIR/NNNN_output.png` (the model's output: the completed image, the
 super-resolved image, the coloured label map), `DIR/NNNN_target.png` and, for inpainting,
@@ -36,7 +43,7 @@ from jattn import metrics as M
 from jattn.config import with_defaults
 from jattn.train.sharding import to_global_array
 
-__all__ = ["EVAL_MASK_SEED", "EvalDataError", "SaveOutputsError", "check_eval_data", "eval_mask_set", "eval_batches",
+__all__ = ["EVAL_MASK_SEED", "EvalDataError", "EvalMetricError", "SaveOutputsError", "check_eval_metrics", "eval_networks", "check_eval_data", "eval_mask_set", "eval_batches",
            "make_evaluator", "evaluate", "inpainting_metrics", "saved_images", "check_save_outputs"]
 
 EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
@@ -45,6 +52,11 @@ EVAL_MASK_SEED = 20181  # fixed: eval masks never depend on the training seed
 class EvalDataError(ValueError):
     """The eval data gives no eval batch; the message is one line naming the source (its
     config key and kind, and a folder's path or a dataset's name)."""
+
+
+class EvalMetricError(ValueError):
+    """A metric the config asks for that cannot be computed (a weight file that is missing
+    or wrong, images too small for the network); the message is one line."""
 
 
 class SaveOutputsError(ValueError):
@@ -250,6 +262,26 @@ class _ImageWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _output_and_target(outputs: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """The model's image output and its target ([B, H, W, 3] in [-1, 1]) for FID, KID, LPIPS."""
+    output = outputs.get("output")
+    target = outputs.get("target", batch["image"])
+    if output is None or output.ndim != 4 or output.shape != target.shape or output.shape[-1] != 3:
+        shape = None if output is None else tuple(output.shape)
+        raise EvalMetricError(f"FID, KID and LPIPS compare RGB outputs with their targets, and this task's output "
+                              f"(shape {shape}) is not one")
+    return output.astype(jnp.float32), target.astype(jnp.float32)
+
+
+def _gathered(x: jax.Array) -> np.ndarray:
+    """Every process's rows of a global array, as numpy."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _host_images(images: dict) -> dict[str, np.ndarray]:
     """Every process's examples of a global batch, on every process, as numpy."""
     if jax.process_count() == 1:
@@ -257,6 +289,49 @@ def _host_images(images: dict) -> dict[str, np.ndarray]:
     from jax.experimental import multihost_utils
 
     return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(images, tiled=True).items()}
+
+
+def eval_networks(config) -> tuple[Any, Any]:
+    """(inception, lpips) of the config's weight files, each None when not configured:
+    `inception(images) -> (pool [B, 2048], logits)`, `lpips(a, b) -> [B]`, images in
+    [-1, 1]. An `EvalMetricError` naming the key when a file is missing or wrong, or when
+    the images are smaller than LPIPS's network takes."""
+    from jattn import gan_metrics, lpips
+
+    config = with_defaults(config)
+
+    def load(key, make):
+        try:
+            return make() if config[key] else None
+        except (OSError, ValueError) as err:
+            raise EvalMetricError(f"{key}: {_first_line(err)}") from None
+
+    def lpips_net():
+        size = config.data.image_size
+        smallest = min(size) if isinstance(size, (list, tuple)) else int(size)
+        minimum = lpips.lpips_min_size(config.eval_lpips_net)
+        if smallest < minimum:
+            raise ValueError(f"images of {size} px are smaller than LPIPS {config.eval_lpips_net}'s {minimum} px")
+        return lpips.lpips_network(config.eval_lpips_weights, config.eval_lpips_net)
+
+    return (load("eval_inception_weights", lambda: gan_metrics.inception_network(config.eval_inception_weights)),
+            load("eval_lpips_weights", lpips_net))
+
+
+def check_eval_metrics(config) -> None:
+    """`eval_networks` loaded once (and cached), so that a bad weight file is reported
+    before a run writes anything."""
+    eval_networks(config)
+
+
+def _distribution_metrics(fake: list, real: list) -> dict[str, float]:
+    """FID and KID of Inception pool features [N, 2048] of outputs (`fake`) and targets."""
+    from jattn import gan_metrics
+
+    fake, real = np.concatenate(fake).astype(np.float64), np.concatenate(real).astype(np.float64)
+    stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in (fake, real)]
+    kid, _ = gan_metrics.kernel_inception_distance(fake, real, subset_size=min(1000, len(fake)))
+    return {"fid": gan_metrics.frechet_distance(*stats[0], *stats[1]), "kid": kid}
 
 
 def make_evaluator(task, config, mesh, workdir: str | pathlib.Path, save_outputs: str | os.PathLike | None = None):
@@ -278,10 +353,12 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path, save_outputs
     mask_set = eval_mask_set(config, workdir) if "mask" in task.fields else None
     metric_fn = task.eval_metrics or inpainting_metrics
     directory = None if save_outputs is None else check_save_outputs(save_outputs)
+    inception, lpips_net = eval_networks(config)
 
     def metrics_and_images(params, variables, batch):
         outputs = task.predict(params, variables, batch)
-        return metric_fn(outputs, batch), (saved_images(outputs, batch) if directory is not None else {})
+        pair = _output_and_target(outputs, batch) if inception is not None or lpips_net is not None else ()
+        return metric_fn(outputs, batch), (saved_images(outputs, batch) if directory is not None else {}), pair
 
     batch_metrics = jax.jit(metrics_and_images)
 
@@ -289,12 +366,21 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path, save_outputs
         totals: dict[str, float] = {}
         count = 0
         writer = _ImageWriter(directory) if directory is not None and jax.process_index() == 0 else None
+        fake: list[np.ndarray] = []
+        real: list[np.ndarray] = []
         try:
             for host in eval_batches(config, task.fields):
                 batch = to_global_array(host, mesh)
                 size = batch["image"].shape[0]
-                metrics, images = batch_metrics(state.params, state.variables, batch)
-                for k, v in jax.device_get(metrics).items():
+                metrics, images, pair = batch_metrics(state.params, state.variables, batch)
+                metrics = dict(jax.device_get(metrics))
+                if pair:
+                    if lpips_net is not None:
+                        metrics["lpips"] = float(jnp.mean(lpips_net(*pair)))
+                    if inception is not None:
+                        for features, image in zip((fake, real), pair):
+                            features.append(_gathered(inception(image)[0]))
+                for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * size
                 if directory is not None:
                     images = _host_images(images)  # every process takes part in the gather
@@ -310,6 +396,8 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path, save_outputs
                 writer.abort()
             raise
         result = {f"eval_{k}": v / count for k, v in totals.items()}
+        if inception is not None:
+            result.update({f"eval_{k}": v for k, v in _distribution_metrics(fake, real).items()})
         result["eval_images"] = count
         if mask_set is not None:
             result["eval_masks_sha256"] = mask_set.sha256

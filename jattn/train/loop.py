@@ -41,7 +41,7 @@ import numpy as np
 from jattn._paths import write_atomic, write_problem
 from jattn.config import with_defaults
 from jattn.train.checkpoint import Checkpointer, NonFiniteStateError
-from jattn.train.evaluate import check_eval_data, make_evaluator
+from jattn.train.evaluate import check_eval_data, check_eval_metrics, make_evaluator
 from jattn.train.input import StepBatches
 from jattn.train.logging import MetricWriter, truncate_events, truncate_metrics
 from jattn.train.setup import abstract_train_state, provenance, state_init_fn
@@ -336,6 +336,7 @@ def _set_up(config, data_iter) -> _Run:
         data = make_train_data(config, fields=task.fields) if data_iter is None else data_iter
         if config.eval_every:
             check_eval_data(config)
+            check_eval_metrics(config)
         return _Run(mesh, task, data, abstract_train_state(task, config, mesh))
     except (ValueError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
