@@ -65,6 +65,7 @@ def cases(names) -> list[Case]:
 def chip_count(topology: str) -> int:
     """Devices of a TPU topology (libtpu, in this process: JAX on the CPU)."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as `jattn compile` does: beside other JAX processes
     from jattn.train.aot import topology_devices
 
     return len(topology_devices(topology))
