@@ -14,13 +14,13 @@ NETWORKS = ("generator", "critic")
 
 
 def gan_optimizer_schema():
-    """The `optimizer` block of a GAN task: one Adam block per network."""
+    """The `optimizer` block of a GAN task: one block per network (`jattn.train.optim`)."""
     return optimizer_schema(*NETWORKS)
 
 
 def critic_generator_updates(config, critic_loss, generator_loss, n_critic: int, ema_decay: float | None = None):
     """(optimizers, updates): `n_critic` critic updates then one generator update (keeping an
-    EMA of the generator's parameters when `ema_decay` is set), Adam per network from
+    EMA of the generator's parameters when `ema_decay` is set), an optimizer per network from
     `config.optimizer.{generator, critic}` with `config.learning_rate` as the default lr."""
     optimizers = {net: make_optimizer(config.optimizer[net], config.learning_rate) for net in NETWORKS}
     d_update = Update("d", "critic", critic_loss, optimizers["critic"], advances_step=False)

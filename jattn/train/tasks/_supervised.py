@@ -59,7 +59,7 @@ def apply_net(module, params, variables: Mapping, *args, train: bool, train_arg:
 
 def supervised_schema(model: dict, loss: dict | None = None) -> ml_collections.ConfigDict:
     """The schema of a single-network task: its `model` and `loss` blocks (keys and defaults)
-    and one Adam `optimizer` block (`jattn.config.optimizer_schema`)."""
+    and one `optimizer` block (`jattn.config.optimizer_schema`)."""
     return ml_collections.ConfigDict({"model": model, "loss": loss or {}, "optimizer": optimizer_schema()})
 
 
@@ -91,7 +91,7 @@ def supervised_task(
       init_variables: ``(key, *inputs) -> variables`` replacing ``model.init`` (e.g. an
         initialisation with other variances).
 
-    The optimizer is Adam from the ``config.optimizer`` block (``config.learning_rate`` the
+    The optimizer comes from the ``config.optimizer`` block (``config.learning_rate`` the
     default lr); the update is named ``net`` (metrics ``<net>_loss``, ``<net>_grad_norm``, ...) and
     returns the network's updated non-parameter variables (batch norm statistics).
     """

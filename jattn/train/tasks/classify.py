@@ -84,7 +84,7 @@ def se_resnet_task(config) -> Task:
 
     Config (:func:`schema`): model.{num_classes, preset | stage_sizes, width, bottleneck,
     cifar_stem; reduction, zero_init_last_bn, depth (cifar preset)}; loss.label_smoothing;
-    optimizer (Adam); compute_dtype.
+    optimizer (`jattn.train.optim`: adam, adamw, sgd); compute_dtype.
     predict: "output" (logits ``[B, num_classes]``).
     eval_metrics: :func:`classification_metrics`.
     """

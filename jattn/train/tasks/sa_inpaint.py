@@ -48,7 +48,7 @@ def sa_inpaint_task(config) -> Task:
     """Self-attention inpainting GAN.
 
     Config (:func:`schema`): model.{widths, attention, critic_widths, spectral_norm};
-    loss.{l1_hole, l1_valid, adv, gan}; optimizer.{generator, critic} (Adam); n_critic (critic
+    loss.{l1_hole, l1_valid, adv, gan}; optimizer.{generator, critic} (`jattn.train.optim`); n_critic (critic
     updates per generator update; 0 or None: 1); compute_dtype.
 
     Losses: the critic sees ``[image, mask]`` (real) and ``[composite, mask]`` (fake, the
