@@ -87,7 +87,7 @@ def attention_unet_task(config) -> Task:
     statistics updated in the train step and used in ``predict``.
 
     Config (:func:`schema`): model.{num_classes, features | base + depth, attention};
-    loss.{dice_weight, dice_smooth}; optimizer (Adam); compute_dtype.
+    loss.{dice_weight, dice_smooth}; optimizer (`jattn.train.optim`); compute_dtype.
     predict: "input" (the image), "target" / "labels" (true / predicted classes as gray
     images), "attention_{i}" (gate coefficients of level i, mapped from (0, 1) to (-1, 1)
     for display), "output" (logits ``[B, H, W, num_classes]``).
