@@ -4,9 +4,12 @@ Using Very Deep Residual Channel Attention Networks*, ECCV 2018, section 4.1; RC
 10 residual groups x 20 RCABs, 64 features, reduction 16; batch 16 of 48x48 low-res patches
 (96x96 high-res crops, ``data.image_size = 48 * scale``); L1 loss; Adam b1 0.9, b2 0.999,
 eps 1e-8; lr 1e-4 halved every 2x10^5 iterations (a step schedule at 200k, 400k, 600k, 800k);
-10^6 iterations (1000 epochs of 1000). The paper augments the patches with random 90, 180,
-270 degree rotations and horizontal flips: jattn's pipeline flips left-right only, it does
-not rotate (nor flip up-down), so this config trains on 2 of the paper's 8 orientations.
+10^6 iterations (1000 epochs of 1000). Augmentation: the paper's random 90, 180, 270 degree
+rotations and horizontal flips, as the EDSR / BasicSR code does them (left-right flip,
+up-down flip, rotation; ``data.augment``), so each of the 8 orientations of a patch is
+equally likely. They transform the high-res crop before the low-res input is made from it
+(the "lowres" field is the bicubic downscale of the augmented crop), so the pair stays
+consistent.
 
 Data: the high-res DIV2K images (TFDS ``div2k/bicubic_x2``, feature ``hr``); jattn builds the
 low-res input itself by bicubic downscaling by ``data.scale`` (the "lowres" field), so any
@@ -35,6 +38,7 @@ def rcan_config(scale: int) -> ml_collections.ConfigDict:
                           "data_dir": None, "file_format": "array_record"}
     c.data.image_size = 48 * scale  # high-res crop; the low-res patch is 48x48
     c.data.scale = scale
+    c.data.augment = {"crop": "random", "flip_lr": True, "flip_ud": True, "rot90": True}
     c.batch_size = 16
     c.total_steps = 1_000_000
     c.learning_rate = 1e-4

@@ -8,9 +8,14 @@ crops and horizontal flips. This config runs batch 256, so the lr is scaled line
 paper); the divisions by 10 come at epochs 30, 60 and 90 of 5005 steps (1,281,167 images /
 256, rounded up), 100 epochs in all. Weight decay 1e-4 on every parameter, the L2 of classic
 SGD: the ResNet value (He et al. 2016); the SENet paper's text, as far as I know, does not
-state its weight decay, so 1e-4 is the standard assumption, not a quoted figure. Augmentation
-beyond the loader's random crops and left-right flips (random-size crops with aspect-ratio
-jitter) is not in jattn's pipeline.
+state its weight decay, so 1e-4 is the standard assumption, not a quoted figure.
+
+Augmentation (Szegedy et al.'s, which the paper follows): random-size crops, 8% to 100% of
+the image's area with aspect ratio in [3/4, 4/3], resized to 224x224 (``data.augment.crop =
+"inception"``, torchvision's RandomResizedCrop), and left-right flips. Evaluation: the
+shorter side resized to 256, then the centre 224x224 crop (``data.eval_resize_shorter``; not
+yet passed on by ``jattn.train.evaluate.eval_batches``, which until then centre-crops the
+unresized image).
 
 ImageNet must be downloaded by hand (manual_dir) and prepared once:
     tfds build imagenet2012 --manual_dir=$IMAGENET_TARS --file_format=array_record --data_dir=$DATA
@@ -31,6 +36,8 @@ def get_config():
     c.data.eval_source = {"kind": "tfds", "name": "imagenet2012", "split": "validation", "data_dir": None,
                           "file_format": "array_record"}
     c.data.image_size = 224
+    c.data.augment = {"crop": "inception", "area": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "flip_lr": True}
+    c.data.eval_resize_shorter = 256  # then the centre 224 crop
     c.data.worker_count = 8
     c.batch_size = 256
     steps_per_epoch = 5005  # ceil(1,281,167 / 256)

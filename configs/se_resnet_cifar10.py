@@ -7,8 +7,10 @@ The recipe is He et al.'s for CIFAR-10 (*Deep Residual Learning for Image Recogn
 Networks*, CVPR 2018 / TPAMI) build on: SGD, momentum 0.9, weight decay 1e-4 (L2, every
 parameter), batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, 64k iterations in all.
 (The SENet paper's own CIFAR schedule is not restated here: I have not checked that it
-differs from He et al.'s.) He et al.'s augmentation (4-pixel padding, random 32x32 crops,
-flips) is the data pipeline's: it flips, it does not pad. Prepare once:
+differs from He et al.'s.) Augmentation, He et al.'s: 4 pixels of zero padding on each
+side, a random 32x32 crop of the 40x40 result, a random left-right flip (``data.augment``;
+the padding is black, as torchvision's ``RandomCrop(32, padding=4)``); evaluation uses the
+32x32 test images as they are. Prepare once:
     tfds build cifar10 --file_format=array_record --data_dir=$DATA
 """
 
@@ -25,6 +27,7 @@ def get_config():
     c.data.eval_source = {"kind": "tfds", "name": "cifar10", "split": "test", "data_dir": None,
                           "file_format": "array_record"}
     c.data.image_size = 32
+    c.data.augment = {"crop": "pad", "pad": 4, "pad_mode": "zero", "flip_lr": True}
     c.batch_size = 128
     c.total_steps = 64_000
     c.learning_rate = 0.1

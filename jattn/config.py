@@ -63,6 +63,7 @@ TYPED_KEYS = {
     "optimizer.*.boundaries_epochs": list,
     "optimizer.steps_per_epoch": int,
     "optimizer.*.steps_per_epoch": int,
+    "data.eval_resize_shorter": int,
 }
 
 #: The optimizers, learning-rate schedules and weight-decay masks of an optimizer block
@@ -81,6 +82,8 @@ CHOICES = {
     "optimizer.decay_mask": DECAY_MASKS,
     "optimizer.*.decay_mask": DECAY_MASKS,
     "eval_lpips_net": ("alex", "vgg"),
+    "data.augment.crop": ("random", "inception", "pad"),
+    "data.augment.pad_mode": ("zero", "reflect"),
 }
 
 
@@ -128,6 +131,18 @@ def trainer_schema() -> ml_collections.ConfigDict:
             "loader": "grain",  # "grain" | "tfdata"
             "eval_source": None,  # None: the training source, in order, centre crops
             "eval_mask": None,  # None: the training masks (with the fixed eval seed)
+            "eval_resize_shorter": None,  # eval: the shorter side resized to this before the centre crop
+            # training only (jattn.data.images.Augment; the defaults are a uniform crop + left-right flip)
+            "augment": {
+                "crop": "random",  # "random" | "inception" (random size + aspect ratio) | "pad" (pad, then crop)
+                "pad": 4,  # crop "pad": pixels added on every side
+                "pad_mode": "zero",  # "zero" (black) | "reflect"
+                "area": [0.08, 1.0],  # crop "inception": fraction of the image's area
+                "ratio": [3 / 4, 4 / 3],  # crop "inception": aspect ratio (width / height), log-uniform
+                "flip_lr": True,
+                "flip_ud": False,
+                "rot90": False,  # rotations by 0, 90, 180, 270 degrees (square crops)
+            },
         },
         "batch_size": None,  # global: split over every device of every process
         "total_steps": None,

@@ -18,8 +18,11 @@ batches for the same arguments.
 * Example (:class:`ExampleMaker`).  ``image`` always; the task's ``fields`` add
   ``mask`` = ``masks.mask_for_index(spec, image_size, mask_seed, mask_index, train=train)``, ``label``
   (the record's class), ``lowres`` (bicubic downscale of the crop by ``scale``) and
-  ``segmentation`` (the record's map, cropped and flipped with the image); crop / flip
-  use ``default_rng([seed, mask_index, 1])``.
+  ``segmentation`` (the record's map, cropped and flipped with the image); the training
+  crop, flips and rotations (``augment``, :class:`jattn.data.images.Augment`) use
+  ``default_rng([seed, mask_index, 1])`` and come before ``lowres`` is derived from the
+  crop, so the low-res input is always the downscaled (augmented) image.  Eval: a centre
+  crop, no augmentation.
 * Bad data.  A record that cannot be decoded or is too small is skipped: its slot takes
   the next readable record in source order, one warning is logged per file (per process)
   and the per-example ``_bad_data`` vector ``[skipped, converted, upscaled]`` describing
@@ -145,9 +148,15 @@ class ExampleMaker:
     max_upscale: float | None = 2.0
     fields: tuple[str, ...] = ("mask",)
     scale: int | None = None
+    augment: Any = None  # training augmentation: an images.Augment or a config block (None: the default)
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", image_size_pair(self.image_size))
+        augment = images_lib.parse_augment(self.augment)
+        object.__setattr__(self, "augment", augment)
+        if augment.rot90 and self.image_size[0] != self.image_size[1]:
+            h, w = self.image_size
+            raise ValueError(f"data.augment.rot90 needs a square crop (data.image_size), got {w}x{h}")
         object.__setattr__(self, "fields", tuple(self.fields))
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown:
@@ -184,7 +193,7 @@ class ExampleMaker:
         result = images_lib.preprocess(
             rgb, name, self.image_size, resize_shorter=self.resize_shorter, rng=rng,
             random_flip=self.random_flip, max_upscale=self.max_upscale,
-            segmentation=segmentation if want_seg else None)
+            segmentation=segmentation if want_seg else None, augment=self.augment)
         out = {"image": result[0]}
         if want_seg:
             out["segmentation"] = result[2]

@@ -83,7 +83,8 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
                   num_epochs: int | None = None, drop_remainder: bool = True,
                   worker_count: int = 0, worker_buffer_size: int = 2,
                   read_threads: int = 8, read_buffer_size: int = 64,
-                  fields: Sequence[str] = ("mask",), scale: int | None = None) -> grain.IterDataset:
+                  fields: Sequence[str] = ("mask",), scale: int | None = None,
+                  augment: Any = None) -> grain.IterDataset:
     """The ``grain.IterDataset`` of batch dicts (with the internal ``_bad_data`` counts).
 
     Arguments as in :func:`jattn.data.tfdata.build_dataset` (``shuffle_buffer`` is unused:
@@ -103,7 +104,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
         image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
         resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale,
-        fields=tuple(fields), scale=scale)
+        fields=tuple(fields), scale=scale, augment=augment)
     order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
     ex.check_readable(source, maker)
     loader = ex.ExampleLoader(source, maker, order)

@@ -1,12 +1,17 @@
 """Image decoding and preprocessing with PIL / numpy (shared by the tf.data and grain pipelines).
 
 Everything here is a pure function of its inputs (plus a ``numpy.random.Generator`` for
-the random crop / flip), so both pipelines produce bit-identical examples.
+the random crop / flip and the training augmentation, :class:`Augment`), so both
+pipelines produce bit-identical examples.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,7 +23,122 @@ __all__ = [
     "crop",
     "to_float",
     "preprocess",
+    "Augment",
+    "AUGMENT_CROPS",
+    "PAD_MODES",
+    "parse_augment",
+    "inception_box",
 ]
+
+#: The training crops of :class:`Augment`: "random" (uniform position, the default),
+#: "inception" (random size and aspect ratio, resized to the crop size), "pad" (pad, then a
+#: uniform crop).
+AUGMENT_CROPS = ("random", "inception", "pad")
+#: How the "pad" crop pads: "zero" (black, uint8 0 = -1 in [-1, 1], as torchvision's
+#: ``RandomCrop(padding=4)``) or "reflect" (mirrored without the edge pixel, ``np.pad``'s).
+PAD_MODES = ("zero", "reflect")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """The training augmentation (config ``data.augment``); eval ignores it (centre crops).
+
+    * ``crop``: "random" (a uniform ``image_size`` crop), "inception" (Szegedy et al.'s
+      random-size crop, torchvision's ``RandomResizedCrop``: a box of ``area`` times the
+      image's area and aspect ratio (width / height) log-uniform in ``ratio``, resized to
+      ``image_size`` with PIL's bicubic; see :func:`inception_box`) or "pad" (``pad``
+      pixels added on every side, ``pad_mode``, then a uniform crop: the CIFAR ResNets').
+    * ``flip_lr`` / ``flip_ud``: left-right / up-down flips with probability 1/2;
+      ``rot90``: a rotation by k x 90 degrees, k uniform in 0..3 (with ``flip_lr``, each of
+      the 8 symmetries of the square equally likely; needs a square ``image_size``).
+
+    The defaults are the pipeline's original augmentation (uniform crop, left-right flip).
+    """
+
+    crop: str = "random"
+    pad: int = 4
+    pad_mode: str = "zero"
+    area: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_lr: bool = True
+    flip_ud: bool = False
+    rot90: bool = False
+
+
+def _pair(value: Any, key: str, low: float, high: float | None) -> tuple[float, float]:
+    ok = isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if ok:
+        lo, hi = float(value[0]), float(value[1])
+        ok = low < lo <= hi and (high is None or hi <= high)
+    if not ok:
+        bound = f"0 < min <= max <= {high:g}" if high is not None else "0 < min <= max"
+        raise ValueError(f"{key}: expected [min, max] with {bound}, got {value!r}")
+    return lo, hi
+
+
+def parse_augment(spec: Augment | Mapping[str, Any] | None, key: str = "data.augment") -> Augment:
+    """An :class:`Augment` from a config block (a dict with some of its fields; None: the
+    defaults); a one-line ``ValueError`` naming ``key.<field>`` for a bad value."""
+    if spec is None:
+        return Augment()
+    if isinstance(spec, Augment):
+        spec = dataclasses.asdict(spec)
+    if hasattr(spec, "to_dict"):
+        spec = spec.to_dict()
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{key}: expected a block of keys (crop, pad, pad_mode, area, ratio, flip_lr, flip_ud, "
+                         f"rot90), got {spec!r}")
+    names = [f.name for f in dataclasses.fields(Augment)]
+    unknown = [k for k in spec if k not in names]
+    if unknown:
+        raise ValueError(f"{key}: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(names)}")
+    values = {**dataclasses.asdict(Augment()), **dict(spec)}
+    if values["crop"] not in AUGMENT_CROPS:
+        raise ValueError(f"{key}.crop: expected one of {', '.join(AUGMENT_CROPS)}, got {values['crop']!r}")
+    if values["pad_mode"] not in PAD_MODES:
+        raise ValueError(f"{key}.pad_mode: expected one of {', '.join(PAD_MODES)}, got {values['pad_mode']!r}")
+    pad = values["pad"]
+    if isinstance(pad, float) and pad.is_integer():
+        pad = int(pad)
+    if not isinstance(pad, numbers.Integral) or isinstance(pad, bool) or pad < 0:
+        raise ValueError(f"{key}.pad: expected a whole number >= 0, got {values['pad']!r}")
+    area = _pair(values["area"], f"{key}.area", 0.0, 1.0)
+    ratio = _pair(values["ratio"], f"{key}.ratio", 0.0, None)
+    flags = {}
+    for name in ("flip_lr", "flip_ud", "rot90"):
+        v = values[name]
+        if not (isinstance(v, (bool, np.bool_)) or (isinstance(v, numbers.Integral) and v in (0, 1))):
+            raise ValueError(f"{key}.{name}: expected True or False, got {v!r}")
+        flags[name] = bool(v)
+    return Augment(crop=values["crop"], pad=int(pad), pad_mode=values["pad_mode"], area=area, ratio=ratio,
+                   **flags)
+
+
+def inception_box(shape: Sequence[int], rng: np.random.Generator, area: Sequence[float] = (0.08, 1.0),
+                  ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = 10) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a random-size crop of an image of ``shape = (H, W, ...)``,
+    as torchvision's ``RandomResizedCrop.get_params``: up to ``attempts`` draws of an area
+    fraction uniform in ``area`` and an aspect ratio (width / height) log-uniform in
+    ``ratio``; the first box that fits is placed uniformly.  If none fits, the whole image
+    with its aspect ratio clamped into ``ratio``, centred."""
+    H, W = int(shape[0]), int(shape[1])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = H * W * rng.uniform(area[0], area[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        w, h = W, max(1, min(H, int(round(W / min(ratio)))))
+    elif in_ratio > max(ratio):
+        h, w = H, max(1, min(W, int(round(H * max(ratio)))))
+    else:
+        h, w = H, W
+    return (H - h) // 2, (W - w) // 2, h, w
 
 
 class BadImageError(ValueError):
@@ -160,17 +280,24 @@ def _resize(img: np.ndarray, size_wh: tuple[int, int], nearest: bool) -> np.ndar
 def preprocess(rgb: np.ndarray, name: str, image_size: Sequence[int], *,
                resize_shorter: int | None = None, rng: np.random.Generator | None = None,
                random_flip: bool = True, max_upscale: float | None = 2.0,
-               segmentation: np.ndarray | None = None,
+               segmentation: np.ndarray | None = None, augment: Augment | None = None,
                ) -> tuple[np.ndarray, bool] | tuple[np.ndarray, bool, np.ndarray]:
     """uint8 ``[h, w, 3]`` -> float32 ``[H, W, 3]`` in [-1, 1] and whether it was upscaled.
 
     Optionally resizes the shorter side to ``resize_shorter``; an image smaller than the
     crop is upscaled to fit (counted as upscaled) unless that needs more than
     ``max_upscale`` times (``None``: no limit), which raises :class:`BadImageError`
-    ("too small").  Crops at random with ``rng`` (train) or at the centre (``rng=None``),
-    and flips left-right with probability 1/2 when ``rng`` is given and ``random_flip``.
+    ("too small").  Without ``rng`` (eval): a centre crop, nothing else.  With ``rng``
+    (train): the crop of ``augment`` (default :class:`Augment`: a uniform crop), then a
+    left-right flip with probability 1/2 when ``random_flip`` and ``augment.flip_lr``, an
+    up-down flip (``flip_ud``) and a rotation by k x 90 degrees (``rot90``).  The draws
+    from ``rng`` are the crop's (two integers for "random" and "pad"; the box's for
+    "inception", :func:`inception_box`), then one ``random()`` per flip, then
+    ``integers(4)`` for the rotation, each only when enabled (the defaults draw exactly
+    what the pipeline always drew).
     A ``segmentation`` map (uint8 / int ``[h, w]``) goes through the same resize (nearest),
-    crop and flip and is returned third as int32 ``[H, W]``.
+    crop and flips and is returned third as int32 ``[H, W]`` (zero padding pads it with 0,
+    the background).
     """
     H, W = int(image_size[0]), int(image_size[1])
     h, w = rgb.shape[:2]
@@ -193,15 +320,49 @@ def preprocess(rgb: np.ndarray, name: str, image_size: Sequence[int], *,
             rgb = _resize(rgb, (max(W, rgb.shape[1]), max(H, rgb.shape[0])), nearest=False)
         if segmentation is not None:
             segmentation = _resize(np.asarray(segmentation, np.uint8), (rgb.shape[1], rgb.shape[0]), nearest=True)
-    top, left = crop_offset(rgb.shape, (H, W), rng)
-    out = rgb[top:top + H, left:left + W]
-    flip = rng is not None and random_flip and rng.random() < 0.5
-    if flip:
-        out = out[:, ::-1]
+    seg = None if segmentation is None else np.asarray(segmentation)
+    aug = augment if augment is not None else Augment()
+    if rng is None:
+        out, seg = _box(rgb, seg, crop_offset(rgb.shape, (H, W), None), (H, W))
+    elif aug.crop == "inception":
+        top, left, bh, bw = inception_box(rgb.shape, rng, aug.area, aug.ratio)
+        out, seg = _box(rgb, seg, (top, left), (bh, bw))
+        out = _resize(np.ascontiguousarray(out), (W, H), nearest=False)
+        if seg is not None:
+            seg = _resize(np.ascontiguousarray(seg, np.uint8), (W, H), nearest=True)
+    else:
+        if aug.crop == "pad" and aug.pad:
+            rgb, seg = _pad(rgb, seg, aug.pad, aug.pad_mode)
+        out, seg = _box(rgb, seg, crop_offset(rgb.shape, (H, W), rng), (H, W))
+    if rng is not None:
+        ops = []
+        if random_flip and aug.flip_lr and rng.random() < 0.5:
+            ops.append(lambda a: a[:, ::-1])
+        if aug.flip_ud and rng.random() < 0.5:
+            ops.append(lambda a: a[::-1])
+        if aug.rot90:
+            k = int(rng.integers(0, 4))
+            if k:
+                ops.append(lambda a: np.rot90(a, k, axes=(0, 1)))
+        for op in ops:
+            out = op(out)
+            seg = None if seg is None else op(seg)
     image = to_float(np.ascontiguousarray(out))
     if segmentation is None:
         return image, upscaled
-    seg = np.asarray(segmentation)[top:top + H, left:left + W]
-    if flip:
-        seg = seg[:, ::-1]
     return image, upscaled, np.ascontiguousarray(seg, dtype=np.int32)
+
+
+def _box(rgb: np.ndarray, seg: np.ndarray | None, top_left: tuple[int, int], size: tuple[int, int]):
+    top, left = top_left
+    box = (slice(top, top + size[0]), slice(left, left + size[1]))
+    return rgb[box], None if seg is None else seg[box]
+
+
+def _pad(rgb: np.ndarray, seg: np.ndarray | None, pad: int, mode: str):
+    """``pad`` pixels on every side of the image (and map): zeros or a reflection."""
+    kind = "constant" if mode == "zero" else "reflect"
+    rgb = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode=kind)
+    if seg is not None:
+        seg = np.pad(seg, ((pad, pad), (pad, pad)), mode=kind)
+    return rgb, seg

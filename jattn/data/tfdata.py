@@ -1,7 +1,7 @@
 """tf.data input pipeline for masked-image batches.
 
-decode -> optional resize of the shorter side -> random (train) / centre (eval) crop to
-``image_size`` -> random flip (train) -> float32 in [-1, 1] -> mask -> batch of the
+decode -> optional resize of the shorter side -> random (train: ``augment``'s crop) /
+centre (eval) crop to ``image_size`` -> random flips / rotations (train) -> float32 in [-1, 1] -> mask -> batch of the
 per-process batch size -> prefetch.  Batches are dicts of numpy arrays
 ``{"image": [B, H, W, 3] float32, "mask": [B, H, W, 1] float32}`` (1 = hole).
 
@@ -345,7 +345,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
                   num_epochs: int | None = None, drop_remainder: bool = True,
                   num_parallel_calls: int = tf.data.AUTOTUNE, prefetch: int = 2,
                   bad_data: ex.BadDataStats | None = None, fields: Sequence[str] = ("mask",),
-                  scale: int | None = None, start: int = 0) -> tf.data.Dataset:
+                  scale: int | None = None, augment: Any = None, start: int = 0) -> tf.data.Dataset:
     """The ``tf.data.Dataset`` of batch dicts (with the internal ``_bad_data`` counts and
     ``_position`` stream positions).
 
@@ -370,6 +370,9 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
       fields: what the examples hold beside "image" (:data:`jattn.data.examples.FIELDS`);
         ``mask_spec`` may be None without "mask".
       scale: the downscaling factor of the "lowres" field.
+      augment: the training augmentation (:class:`jattn.data.images.Augment` or a config
+        block such as ``{"crop": "inception"}``; None: uniform crop + left-right flip);
+        eval ignores it.  ``random_flip=False`` turns the left-right flip off either way.
       start: position in the process's stream of the first example (a restored iterator's).
     """
     if batch_size <= 0:
@@ -382,7 +385,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
         image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
         resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale,
-        fields=tuple(fields), scale=scale)
+        fields=tuple(fields), scale=scale, augment=augment)
     if getattr(source, "random_access", True):
         order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
         ex.check_readable(source, maker)
