@@ -21,3 +21,33 @@ __all__ = [
     "resize_bilinear_align_corners",
     "resize_nearest_align_corners",
 ]
+
+from jattn.ops.boxes import (
+    anchors,
+    box_area,
+    box_iou,
+    cell_anchors,
+    clip_boxes,
+    decode,
+    encode,
+    generalized_box_iou,
+    giou,
+)
+from jattn.ops.nms import batched_nms, detections, nms
+from jattn.ops.roi_align import roi_align
+
+__all__ += [
+    "anchors",
+    "batched_nms",
+    "box_area",
+    "box_iou",
+    "cell_anchors",
+    "clip_boxes",
+    "decode",
+    "detections",
+    "encode",
+    "generalized_box_iou",
+    "giou",
+    "nms",
+    "roi_align",
+]
