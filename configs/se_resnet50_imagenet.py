@@ -13,9 +13,7 @@ state its weight decay, so 1e-4 is the standard assumption, not a quoted figure.
 Augmentation (Szegedy et al.'s, which the paper follows): random-size crops, 8% to 100% of
 the image's area with aspect ratio in [3/4, 4/3], resized to 224x224 (``data.augment.crop =
 "inception"``, torchvision's RandomResizedCrop), and left-right flips. Evaluation: the
-shorter side resized to 256, then the centre 224x224 crop (``data.eval_resize_shorter``; not
-yet passed on by ``jattn.train.evaluate.eval_batches``, which until then centre-crops the
-unresized image).
+shorter side resized to 256, then the centre 224x224 crop (``data.eval_resize_shorter``).
 
 ImageNet must be downloaded by hand (manual_dir) and prepared once:
     tfds build imagenet2012 --manual_dir=$IMAGENET_TARS --file_format=array_record --data_dir=$DATA

@@ -265,8 +265,6 @@ def test_the_eval_resize_then_centre_crop():
     np.testing.assert_array_equal(maker.image(rgb, "x", 0)[0], I.to_float(np.ascontiguousarray(resized[8:40, 4:36])))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="jattn/train/evaluate.py eval_batches does not pass "
-                                       "data.eval_resize_shorter to make_dataset yet")
 def test_eval_batches_use_data_eval_resize_shorter():
     from jattn.train.evaluate import eval_batches
     from toy import toy_config

@@ -186,7 +186,7 @@ def learning_rates(state: TrainState) -> dict[str, float]:
 # Every other key changes what is trained.
 FREE_ON_RESUME = ("total_steps", "log_every", "image_every", "checkpoint_every", "keep_checkpoints", "eval_every",
                   "eval_images", "eval_batch_size", "best_metric", "best_mode", "skip_nonfinite", "step_unroll",
-                  "prefetch_steps", "jattn", "data.eval_source", "data.eval_mask")
+                  "prefetch_steps", "jattn", "data.eval_source", "data.eval_mask", "data.eval_resize_shorter")
 _UNSET = object()
 
 
