@@ -9,6 +9,7 @@
     jattn demo      the main job on bundled data: a short training run, then an inpainted photo
     jattn devices   the JAX devices this process sees
     jattn compile   compile a run's training step for a TPU topology (or this machine): cost, memory, fit
+    jattn describe  what a run will be: parameters, forward FLOPs, optimizers, learning rates, data
     jattn configs   the bundled configs, usable by name: `--config demo`
 
 JAX and the models are imported inside each command, so `jattn --help` is instant. This
@@ -472,6 +473,60 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lr_steps(values: list[str] | None) -> list[int] | None:
+    """`--lr-at` as whole numbers of steps >= 0 (None: not given); a UserError otherwise."""
+    if values is None:
+        return None
+    if not values:
+        raise UserError("--lr-at: give one or more training steps, e.g. --lr-at 0 1000 200000")
+    steps = []
+    for text in values:
+        try:
+            number = float(text.replace("_", ""))
+        except ValueError:
+            number = float("nan")
+        if not (number >= 0 and number.is_integer()):
+            raise UserError(f"--lr-at: expected whole numbers of training steps >= 0, got {text!r}")
+        steps.append(int(number))
+    return sorted(set(steps))
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    import pathlib
+
+    steps = _lr_steps(args.lr_at)
+    from jattn._paths import WriteError, check_writable, write_atomic
+
+    if args.json:
+        try:
+            check_writable(args.json)  # before the config is loaded and anything compiled
+        except WriteError as err:
+            raise UserError(str(err)) from None
+    if "jax" not in sys.modules:  # nothing runs and one CPU program compiles: leave GPUs / TPUs to training runs
+        import os
+
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    config = _load_config(args)
+    from jattn.config import ConfigError
+    from jattn.describe import DescribeError, describe, format_report
+
+    try:
+        report = describe(config, steps, flops=not args.no_flops, config_name=str(args.config))
+    except (DescribeError, ConfigError) as err:
+        raise _one_line(err) from None
+    print(format_report(report))
+    if args.json:
+        out = pathlib.Path(args.json)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, json.dumps(report, indent=2) + "\n")
+        except OSError as err:
+            raise UserError(f"cannot write {out}: {err.strerror or err}") from None
+        except WriteError as err:
+            raise UserError(str(err)) from None
+    return 0
+
+
 def version_string() -> str:
     """`jattn <version> (jax <version>, jaxlib <version>)`, from the installed distributions'
     metadata (nothing is imported); jattn's own `__version__` when it is not installed."""
@@ -617,6 +672,25 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--require-fit", action="store_true", dest="require_fit",
                       help="exit with status 1 when the step does not fit the chip's HBM")
     comp.set_defaults(func=_cmd_compile)
+
+    desc = sub.add_parser(
+        "describe",
+        help="what a run will be: parameters, forward FLOPs, optimizers, learning rates, data",
+        description="What a config's run will be, without training and without allocating its weights: per "
+                    "network the parameter count and largest layers (jax.eval_shape), the FLOPs per example of "
+                    "the inference forward (XLA's cost analysis of task.predict compiled for the CPU), each "
+                    "optimizer in words, the learning rate at given steps, the data pipeline. Config values can "
+                    "be overridden with --config.KEY=VALUE or --set KEY=VALUE.",
+    )
+    desc.add_argument("--config", required=True, help="a config file, or the name of a bundled config (`jattn configs` lists them)")
+    desc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    desc.add_argument("--lr-at", nargs="*", default=None, metavar="STEP", dest="lr_at",
+                      help="training steps (from 0) whose learning rates are shown (default: 0, the ends of the "
+                           "warm-ups, the schedule's boundaries and total_steps)")
+    desc.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+    desc.add_argument("--no-flops", action="store_true", dest="no_flops",
+                      help="skip the forward's compile (FLOPs not measured; parameter counts need none)")
+    desc.set_defaults(func=_cmd_describe)
 
     devices = sub.add_parser("devices", help="print the JAX devices this process sees")
     devices.set_defaults(func=_cmd_devices)
