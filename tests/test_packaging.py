@@ -79,7 +79,7 @@ def test_core_requirements_and_extras(wheel):
     core = {re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in requires if "extra ==" not in r}
     assert core == {"jax", "flax", "optax", "orbax-checkpoint", "grain", "einops", "ml_collections", "numpy",
                     "pillow", "scikit-image", "safetensors", "tensorboard", "tqdm"}
-    assert set(meta.get_all("Provides-Extra")) == {"tf", "tfds", "tpu", "onnx", "all", "dev"}
+    assert set(meta.get_all("Provides-Extra")) == {"tf", "tfds", "tpu", "onnx", "coco", "all", "dev"}
 
     def extra(name):
         return {r.split(";")[0].strip() for r in requires if re.search(rf"extra == ['\"]{name}['\"]", r)}
@@ -89,8 +89,9 @@ def test_core_requirements_and_extras(wheel):
         return {e.strip() for r in extra(name) if r.startswith("jattn[") for e in r[6:-1].split(",")}
 
     assert own("tfds") == {"tf"} and any(r.startswith("tensorflow-datasets") for r in extra("tfds"))
-    assert own("all") == {"tf", "tfds", "tpu", "onnx"}
-    assert own("dev") == {"tf", "tfds"} and {"pytest>=8", "pytest-xdist>=3.5"} <= extra("dev")
+    assert own("all") == {"tf", "tfds", "tpu", "onnx", "coco"}
+    assert own("dev") == {"tf", "tfds", "coco"} and {"pytest>=8", "pytest-xdist>=3.5"} <= extra("dev")
+    assert {r.split(">=")[0] for r in extra("coco")} == {"pycocotools"}
 
 
 def test_the_unpacked_wheel_runs_from_an_empty_folder(wheel, tmp_path):
