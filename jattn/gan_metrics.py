@@ -513,7 +513,7 @@ def _inception_network(path: str):
 def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: FeatureFn | None = None,
                  mesh=None, real_stats: tuple[np.ndarray, np.ndarray] | None = None,
                  splits: int | None = None, predict: Callable | None = None) -> dict[str, float]:
-    """IS and FID of a GAN task's samples over a whole evaluation set.
+    """IS, FID and KID of a GAN task's samples over a whole evaluation set.
 
     For every batch of ``real_batches`` (this process's host batches: ``"image" [b, H, W, 3]``
     in [-1, 1] plus the task's fields, e.g. ``"label"``), the task's ``predict`` draws ``b``
@@ -529,8 +529,10 @@ def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: 
     predict: ``task.predict`` jitted (default: jitted here, so compiled at every call; pass one
       jitted function to compile it once for all evaluations of a run).
 
-    Returns ``eval_fid``, ``eval_is``, ``eval_is_std`` (when there are logits), ``eval_is_real``
-    (IS of the real images) and ``eval_images`` (the number of samples).
+    Returns ``eval_fid``, ``eval_kid`` (:func:`kernel_inception_distance`'s mean, subsets of
+    ``min(1000, samples)``; not with ``real_stats``, which holds no features), ``eval_is``,
+    ``eval_is_std`` (when there are logits), ``eval_is_real`` (IS of the real images) and
+    ``eval_images`` (the number of samples).
     """
     if network is None:
         weights = config.model.inception_weights
@@ -542,6 +544,7 @@ def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: 
     predict = jax.jit(task.predict) if predict is None else predict
     real, fake = _Moments(), _Moments()
     fake_logits, real_logits = [], []
+    fake_features, real_features = [], []  # for KID, which needs the features themselves
     offset = 0
     for host in real_batches:
         b = len(host["image"])
@@ -552,12 +555,14 @@ def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: 
             batch = to_global_array(batch, mesh)
         samples = predict(state.params, state.variables, batch)["output"]
         f_feat, f_logits = _split(network(samples))
-        fake.add(_to_host(f_feat))
+        fake_features.append(_to_host(f_feat))
+        fake.add(fake_features[-1])
         if f_logits is not None:
             fake_logits.append(_to_host(f_logits))
         if real_stats is None:
             r_feat, r_logits = _split(network(batch["image"]))
-            real.add(_to_host(r_feat))
+            real_features.append(_to_host(r_feat))
+            real.add(real_features[-1])
             if r_logits is not None:
                 real_logits.append(_to_host(r_logits))
         offset += b * jax.process_count()
@@ -566,6 +571,9 @@ def evaluate_gan(task, state, config, real_batches: Iterable[dict], *, network: 
     mu_r, sigma_r = real.statistics() if real_stats is None else real_stats
     mu_f, sigma_f = fake.statistics()
     out = {"eval_fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r), "eval_images": fake.n}
+    if real_features:
+        out["eval_kid"] = kernel_inception_distance(np.concatenate(fake_features), np.concatenate(real_features),
+                                                    subset_size=min(1000, fake.n))[0]
     n_splits = int(splits if splits is not None else config.model.is_splits)
     if fake_logits:
         logits = np.concatenate(fake_logits)

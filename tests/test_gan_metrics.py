@@ -269,10 +269,12 @@ def test_evaluate_gan_whole_set_statistics(use_mesh):
     assert out["eval_fid"] == pytest.approx(want, rel=1e-6)
     assert out["eval_is"] == pytest.approx(G.inception_score(fl, 2)[0], rel=1e-6)
     assert out["eval_is_real"] == pytest.approx(G.inception_score(rl, 2)[0], rel=1e-6)
+    assert out["eval_kid"] == pytest.approx(G.kernel_inception_distance(ff, rf, subset_size=24)[0], rel=1e-6)
     # precomputed real statistics give the same FID
     again = G.evaluate_gan(task, state, _config(), iter(batches), network=_feature_fn,
                            real_stats=(rf.mean(0), np.cov(rf, rowvar=False)), splits=2)
     assert again["eval_fid"] == pytest.approx(want, rel=1e-6) and "eval_is_real" not in again
+    assert "eval_kid" not in again  # the statistics hold no features
 
 
 def test_evaluate_gan_weights_from_config(tmp_path):
