@@ -1,5 +1,5 @@
 """Input pipelines: masks, sources, tf.data and grain loaders of image batches (with masks,
-labels, low-res inputs or segmentation maps as the task needs).
+labels, low-res inputs, segmentation maps or detection boxes as the task needs).
 
 This package imports neither TensorFlow, tensorflow-datasets nor grain; the pipelines
 live in :mod:`jattn.data.tfdata` and :mod:`jattn.data.grain` (imported on use).
@@ -9,28 +9,35 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from jattn.data import detection
 from jattn.data import masks
 from jattn.data import sources
+from jattn.data.detection import DETECTION_KEYS, CocoSource, SyntheticShapesSource
 from jattn.data.examples import FIELDS, BadDataStats
 from jattn.data.images import BadImageError
 from jattn.data.masks import eval_set, load_eval_set, mask_for_index, parse_mask_spec, sample_mask
 from jattn.data.sharding import data_sharding, per_process_batch_size, to_global_array
 from jattn.data.sources import (
     FolderSource,
+    Objects,
     SamplePhotosSource,
     ShapesSource,
     TfdsSource,
+    coco_source,
     folder_source,
     sample_photos_source,
     shapes_source,
     source_from_config,
+    synthetic_shapes_source,
     tfds_source,
 )
 
 __all__ = [
+    "detection",
     "masks",
     "sources",
     "FIELDS",
+    "DETECTION_KEYS",
     "BadDataStats",
     "BadImageError",
     "eval_set",
@@ -45,6 +52,11 @@ __all__ = [
     "SamplePhotosSource",
     "ShapesSource",
     "TfdsSource",
+    "Objects",
+    "CocoSource",
+    "SyntheticShapesSource",
+    "coco_source",
+    "synthetic_shapes_source",
     "folder_source",
     "sample_photos_source",
     "shapes_source",

@@ -22,7 +22,9 @@ batches for the same arguments.
   crop, flips and rotations (``augment``, :class:`jattn.data.images.Augment`) use
   ``default_rng([seed, mask_index, 1])`` and come before ``lowres`` is derived from the
   crop, so the low-res input is always the downscaled (augmented) image.  Eval: a centre
-  crop, no augmentation.
+  crop, no augmentation.  ``boxes`` (detection, :mod:`jattn.data.detection`) replaces the
+  crop by an aspect-preserving resize + bottom / right padding (and the flips, drawn from
+  the same generator) and brings ``classes``, ``image_id`` and ``scale``.
 * Bad data.  A record that cannot be decoded or is too small is skipped: its slot takes
   the next readable record in source order, one warning is logged per file (per process)
   and the per-example ``_bad_data`` vector ``[skipped, converted, upscaled]`` describing
@@ -44,6 +46,7 @@ from jattn.data import masks as masks_lib
 __all__ = [
     "FIELDS",
     "BAD_DATA_KEY",
+    "TRUNCATED_KEY",
     "BadDataStats",
     "ExampleMaker",
     "ExampleOrder",
@@ -58,11 +61,15 @@ logger = logging.getLogger("jattn.data")
 
 #: Per-example / per-batch key of the ``[skipped, converted, upscaled]`` counts.
 BAD_DATA_KEY = "_bad_data"
+#: Per-example / per-batch key (detection) of the boxes dropped beyond ``max_boxes``.
+TRUNCATED_KEY = "_boxes_truncated"
 
 #: Example fields a task may ask for beside "image" [H, W, 3] float32 in [-1, 1]:
 #: "mask" [H, W, 1] float32 (1 = hole), "label" [] int32, "lowres" [H/s, W/s, 3] float32
-#: (bicubic downscale by ``scale``), "segmentation" [H, W] int32 (0 = background).
-FIELDS = ("mask", "label", "lowres", "segmentation")
+#: (bicubic downscale by ``scale``), "segmentation" [H, W] int32 (0 = background), "boxes"
+#: (detection: "boxes" [M, 4] float32, "classes" [M] int32, "image_id" [] int32, "scale" []
+#: float32, M = ``max_boxes``; :mod:`jattn.data.detection`).
+FIELDS = ("mask", "label", "lowres", "segmentation", "boxes")
 
 
 def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -149,6 +156,7 @@ class ExampleMaker:
     fields: tuple[str, ...] = ("mask",)
     scale: int | None = None
     augment: Any = None  # training augmentation: an images.Augment or a config block (None: the default)
+    max_boxes: int = 50  # detection ("boxes"): boxes per example (config data.max_boxes)
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", image_size_pair(self.image_size))
@@ -161,6 +169,18 @@ class ExampleMaker:
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown:
             raise ValueError(f"unknown example field(s) {unknown}; known: {list(FIELDS)}")
+        if "boxes" in self.fields:
+            m = self.max_boxes
+            if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+                raise ValueError(f"data.max_boxes: expected a whole number >= 1, got {m!r}")
+            object.__setattr__(self, "max_boxes", int(m))
+            if augment.crop != "random" or augment.rot90:
+                raise ValueError("detection examples (the 'boxes' field) are resized and padded, not cropped: "
+                                 "data.augment.crop must be 'random' (the default, unused) and rot90 off; "
+                                 f"got crop={augment.crop!r}, rot90={augment.rot90}")
+            if self.resize_shorter is not None:
+                raise ValueError("detection examples (the 'boxes' field) are resized to fit data.image_size; "
+                                 f"resize_shorter / data.eval_resize_shorter must be unset, got {self.resize_shorter}")
         if self.seed < 0 or self.mask_seed < 0:
             raise ValueError(f"seeds must be >= 0, got seed={self.seed}, mask_seed={self.mask_seed}")
         if "mask" in self.fields:
@@ -182,21 +202,38 @@ class ExampleMaker:
         return out["image"], conversion, upscaled
 
     def example(self, data: bytes | np.ndarray, name: str, mask_index: int, label: int | None = None,
-                segmentation: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], str | None, bool]:
+                segmentation: np.ndarray | None = None, objects: Any = None
+                ) -> tuple[dict[str, np.ndarray], str | None, bool]:
         """``(example dict, conversion or None, upscaled)``; raises ``BadImageError`` for
-        a bad image and ``ValueError`` when the record lacks a field the task needs."""
-        rgb, conversion = images_lib.decode_rgb(data, name)
-        rng = np.random.default_rng([self.seed, int(mask_index), 1]) if self.train else None
+        a bad image and ``ValueError`` when the record lacks a field the task needs
+        (``objects``: the record's :class:`jattn.data.sources.Objects`, for "boxes")."""
         want_seg = "segmentation" in self.fields
         if want_seg and segmentation is None:
             raise ValueError(f"{name}: the source has no segmentation maps, but the task needs them")
-        result = images_lib.preprocess(
-            rgb, name, self.image_size, resize_shorter=self.resize_shorter, rng=rng,
-            random_flip=self.random_flip, max_upscale=self.max_upscale,
-            segmentation=segmentation if want_seg else None, augment=self.augment)
-        out = {"image": result[0]}
-        if want_seg:
-            out["segmentation"] = result[2]
+        rng = np.random.default_rng([self.seed, int(mask_index), 1]) if self.train else None
+        if "boxes" in self.fields:
+            from jattn.data import detection
+
+            if objects is None:
+                raise ValueError(f"{name}: the source has no boxes, but the task needs them")
+            rgb, conversion = images_lib.decode_rgb(data, name, exif=False)
+            out, dropped = detection.preprocess(
+                rgb, objects, self.image_size, rng=rng, flip_lr=self.random_flip and self.augment.flip_lr,
+                flip_ud=self.augment.flip_ud, max_boxes=self.max_boxes,
+                segmentation=segmentation if want_seg else None, name=name)
+            out["image_id"] = np.asarray(objects.image_id, np.int32)
+            out[TRUNCATED_KEY] = np.asarray(dropped, np.int32)
+            upscaled = False
+        else:
+            rgb, conversion = images_lib.decode_rgb(data, name)
+            result = images_lib.preprocess(
+                rgb, name, self.image_size, resize_shorter=self.resize_shorter, rng=rng,
+                random_flip=self.random_flip, max_upscale=self.max_upscale,
+                segmentation=segmentation if want_seg else None, augment=self.augment)
+            out = {"image": result[0]}
+            if want_seg:
+                out["segmentation"] = result[2]
+            upscaled = result[1]
         if "mask" in self.fields:
             out["mask"] = self.mask(mask_index)
         if "label" in self.fields:
@@ -205,18 +242,22 @@ class ExampleMaker:
             out["label"] = np.asarray(label, np.int32)
         if "lowres" in self.fields:
             out["lowres"] = images_lib.downscale(out["image"], self.scale)
-        return out, conversion, result[1]
+        return out, conversion, upscaled
 
     def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """``{key: (shape, dtype)}`` of one example, keys in a fixed order."""
         h, w = self.image_size
         spec = {"image": ((h, w, 3), np.dtype(np.float32))}
+        m = self.max_boxes
         shapes = {"mask": ((h, w, 1), np.float32), "label": ((), np.int32),
                   "lowres": ((h // (self.scale or 1), w // (self.scale or 1), 3), np.float32),
-                  "segmentation": ((h, w), np.int32)}
+                  "segmentation": ((h, w), np.int32), "boxes": ((m, 4), np.float32), "classes": ((m,), np.int32),
+                  "image_id": ((), np.int32), "scale": ((), np.float32), TRUNCATED_KEY: ((), np.int32)}
         for f in FIELDS:
             if f in self.fields:
-                spec[f] = (shapes[f][0], np.dtype(shapes[f][1]))
+                keys = ("boxes", "classes", "image_id", "scale", TRUNCATED_KEY) if f == "boxes" else (f,)
+                for k in keys:
+                    spec[k] = (shapes[k][0], np.dtype(shapes[k][1]))
         return spec
 
     def mask(self, mask_index: int) -> np.ndarray:
@@ -306,7 +347,7 @@ class ExampleLoader:
         try:
             record = self.source[i]
             return self.maker.example(record.data, record.name, mask_index, record.label,
-                                      record.segmentation), None
+                                      record.segmentation, getattr(record, "objects", None)), None
         except images_lib.BadImageError as e:
             return None, (e.name, e.reason)
         except Exception as e:  # noqa: BLE001 - unreadable record: never kill a long run
@@ -343,7 +384,8 @@ def check_readable(source, maker: ExampleMaker, max_records: int | None = None) 
         record = None
         try:
             record = source[i]
-            maker.example(record.data, record.name, 0, record.label, record.segmentation)
+            maker.example(record.data, record.name, 0, record.label, record.segmentation,
+                          getattr(record, "objects", None))
             return i
         except images_lib.BadImageError as e:
             first_error = first_error or e

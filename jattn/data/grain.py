@@ -51,11 +51,14 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 class GrainBatchIterator(grain.DatasetIterator):
-    """Batch iterator with ``bad_data`` counts and an exactly restorable state."""
+    """Batch iterator with ``bad_data`` counts and an exactly restorable state;
+    ``boxes_truncated`` (detection) counts the boxes dropped beyond ``max_boxes`` by this
+    iterator (not saved in the state)."""
 
     def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
         self.bad_data = ex.BadDataStats()
+        self.boxes_truncated = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
         try:
@@ -65,6 +68,9 @@ class GrainBatchIterator(grain.DatasetIterator):
             raise
         batch = dict(batch)
         self.bad_data.add(batch.pop(ex.BAD_DATA_KEY))
+        truncated = batch.pop(ex.TRUNCATED_KEY, None)
+        if truncated is not None:
+            self.boxes_truncated += int(np.sum(truncated))
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -84,14 +90,15 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
                   worker_count: int = 0, worker_buffer_size: int = 2,
                   read_threads: int = 8, read_buffer_size: int = 64,
                   fields: Sequence[str] = ("mask",), scale: int | None = None,
-                  augment: Any = None) -> grain.IterDataset:
+                  augment: Any = None, max_boxes: int = 50) -> grain.IterDataset:
     """The ``grain.IterDataset`` of batch dicts (with the internal ``_bad_data`` counts).
 
     Arguments as in :func:`jattn.data.tfdata.build_dataset` (``shuffle_buffer`` is unused:
     shuffling is an exact per-epoch permutation), plus ``worker_count`` ``mp_prefetch``
     worker processes (0: none) with ``worker_buffer_size`` batches each, and
     ``read_threads`` / ``read_buffer_size`` for the thread prefetch.  The source must be
-    random access (folders, sample photos, TFDS ``array_record``).
+    random access (folders, sample photos, TFDS ``array_record``).  ``max_boxes``: boxes
+    per example of the "boxes" field (detection).
     """
     del shuffle_buffer
     if batch_size <= 0:
@@ -104,7 +111,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
         image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
         resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale,
-        fields=tuple(fields), scale=scale, augment=augment)
+        fields=tuple(fields), scale=scale, augment=augment, max_boxes=max_boxes)
     order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
     ex.check_readable(source, maker)
     loader = ex.ExampleLoader(source, maker, order)

@@ -187,12 +187,14 @@ def _flatten_alpha(im: Image.Image) -> np.ndarray:
     return np.asarray(Image.alpha_composite(background, im).convert("RGB"))
 
 
-def decode_rgb(data: bytes | np.ndarray, name: str = "<image>") -> tuple[np.ndarray, str | None]:
+def decode_rgb(data: bytes | np.ndarray, name: str = "<image>", *, exif: bool = True
+               ) -> tuple[np.ndarray, str | None]:
     """Decodes encoded bytes (jpg/png/webp/bmp/...) or an array to uint8 ``[H, W, 3]``.
 
     Returns ``(rgb, conversion)`` where ``conversion`` names what was converted
     (``"grayscale"``, ``"RGBA"``, ``"palette"``, ``"16-bit"``, ``"CMYK"``, ...) or is
-    ``None``.  Transparent images are composited over white; EXIF orientation is applied.
+    ``None``.  Transparent images are composited over white; EXIF orientation is applied
+    unless ``exif=False`` (detection: COCO's boxes are in the stored pixels' frame).
     Raises :class:`BadImageError` for truncated, corrupt or unsupported data.
     """
     if isinstance(data, np.ndarray):
@@ -202,7 +204,8 @@ def decode_rgb(data: bytes | np.ndarray, name: str = "<image>") -> tuple[np.ndar
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
-            im = ImageOps.exif_transpose(im)
+            if exif:
+                im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode == "RGB":
                 return np.asarray(im), None

@@ -3,8 +3,10 @@
 A *random-access source* has ``__len__`` and ``__getitem__(i) -> Record``; a record holds
 encoded image bytes (or a uint8 array) and a name used in warnings, and where the source
 has them a class label (sample photos: the photo; folders: the top-level subfolder; TFDS:
-its ``label`` feature; shapes: the shape) and a segmentation map (shapes; folders with a
-``segmentation_root``).  Folders, the sample
+its ``label`` feature; shapes: the shape), a segmentation map (shapes; folders with a
+``segmentation_root``) and object boxes (:class:`Objects`: COCO folders, synthetic shapes
+and TFDS datasets with an ``objects`` feature such as ``coco/2017``; the detection sources
+live in :mod:`jattn.data.detection`).  Folders, the sample
 photos and TFDS datasets prepared as ``array_record`` are random access (usable by both
 pipelines); TFDS ``tfrecord`` datasets are read by the tf.data pipeline only.
 
@@ -23,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "Record",
+    "Objects",
     "IMAGE_EXTENSIONS",
     "FolderSource",
     "SamplePhotosSource",
@@ -32,6 +35,8 @@ __all__ = [
     "sample_photos_source",
     "shapes_source",
     "tfds_source",
+    "coco_source",
+    "synthetic_shapes_source",
     "source_from_config",
     "hash_split",
     "SAMPLE_PHOTOS",
@@ -43,15 +48,66 @@ _TRAIN, _VAL = "train", "val"
 _SPLIT_ALIASES = {None: None, "all": None, "train": _TRAIN, "val": _VAL, "validation": _VAL}
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objects:
+    """The objects of one image (detection sources).
+
+    ``boxes`` float32 ``[N, 4]`` ``(x1, y1, x2, y2)`` in pixels of the original (decoded,
+    not EXIF-rotated) image, or, with ``normalized``, as fractions of its width / height
+    (TFDS); ``classes`` int32 ``[N]`` in ``[0, K)``; ``iscrowd`` bool ``[N]`` (crowd
+    regions: kept for evaluation, never training targets); ``areas`` float32 ``[N]`` (COCO's
+    ``area``, the ground truth's size for the small / medium / large metrics; None: the
+    box areas); ``image_id`` (COCO's id, or the example index); ``size`` ``(height,
+    width)`` of the original image where known.
+    """
+
+    boxes: np.ndarray
+    classes: np.ndarray
+    iscrowd: np.ndarray | None = None
+    areas: np.ndarray | None = None
+    image_id: int = 0
+    size: tuple[int, int] | None = None
+    normalized: bool = False
+
+    def __post_init__(self):
+        boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "classes", np.asarray(self.classes, np.int32).reshape(-1))
+        n = len(boxes)
+        crowd = np.zeros(n, bool) if self.iscrowd is None else np.asarray(self.iscrowd, bool).reshape(-1)
+        object.__setattr__(self, "iscrowd", crowd)
+        if self.areas is not None:
+            object.__setattr__(self, "areas", np.asarray(self.areas, np.float32).reshape(-1))
+        if len(self.classes) != n or len(crowd) != n or (self.areas is not None and len(self.areas) != n):
+            raise ValueError(f"objects of image {self.image_id}: {n} boxes but {len(self.classes)} classes, "
+                             f"{len(crowd)} crowd flags")
+        object.__setattr__(self, "image_id", int(self.image_id))
+        if self.size is not None:
+            object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def in_pixels(self, height: int, width: int) -> Objects:
+        """These objects with boxes in pixels of a ``height`` x ``width`` image (a no-op
+        unless ``normalized``)."""
+        if not self.normalized:
+            return self
+        return dataclasses.replace(self, boxes=self.boxes * np.float32([width, height, width, height]),
+                                   normalized=False, size=(int(height), int(width)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One raw example: encoded bytes or a uint8 array ``[H, W, C]``, a name, and where
-    the source has them a class label and a segmentation map (uint8 / int ``[H, W]``)."""
+    the source has them a class label, a segmentation map (uint8 / int ``[H, W]``) and
+    the image's :class:`Objects` (detection)."""
 
     data: bytes | np.ndarray
     name: str
     label: int | None = None
     segmentation: np.ndarray | None = None
+    objects: Objects | None = None
 
 
 def _split_name(split: str | None, where: str) -> str | None:
@@ -341,12 +397,19 @@ class TfdsSource:
     ``manual_dir`` for datasets that need manual downloads, in ``file_format``).
     Construction validates the name, that the dataset is prepared, the split and the
     image feature, raising ``ValueError`` / ``FileNotFoundError`` with the dataset name.
+
+    Detection: a dataset with an ``objects_key`` feature holding ``bbox`` (TFDS's
+    normalized ``[ymin, xmin, ymax, xmax]``) and ``label`` (``coco/2017``'s ``objects``,
+    also ``is_crowd`` and ``area``) gives records :class:`Objects`
+    (:func:`jattn.data.detection.tfds_objects`); ``class_names`` are the label's names and
+    ``category_ids`` COCO's 80 ids for COCO datasets (TFDS numbers COCO's categories in
+    id order), else ``1..K``.
     """
 
     def __init__(self, name: str, split: str, *, data_dir: str | None = None,
                  manual_dir: str | None = None, image_key: str = "image",
                  download: bool = False, file_format: str | None = None,
-                 label_key: str | None = "label"):
+                 label_key: str | None = "label", objects_key: str | None = "objects"):
         self.name, self.split, self.image_key = name, split, image_key
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.manual_dir = os.fspath(manual_dir) if manual_dir is not None else None
@@ -359,6 +422,15 @@ class TfdsSource:
                              f"{sorted(builder.info.features.keys())}")
         # class labels when the dataset has them ("label" for cifar10, imagenet2012, ...)
         self.label_key = label_key if label_key in builder.info.features else None
+        self.objects_key, self.class_names, self.category_ids = None, None, None
+        if objects_key is not None and objects_key in builder.info.features:
+            from jattn.data import detection
+
+            names = detection.tfds_object_classes(builder.info.features[objects_key])
+            if names is not None:
+                self.objects_key = objects_key
+                self.class_names = names
+                self.category_ids = detection.default_category_ids(name, len(names))
         try:
             self.num_examples = int(builder.info.splits[split].num_examples)
         except (KeyError, ValueError) as e:
@@ -422,7 +494,12 @@ class TfdsSource:
     def __getitem__(self, i: int) -> Record:
         example = self._source()[int(i)]
         label = None if self.label_key is None else int(example[self.label_key])
-        return Record(example[self.image_key], f"{self.name}/{self.split}[{int(i)}]", label)
+        objects = None
+        if self.objects_key is not None:
+            from jattn.data import detection
+
+            objects = detection.tfds_objects(example, self.objects_key, index=int(i))
+        return Record(example[self.image_key], f"{self.name}/{self.split}[{int(i)}]", label, objects=objects)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -437,11 +514,11 @@ class TfdsSource:
 def tfds_source(name: str, split: str, data_dir: str | None = None,
                 manual_dir: str | None = None, *, image_key: str = "image",
                 download: bool = False, file_format: str | None = None,
-                label_key: str | None = "label") -> TfdsSource:
+                label_key: str | None = "label", objects_key: str | None = "objects") -> TfdsSource:
     """A TFDS source; see :class:`TfdsSource`."""
     return TfdsSource(name, split, data_dir=data_dir, manual_dir=manual_dir,
                       image_key=image_key, download=download, file_format=file_format,
-                      label_key=label_key)
+                      label_key=label_key, objects_key=objects_key)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -511,12 +588,29 @@ def shapes_source(num_examples: int = 1024, size: int = 64, *, split: str | None
     return ShapesSource(num_examples, size, split=split, seed=seed)
 
 
+def coco_source(root: str | os.PathLike, annotations: str = "annotations.json", images: str = "images",
+                **kwargs):
+    """A COCO-format folder (instances json + images); see :class:`jattn.data.detection.CocoSource`."""
+    from jattn.data import detection
+
+    return detection.CocoSource(root, annotations, images, **kwargs)
+
+
+def synthetic_shapes_source(num_examples: int = 1024, size: int = 128, classes: int = 5,
+                            max_objects: int = 4, **kwargs):
+    """Synthetic detection images; see :class:`jattn.data.detection.SyntheticShapesSource`."""
+    from jattn.data import detection
+
+    return detection.SyntheticShapesSource(num_examples, size, classes, max_objects, **kwargs)
+
+
 def source_from_config(config: Mapping[str, Any]):
-    """Builds a source from ``{"kind": "tfds" | "folder" | "sample_photos" | "shapes", ...kwargs}``."""
+    """Builds a source from ``{"kind": "tfds" | "folder" | "sample_photos" | "shapes" | "coco" |
+    "synthetic_shapes", ...kwargs}``."""
     params = dict(config)
     kind = params.pop("kind", None)
     makers = {"tfds": tfds_source, "folder": folder_source, "sample_photos": sample_photos_source,
-              "shapes": shapes_source}
+              "shapes": shapes_source, "coco": coco_source, "synthetic_shapes": synthetic_shapes_source}
     if kind not in makers:
         raise ValueError(f"source config needs 'kind' in {sorted(makers)}, got {kind!r}")
     try:

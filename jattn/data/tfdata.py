@@ -85,6 +85,7 @@ class TfDataIterator(Iterator):
                  pipeline: dict[str, Any] | None = None, start: int = 0):
         self.dataset = dataset
         self.bad_data = ex.BadDataStats() if bad_data is None else bad_data
+        self.boxes_truncated = 0  # detection: boxes dropped beyond max_boxes by this iterator (not in the state)
         self.pipeline = dict(pipeline or {})
         self._read = ex.BadDataStats() if read_stats is None else read_stats  # records dropped as read
         self._build = build
@@ -121,6 +122,9 @@ class TfDataIterator(Iterator):
         counts = batch.pop(ex.BAD_DATA_KEY)
         if counts.any():
             self.bad_data.add(counts)
+        truncated = batch.pop(ex.TRUNCATED_KEY, None)
+        if truncated is not None:
+            self.boxes_truncated += int(np.sum(truncated))
         positions = batch.pop(POSITION_KEY, None)
         if positions is not None and len(positions):
             end = int(positions[-1]) + 1
@@ -279,13 +283,39 @@ def _tfds_record_dataset(source, maker, train, seed, shuffle_buffer, num_epochs,
     if "segmentation" in maker.fields:
         raise ValueError(f"{source!r}: TFDS sources have no segmentation maps here; use a folder source "
                          "with segmentation_root")
-    ds = ds.map(lambda e: (e[source.image_key], e["tfds_id"],
-                           tf.cast(e[label_key], tf.int32) if label_key else tf.constant(-1, tf.int32)))
+    objects_key = getattr(source, "objects_key", None) if "boxes" in maker.fields else None
+    if "boxes" in maker.fields and objects_key is None:
+        raise ValueError(f"{source!r}: the dataset has no boxes (an 'objects' feature), but the task needs them")
+
+    def fields_of(e):
+        label = tf.cast(e[label_key], tf.int32) if label_key else tf.constant(-1, tf.int32)
+        if objects_key is None:
+            return e[source.image_key], e["tfds_id"], label
+        o = e[objects_key]
+        n = tf.shape(o["bbox"])[0]
+        return (e[source.image_key], e["tfds_id"], label, tf.cast(o["bbox"], tf.float32),
+                tf.cast(o["label"], tf.int32),
+                tf.cast(o["is_crowd"], tf.bool) if "is_crowd" in o else tf.zeros([n], tf.bool),
+                tf.cast(o["area"], tf.float32) if "area" in o else tf.fill([n], -1.0),
+                tf.cast(e["image/id"], tf.int64) if "image/id" in e else tf.constant(-1, tf.int64))
+
+    def objects_of(extra, idx):
+        """The record's Objects from the tensors of ``fields_of`` past the label (detection)."""
+        if not extra:
+            return None
+        from jattn.data import detection
+
+        bbox, cls, crowd, area, image_id = extra
+        area = None if len(area) and area[0] < 0 else area
+        return detection.tfds_objects({"objects": {"bbox": bbox, "label": cls, "is_crowd": crowd, "area": area},
+                                       "image/id": image_id if image_id >= 0 else idx})
+
+    ds = ds.map(fields_of)
     # Fail before training when nothing in the split decodes (stops at the first good one).
     first_error, probe = None, ds.as_numpy_iterator()
-    for data, name, label in probe:
+    for data, name, label, *extra in probe:
         try:
-            maker.example(data, name.decode(), 0, int(label))
+            maker.example(data, name.decode(), 0, int(label), objects=objects_of(extra, 0))
             break
         except Exception as e:  # noqa: BLE001 - reported below if nothing is readable
             first_error = first_error or e
@@ -310,10 +340,11 @@ def _tfds_record_dataset(source, maker, train, seed, shuffle_buffer, num_epochs,
     specs = _element_spec(maker)
     blank = tuple(np.zeros(s.shape, s.dtype.as_numpy_dtype) for s in specs.values())
 
-    def make(k, data, name, label):
+    def make(k, data, name, label, *extra):
         idx = mask_index(k)
         try:
-            out, conversion, upscaled = maker.example(data, name.decode(), idx, int(label))
+            out, conversion, upscaled = maker.example(data, name.decode(), idx, int(label),
+                                                      objects=objects_of(extra, idx))
         except images_lib.BadImageError as e:
             log.warn(e.name, e.reason)
             with lock:
@@ -323,8 +354,7 @@ def _tfds_record_dataset(source, maker, train, seed, shuffle_buffer, num_epochs,
         return (*(out[key] for key in specs), True)
 
     def tf_make(k, element):
-        data, name, label = element
-        *out, ok = tf.numpy_function(make, [k, data, name, label],
+        *out, ok = tf.numpy_function(make, [k, *element],
                                      [s.dtype for s in specs.values()] + [tf.bool], stateful=False)
         ok.set_shape([])
         return {**_set_shapes(out, specs), POSITION_KEY: k, "ok": ok}
@@ -345,7 +375,8 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
                   num_epochs: int | None = None, drop_remainder: bool = True,
                   num_parallel_calls: int = tf.data.AUTOTUNE, prefetch: int = 2,
                   bad_data: ex.BadDataStats | None = None, fields: Sequence[str] = ("mask",),
-                  scale: int | None = None, augment: Any = None, start: int = 0) -> tf.data.Dataset:
+                  scale: int | None = None, augment: Any = None, start: int = 0,
+                  max_boxes: int = 50) -> tf.data.Dataset:
     """The ``tf.data.Dataset`` of batch dicts (with the internal ``_bad_data`` counts and
     ``_position`` stream positions).
 
@@ -374,6 +405,8 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
         block such as ``{"crop": "inception"}``; None: uniform crop + left-right flip);
         eval ignores it.  ``random_flip=False`` turns the left-right flip off either way.
       start: position in the process's stream of the first example (a restored iterator's).
+      max_boxes: boxes per example of the "boxes" field (detection,
+        :mod:`jattn.data.detection`).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -385,7 +418,7 @@ def build_dataset(source, *, image_size: int | Sequence[int], batch_size: int, m
         image_size=ex.image_size_pair(image_size), mask_spec=mask_spec, seed=seed,
         mask_seed=seed if mask_seed is None else mask_seed, train=train,
         resize_shorter=resize_shorter, random_flip=random_flip, max_upscale=max_upscale,
-        fields=tuple(fields), scale=scale, augment=augment)
+        fields=tuple(fields), scale=scale, augment=augment, max_boxes=max_boxes)
     if getattr(source, "random_access", True):
         order = ex.ExampleOrder(len(source), seed, train, process_index, process_count, batch_size)
         ex.check_readable(source, maker)
