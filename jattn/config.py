@@ -126,6 +126,7 @@ def trainer_schema() -> ml_collections.ConfigDict:
             "image_size": None,  # training crop: an int or (height, width)
             "mask": None,  # the hole masks (jattn.data.masks); None: no masks
             "scale": None,  # super-resolution: the "lowres" field is the image downscaled by it
+            "max_boxes": 50,  # detection: boxes per example in the "boxes" field (padded)
             "shuffle_buffer": None,
             "worker_count": 0,
             "loader": "grain",  # "grain" | "tfdata"

@@ -152,6 +152,7 @@ def eval_batches(config, fields=("mask",)):
             mask_spec=_plain(mask) if "mask" in fields else None,
             fields=tuple(fields),
             scale=d.scale,
+            max_boxes=d.max_boxes,
             resize_shorter=d.eval_resize_shorter,
             seed=config.seed,
             mask_seed=EVAL_MASK_SEED,

@@ -160,6 +160,7 @@ def make_train_data(config, *, fields=None, process_index: int | None = None, pr
         mask_spec=mask.to_dict() if hasattr(mask, "to_dict") else mask,
         fields=fields,
         scale=d.scale,
+        max_boxes=d.max_boxes,
         augment=d.augment.to_dict() if hasattr(d.augment, "to_dict") else d.augment,
         seed=config.seed,
         train=True,

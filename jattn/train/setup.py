@@ -30,16 +30,22 @@ __all__ = ["batch_shapes", "init_batch", "state_init_fn", "abstract_train_state"
 def batch_shapes(config, fields=("mask",), batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a batch of `batch_size` examples: "image" [B, H, W, 3] and the
     `fields` (see `jattn.data.FIELDS`): "mask" [B, H, W, 1], "label" [B], "lowres"
-    [B, H/s, W/s, 3] (s = data.scale), "segmentation" [B, H, W]."""
+    [B, H/s, W/s, 3] (s = data.scale), "segmentation" [B, H, W], and "boxes" [B, M, 4] with
+    what it brings (M = data.max_boxes): "classes" [B, M], "image_id" [B], "scale" [B]."""
     h, w = image_size_pair(config.data.image_size)
     s = int(config.data.get("scale") or 1)
+    m = int(config.data.get("max_boxes") or 1)
     b = int(batch_size)
     shapes = {"image": ((b, h, w, 3), jnp.float32), "mask": ((b, h, w, 1), jnp.float32), "label": ((b,), jnp.int32),
-              "lowres": ((b, h // s, w // s, 3), jnp.float32), "segmentation": ((b, h, w), jnp.int32)}
+              "lowres": ((b, h // s, w // s, 3), jnp.float32), "segmentation": ((b, h, w), jnp.int32),
+              "boxes": ((b, m, 4), jnp.float32), "classes": ((b, m), jnp.int32), "image_id": ((b,), jnp.int32),
+              "scale": ((b,), jnp.float32)}
     unknown = [f for f in fields if f not in shapes]
     if unknown:
         raise ValueError(f"unknown batch field(s) {unknown}; known: {sorted(shapes)}")
-    return {k: jax.ShapeDtypeStruct(*shapes[k]) for k in ("image", *fields)}
+    with_boxes = ("classes", "image_id", "scale") if "boxes" in fields else ()
+    keys = dict.fromkeys(("image", *fields, *with_boxes))
+    return {k: jax.ShapeDtypeStruct(*shapes[k]) for k in keys}
 
 
 def init_batch(config, fields=("mask",)) -> dict:
