@@ -441,3 +441,328 @@ def deepfill_v2_losses(
     if critic_has_aux:
         out["critic_aux"] = aux
     return out
+
+
+# =========================================================================== #
+# Detection losses (Faster R-CNN; Attention R-CNN, jattn.models.attention_rcnn)
+# =========================================================================== #
+#
+# Target assignment and losses of torchvision's Faster R-CNN (``RegionProposalNetwork``,
+# ``RoIHeads``), with static shapes (per-image functions, vmapped over the batch; random
+# subsets by per-image PRNG keys). Ground truth comes padded: boxes ``[B, M, 4]`` (x1, y1,
+# x2, y2, image pixels) and classes ``[B, M]`` int in ``[0, K)``, ``-1`` on padding rows
+# (a row is a ground-truth box when its class is >= 0 and it has positive width and height).
+#
+# Normalisation (torchvision's): every term is a sum over the batch's sampled anchors /
+# RoIs divided by the number of sampled anchors / RoIs of the whole batch (positives and
+# negatives), not by the number of positives:
+#
+#   rpn_objectness = sum_{sampled} BCE(logit, label) / #sampled anchors
+#   rpn_box        = sum_{positive sampled} smooth_l1(delta - target, beta = 1/9) / #sampled anchors
+#   roi_classification = sum_{sampled} CE(logits, label) / #sampled RoIs
+#   roi_box        = sum_{foreground sampled} smooth_l1(delta_label - target, 1/9) / #sampled RoIs
+#                    (or 1 - GIoU(decoded box, ground truth), same normalisation)
+#
+# (each count clamped at 1). RPN deltas use box-coder weights (1, 1, 1, 1), the box head
+# (10, 10, 5, 5) (`jattn.ops.boxes.encode`).
+
+from jattn.ops import boxes as _boxes  # noqa: E402
+
+__all__ += [
+    "RPN_BOX_WEIGHTS",
+    "ROI_BOX_WEIGHTS",
+    "gt_valid",
+    "match_boxes",
+    "roi_loss",
+    "rpn_loss",
+    "rpn_targets",
+    "sample_balanced",
+    "sample_rois",
+    "smooth_l1",
+]
+
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+ROI_BOX_WEIGHTS = _boxes.DEFAULT_WEIGHTS  # (10, 10, 5, 5)
+_UNIT_BOX = (0.0, 0.0, 1.0, 1.0)  # stands in for unmatched boxes, so that encode / decode stay finite
+
+
+def smooth_l1(x: jax.Array, beta: float = 1.0 / 9) -> jax.Array:
+    """Element-wise smooth L1 (torchvision's ``smooth_l1_loss`` before the reduction):
+    ``0.5 x^2 / beta`` where ``|x| < beta``, else ``|x| - 0.5 beta``; ``beta = 0`` is ``|x|``."""
+    ax = jnp.abs(x)
+    if beta <= 0:
+        return ax
+    return jnp.where(ax < beta, 0.5 * jnp.square(x) / beta, ax - 0.5 * beta)
+
+
+def gt_valid(boxes: jax.Array, classes: jax.Array) -> jax.Array:
+    """``[..., M, 4]``, ``[..., M] -> [..., M]`` bool: a ground-truth row (class >= 0, width and height > 0)."""
+    boxes = jnp.asarray(boxes)
+    return (jnp.asarray(classes) >= 0) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+
+
+def match_boxes(iou: jax.Array, valid: jax.Array, high: float, low: float, allow_low_quality: bool):
+    """torchvision's ``Matcher`` on one image.
+
+    Args:
+      iou: ``[N, M]`` IoU of N candidates (anchors, proposals) with M ground-truth boxes.
+      valid: ``[M]`` bool, the real ground-truth rows.
+      high, low: IoU ``>= high`` is foreground, ``< low`` background, in between ignored.
+      allow_low_quality: also make foreground every candidate whose IoU with some
+        ground-truth box equals that box's highest IoU (its best candidates, ties included),
+        when that IoU is > 0 (torchvision has no such guard: a box overlapping nothing would
+        make every non-overlapping candidate foreground).
+
+    Returns:
+      ``(matched [N] int32, labels [N] int32)``: the index of each candidate's best valid
+      box (0 when there is none) and 1 (foreground), 0 (background), -1 (ignored). Without
+      valid boxes every candidate is background.
+    """
+    iou = jnp.where(valid[None, :], iou, -1.0)
+    best = jnp.max(iou, axis=1) if iou.shape[1] else jnp.full(iou.shape[:1], -1.0)
+    matched = jnp.argmax(iou, axis=1).astype(jnp.int32) if iou.shape[1] else jnp.zeros(iou.shape[:1], jnp.int32)
+    labels = jnp.where(best >= high, 1, jnp.where(best < low, 0, -1)).astype(jnp.int32)
+    if allow_low_quality and iou.shape[1]:
+        best_per_gt = jnp.max(iou, axis=0)  # [M]
+        low_quality = jnp.any((iou == best_per_gt[None, :]) & valid[None, :] & (best_per_gt[None, :] > 0), axis=1)
+        labels = jnp.where(low_quality, 1, labels)
+    return matched, labels
+
+
+def sample_balanced(labels: jax.Array, key: jax.Array, batch_size: int, positive_fraction: float):
+    """torchvision's ``BalancedPositiveNegativeSampler`` on one image, with static shapes.
+
+    ``num_pos = min(#positives, int(batch_size * positive_fraction))`` positives and
+    ``min(#negatives, batch_size - num_pos)`` negatives, each a uniformly random subset
+    (the top-k of uniform draws from ``key``; the same key gives the same subsets).
+
+    Args:
+      labels: ``[N]`` int: 1 positive, 0 negative, anything else never sampled.
+
+    Returns:
+      ``(positive [N] bool, negative [N] bool)`` masks of the sampled candidates.
+    """
+    labels = jnp.asarray(labels)
+    n = labels.shape[0]
+    pos, neg = labels == 1, labels == 0
+    u = jax.random.uniform(key, (n,), jnp.float32)
+    cap = int(batch_size * positive_fraction)
+    num_pos = jnp.minimum(jnp.sum(pos), cap)
+    num_neg = jnp.minimum(jnp.sum(neg), batch_size - num_pos)
+
+    def pick(mask, count, k):
+        k = min(k, n)
+        if k <= 0:
+            return jnp.zeros((n,), bool)
+        _, idx = jax.lax.top_k(jnp.where(mask, u, -1.0), k)
+        return jnp.zeros((n,), bool).at[idx].set(jnp.arange(k) < count)
+
+    return pick(pos, num_pos, cap), pick(neg, num_neg, batch_size)
+
+
+def rpn_targets(
+    anchors: jax.Array,
+    gt_boxes: jax.Array,
+    gt_classes: jax.Array,
+    key: jax.Array,
+    *,
+    fg_iou_thresh: float = 0.7,
+    bg_iou_thresh: float = 0.3,
+    batch_size: int = 256,
+    positive_fraction: float = 0.5,
+    weights=RPN_BOX_WEIGHTS,
+) -> dict[str, jax.Array]:
+    """RPN training targets of one image (torchvision ``assign_targets_to_anchors`` + sampler).
+
+    Anchors with IoU ``>= fg_iou_thresh`` with a ground-truth box are positive, ``<
+    bg_iou_thresh`` with all of them negative, and every box's best anchors (ties included)
+    positive; then `sample_balanced` keeps ``batch_size`` of them (up to
+    ``positive_fraction`` positive).
+
+    Args:
+      anchors: ``[A, 4]``; gt_boxes ``[M, 4]``; gt_classes ``[M]`` (-1: padding).
+
+    Returns:
+      dict of ``labels [A]`` int32 (1 / 0 / -1 before sampling), ``positive``, ``negative``
+      ``[A]`` bool (sampled), ``matched [A]`` int32 (ground-truth row), ``box_targets
+      [A, 4]`` (`jattn.ops.boxes.encode` of the matched box, 0 off the positives).
+    """
+    anchors, gt_boxes = jnp.asarray(anchors, jnp.float32), jnp.asarray(gt_boxes, jnp.float32)
+    valid = gt_valid(gt_boxes, gt_classes)
+    matched, labels = match_boxes(
+        _boxes.box_iou(anchors, gt_boxes), valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality=True
+    )
+    positive, negative = sample_balanced(labels, key, batch_size, positive_fraction)
+    fg = (labels == 1)[:, None]
+    unit = jnp.asarray(_UNIT_BOX, jnp.float32)
+    target_boxes = jnp.where(fg, gt_boxes[matched] if gt_boxes.shape[0] else unit, unit)
+    targets = jnp.where(fg, _boxes.encode(target_boxes, jnp.where(fg, anchors, unit), weights), 0.0)
+    return {"labels": labels, "positive": positive, "negative": negative, "matched": matched,
+            "box_targets": jax.lax.stop_gradient(targets)}
+
+
+def rpn_loss(
+    objectness: jax.Array,
+    deltas: jax.Array,
+    anchors: jax.Array,
+    gt_boxes: jax.Array,
+    gt_classes: jax.Array,
+    key: jax.Array,
+    *,
+    beta: float = 1.0 / 9,
+    **target_kw,
+) -> dict[str, jax.Array]:
+    """RPN losses of a batch (torchvision ``RegionProposalNetwork.compute_loss``).
+
+    Args:
+      objectness: ``[B, A]`` logits; deltas ``[B, A, 4]`` (in the order of ``anchors [A, 4]``).
+      gt_boxes ``[B, M, 4]``, gt_classes ``[B, M]``: the padded ground truth.
+      key: PRNG key, split into one per image for the anchor sampling.
+      beta: smooth L1 beta (torchvision: 1/9).
+      target_kw: `rpn_targets` keywords (thresholds, batch size, positive fraction).
+
+    Returns:
+      dict of ``rpn_objectness`` (BCE), ``rpn_box`` (smooth L1), both normalised by the
+      batch's number of sampled anchors (module comment), and ``rpn_num_positive``,
+      ``rpn_num_sampled`` (float32 counts).
+    """
+    objectness = jnp.asarray(objectness, jnp.float32)
+    deltas = jnp.asarray(deltas, jnp.float32)
+    keys = jax.random.split(key, objectness.shape[0])
+    t = jax.vmap(lambda b, c, k: rpn_targets(anchors, b, c, k, **target_kw))(gt_boxes, gt_classes, keys)
+    sampled = t["positive"] | t["negative"]
+    count = jnp.sum(sampled).astype(jnp.float32)
+    n = jnp.maximum(count, 1.0)
+    label = t["positive"].astype(jnp.float32)
+    bce = jax.nn.softplus(objectness) - objectness * label
+    box = jnp.sum(smooth_l1(deltas - t["box_targets"], beta), axis=-1)
+    return {
+        "rpn_objectness": jnp.sum(jnp.where(sampled, bce, 0.0)) / n,
+        "rpn_box": jnp.sum(jnp.where(t["positive"], box, 0.0)) / n,
+        "rpn_num_positive": jnp.sum(t["positive"]).astype(jnp.float32),
+        "rpn_num_sampled": count,
+    }
+
+
+def sample_rois(
+    proposals: jax.Array,
+    proposal_valid: jax.Array,
+    gt_boxes: jax.Array,
+    gt_classes: jax.Array,
+    key: jax.Array,
+    *,
+    batch_size: int = 512,
+    positive_fraction: float = 0.25,
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.5,
+    add_gt_boxes: bool = True,
+    weights=ROI_BOX_WEIGHTS,
+) -> dict[str, jax.Array]:
+    """The box head's training RoIs (torchvision ``RoIHeads.select_training_samples``).
+
+    Per image: the ground-truth boxes are appended to the proposals (``add_gt_boxes``),
+    each candidate is matched to its best box (IoU ``>= fg_iou_thresh`` foreground, ``<
+    bg_iou_thresh`` background, no low-quality matches), and `sample_balanced` keeps
+    ``batch_size`` (up to ``positive_fraction`` foreground). Sampled RoIs are gathered to
+    the front, foreground first, into ``S = min(batch_size, P + M)`` slots (``P + M``
+    without ``add_gt_boxes``: ``P``); unused slots have ``valid`` False and zero boxes.
+
+    Args:
+      proposals: ``[B, P, 4]`` (stop-gradient them); proposal_valid ``[B, P]`` bool.
+      gt_boxes ``[B, M, 4]``, gt_classes ``[B, M]`` (-1: padding).
+      key: PRNG key, split into one per image.
+
+    Returns:
+      dict of ``rois [B, S, 4]``, ``valid [B, S]`` bool, ``labels [B, S]`` int32 (0
+      background, ``class + 1`` foreground, 0 on unused slots), ``matched_boxes [B, S, 4]``
+      (the ground truth of foreground RoIs, the RoI itself elsewhere), ``box_targets
+      [B, S, 4]`` (`jattn.ops.boxes.encode` with ``weights``, 0 off the foreground).
+    """
+    proposals = jnp.asarray(proposals, jnp.float32)
+    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+    gt_classes = jnp.asarray(gt_classes, jnp.int32)
+    proposal_valid = jnp.asarray(proposal_valid, bool)
+
+    def one(props, pvalid, gboxes, gclasses, k):
+        gvalid = gt_valid(gboxes, gclasses)
+        cands = jnp.concatenate([props, gboxes]) if add_gt_boxes else props
+        cvalid = jnp.concatenate([pvalid, gvalid]) if add_gt_boxes else pvalid
+        matched, labels = match_boxes(
+            _boxes.box_iou(cands, gboxes), gvalid, fg_iou_thresh, bg_iou_thresh, allow_low_quality=False
+        )
+        labels = jnp.where(cvalid, labels, -1)
+        pos, neg = sample_balanced(labels, k, batch_size, positive_fraction)
+        s = min(batch_size, cands.shape[0])
+        rank = jnp.where(pos, 2.0, jnp.where(neg, 1.0, 0.0))
+        top, idx = jax.lax.top_k(rank, s)  # foreground, then background, then unused (ties: index order)
+        valid = top > 0
+        fg = pos[idx]
+        rois = jnp.where(valid[:, None], cands[idx], 0.0)
+        m = matched[idx]
+        out_labels = jnp.where(fg, gclasses[m] + 1, 0) if gboxes.shape[0] else jnp.zeros((s,), jnp.int32)
+        unit = jnp.asarray(_UNIT_BOX, jnp.float32)
+        gt_of = gboxes[m] if gboxes.shape[0] else jnp.broadcast_to(unit, (s, 4))
+        matched_boxes = jnp.where(fg[:, None], gt_of, rois)
+        targets = jnp.where(
+            fg[:, None],
+            _boxes.encode(jnp.where(fg[:, None], gt_of, unit), jnp.where(fg[:, None], rois, unit), weights),
+            0.0,
+        )
+        return {"rois": rois, "valid": valid, "labels": out_labels.astype(jnp.int32),
+                "matched_boxes": matched_boxes, "box_targets": targets}
+
+    keys = jax.random.split(key, proposals.shape[0])
+    out = jax.vmap(one)(proposals, proposal_valid, gt_boxes, gt_classes, keys)
+    return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
+
+
+def roi_loss(
+    class_logits: jax.Array,
+    box_deltas: jax.Array,
+    samples: dict[str, jax.Array],
+    *,
+    box_loss: str = "smooth_l1",
+    beta: float = 1.0 / 9,
+    weights=ROI_BOX_WEIGHTS,
+) -> dict[str, jax.Array]:
+    """Box-head losses of a batch (torchvision ``fastrcnn_loss``).
+
+    Args:
+      class_logits: ``[B, S, K + 1]`` (column 0: background).
+      box_deltas: ``[B, S, K, 4]`` class-specific deltas (relative to the RoI, ``weights``).
+      samples: `sample_rois`'s dict (``rois``, ``valid``, ``labels``, ``matched_boxes``,
+        ``box_targets``) for the same RoIs.
+      box_loss: ``"smooth_l1"`` (torchvision: on the deltas of the RoI's ground-truth class,
+        ``beta`` 1/9) or ``"giou"`` (``1 - GIoU`` of the decoded box of that class and the
+        ground-truth box).
+
+    Returns:
+      dict of ``roi_classification`` (cross-entropy), ``roi_box``, both normalised by the
+      batch's number of sampled RoIs (module comment), ``roi_num_foreground``,
+      ``roi_num_sampled`` (float32 counts).
+    """
+    if box_loss not in ("smooth_l1", "giou"):
+        raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', got {box_loss!r}")
+    class_logits = jnp.asarray(class_logits, jnp.float32)
+    box_deltas = jnp.asarray(box_deltas, jnp.float32)
+    valid, labels = samples["valid"], samples["labels"]
+    count = jnp.sum(valid).astype(jnp.float32)
+    n = jnp.maximum(count, 1.0)
+    logp = jax.nn.log_softmax(class_logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    fg = valid & (labels > 0)
+    cls_index = jnp.clip(labels - 1, 0, box_deltas.shape[2] - 1)
+    pred = jnp.take_along_axis(box_deltas, cls_index[:, :, None, None], axis=2)[:, :, 0]  # [B, S, 4]
+    if box_loss == "smooth_l1":
+        per_roi = jnp.sum(smooth_l1(pred - samples["box_targets"], beta), axis=-1)
+    else:
+        unit = jnp.asarray(_UNIT_BOX, jnp.float32)
+        rois = jnp.where(fg[..., None], samples["rois"], unit)
+        gt = jnp.where(fg[..., None], samples["matched_boxes"], unit)
+        per_roi = 1.0 - _boxes.giou(_boxes.decode(pred, rois, weights), gt)
+    return {
+        "roi_classification": jnp.sum(jnp.where(valid, ce, 0.0)) / n,
+        "roi_box": jnp.sum(jnp.where(fg, per_roi, 0.0)) / n,
+        "roi_num_foreground": jnp.sum(fg).astype(jnp.float32),
+        "roi_num_sampled": count,
+    }

@@ -8,6 +8,7 @@ from jattn.models.rcan import RCAN
 from jattn.models.sa_inpaint import PatchCritic, SAInpaintGenerator
 from jattn.models.sagan import SAGANDiscriminator, SAGANGenerator
 from jattn.models.unet import AttentionUNet
+from jattn.models.attention_rcnn import AttentionRCNN, attention_rcnn_tiny
 
 __all__ = [
     "AttentionUNet",
@@ -27,4 +28,6 @@ __all__ = [
     "SNPatchGANCritic",
     "offsets_to_flow",
     "offsets_to_flow_v2",
+    "AttentionRCNN",
+    "attention_rcnn_tiny",
 ]

@@ -14,6 +14,11 @@ ImageNet stem: 7x7 conv stride 2, BN, relu, 3x3 max pool stride 2; CIFAR stem
 (``cifar_stem=True``): one 3x3 conv stride 1, BN, relu. Then global average pooling and a
 dense classifier.
 
+``se=False`` drops the SE gates (a plain ResNet: the same parameters less every ``se``
+subtree). ``features_only=True`` returns the stage outputs instead of logits (no pooling, no
+``head`` parameters): with the ImageNet stem and four stages these are C2..C5 of the FPN paper
+(strides 4, 8, 16, 32), the backbone of :class:`jattn.models.AttentionRCNN`.
+
 Batch norm statistics live in the ``"batch_stats"`` collection: call with ``train=True``
 and ``mutable=["batch_stats"]`` to use and update batch statistics, ``train=False`` to use
 the running averages (momentum 0.9, epsilon 1e-5, as PyTorch's 0.1 / 1e-5).
@@ -52,10 +57,11 @@ class SEResidualBlock(nn.Module):
       bottleneck: bottleneck (1x1, 3x3, 1x1) or basic (3x3, 3x3) block.
       reduction: SE reduction r.
       zero_init_last_bn: start the residual branch's last BN scale at 0 (block = identity).
+      se: with the SE gate (False: a plain ResNet block, no ``se`` parameters).
 
     Call: ``x [B, H, W, Cin], train -> [B, H / s, W / s, Cout]``.
     Params: ``conv1``, ``bn1``, ``conv2``, ``bn2`` (+ ``conv3``, ``bn3``), ``se`` (``reduce``,
-    ``expand``), and ``proj_conv``, ``proj_bn`` when the shape changes.
+    ``expand``; only with ``se``), and ``proj_conv``, ``proj_bn`` when the shape changes.
     """
 
     width: int
@@ -65,6 +71,7 @@ class SEResidualBlock(nn.Module):
     zero_init_last_bn: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    se: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -81,7 +88,8 @@ class SEResidualBlock(nn.Module):
             out_width = self.width
             y = nn.relu(norm("bn1")(conv(self.width, (3, 3), s, name="conv1")(x)))
             y = norm("bn2", self.zero_init_last_bn)(conv(self.width, (3, 3), name="conv2")(y))
-        y = SqueezeExcitation(self.reduction, dtype=self.dtype, param_dtype=self.param_dtype, name="se")(y)
+        if self.se:
+            y = SqueezeExcitation(self.reduction, dtype=self.dtype, param_dtype=self.param_dtype, name="se")(y)
         shortcut = x
         if x.shape[-1] != out_width or self.strides != 1:
             shortcut = norm("proj_bn")(conv(out_width, (1, 1), s, name="proj_conv")(x))
@@ -101,8 +109,14 @@ class SEResNet(nn.Module):
       cifar_stem: 3x3 stride-1 stem without max pool (32x32 inputs).
       zero_init_last_bn: see :class:`SEResidualBlock`.
       dtype: compute dtype (None: promote input and params); logits are float32.
+      se: SE gates in every block (False: a plain ResNet).
+      features_only: return the stage outputs (see Call) instead of logits; ``num_classes``
+        is then unused and there is no ``head``.
 
-    Call: ``image [B, H, W, 3]`` (jattn's [-1, 1]), ``train: bool -> logits [B, num_classes]``.
+    Call: ``image [B, H, W, 3]`` (jattn's [-1, 1]), ``train: bool -> logits [B, num_classes]``;
+    with ``features_only`` a tuple of the stage outputs, stage i ``[B, H / s_i, W / s_i, C_i]``
+    (ImageNet stem: ``s_i = 2**(i + 2)``, C2..C5 for four stages; CIFAR stem: ``2**i``;
+    ``C_i = width * 2**i``, times 4 with bottlenecks), in the compute dtype.
     Params: ``stem_conv``, ``stem_bn``, ``stage{i}_block{j}`` (:class:`SEResidualBlock`), ``head``.
     """
 
@@ -115,9 +129,11 @@ class SEResNet(nn.Module):
     zero_init_last_bn: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    se: bool = True
+    features_only: bool = False
 
     @nn.compact
-    def __call__(self, image: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, image: jax.Array, train: bool = False):
         x = check_nhwc("image", image)
         dtype = compute_dtype(x, self.dtype, self.param_dtype)
         x = x.astype(dtype)
@@ -128,12 +144,17 @@ class SEResNet(nn.Module):
         else:
             x = nn.relu(_norm(train, dtype, self.param_dtype, "stem_bn")(stem((7, 7), (2, 2))(x)))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        stages = []
         for i, n in enumerate(self.stage_sizes):
             for j in range(n):
                 x = SEResidualBlock(
                     self.width * 2**i, 2 if (i > 0 and j == 0) else 1, self.bottleneck, self.reduction,
-                    self.zero_init_last_bn, dtype=dtype, param_dtype=self.param_dtype, name=f"stage{i}_block{j}",
+                    self.zero_init_last_bn, dtype=dtype, param_dtype=self.param_dtype, se=self.se,
+                    name=f"stage{i}_block{j}",
                 )(x, train)
+            stages.append(x)
+        if self.features_only:
+            return tuple(stages)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=dtype, param_dtype=self.param_dtype, name="head")(x).astype(jnp.float32)
 

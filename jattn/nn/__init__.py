@@ -4,6 +4,7 @@ from jattn.nn.attention import AdditiveAttention, AttentionGate, MultiHeadAttent
 from jattn.nn.channel import CBAM, RCAB, ChannelAttention, SqueezeExcitation, excite
 from jattn.nn.contextual import ContextualAttention
 from jattn.nn.conv import GatedConv, GenConv, GenDeconv, SNConv, SNDense
+from jattn.nn.proposal_attention import ProposalAttention
 
 __all__ = [
     "AdditiveAttention",
@@ -22,4 +23,5 @@ __all__ = [
     "SelfAttention2D",
     "SqueezeExcitation",
     "excite",
+    "ProposalAttention",
 ]
