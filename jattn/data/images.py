@@ -6,6 +6,7 @@ pipelines produce bit-identical examples.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -201,27 +202,34 @@ def decode_rgb(data: bytes | np.ndarray, name: str = "<image>", *, exif: bool = 
         return _array_to_rgb(data, name)
     if not data:
         raise BadImageError(name, "empty file")
+    with decoding_errors(name), Image.open(io.BytesIO(data)) as im:
+        im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
+        if exif:
+            im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode == "RGB":
+            return np.asarray(im), None
+        if mode in ("L", "1"):
+            return np.asarray(im.convert("RGB")), "grayscale"
+        if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            return _gray16_to_rgb8(np.asarray(im), mode != "I"), "16-bit"
+        if mode == "P":
+            if "transparency" in im.info:
+                return _flatten_alpha(im), "palette"
+            return np.asarray(im.convert("RGB")), "palette"
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            return _flatten_alpha(im), "RGBA" if mode.startswith("RGB") else "grayscale"
+        if mode == "CMYK":
+            return np.asarray(im.convert("RGB")), "CMYK"
+        return np.asarray(im.convert("RGB")), mode
+
+
+@contextlib.contextmanager
+def decoding_errors(name: str):
+    """Decoding an image file inside the block: any decoder failure becomes a
+    :class:`BadImageError` naming the file (a BadImageError passes through)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
-            if exif:
-                im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode == "RGB":
-                return np.asarray(im), None
-            if mode in ("L", "1"):
-                return np.asarray(im.convert("RGB")), "grayscale"
-            if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                return _gray16_to_rgb8(np.asarray(im), mode != "I"), "16-bit"
-            if mode == "P":
-                if "transparency" in im.info:
-                    return _flatten_alpha(im), "palette"
-                return np.asarray(im.convert("RGB")), "palette"
-            if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-                return _flatten_alpha(im), "RGBA" if mode.startswith("RGB") else "grayscale"
-            if mode == "CMYK":
-                return np.asarray(im.convert("RGB")), "CMYK"
-            return np.asarray(im.convert("RGB")), mode
+        yield
     except BadImageError:
         raise
     except UnidentifiedImageError:

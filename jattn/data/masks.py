@@ -32,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps
 
-from jattn.data.images import BadImageError
+from jattn.data.images import BadImageError, decoding_errors
 
 Size = tuple[int, int]
 
@@ -448,29 +448,22 @@ def _decode_gray(data: bytes, name: str) -> np.ndarray:
     bits, transparent pixels black); raises :class:`BadImageError`."""
     if not data:
         raise BadImageError(name, "empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # raises on truncated data
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in ("1", "L"):
-                arr = np.asarray(im.convert("L"))
-            elif mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                raw = np.asarray(im).astype(np.float64)
-                scale = 65535.0 if mode != "I" or (raw.size and raw.max() > 255) else 255.0
-                arr = np.clip(np.round(raw / scale * 255.0), 0, 255).astype(np.uint8)
-            else:
-                if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
-                    rgba = im.convert("RGBA")
-                    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(black, rgba)
-                arr = np.asarray(im.convert("RGB")).max(axis=2)
-    except UnidentifiedImageError:
-        raise BadImageError(name, "not a readable image (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as e:
-        raise BadImageError(name, f"too many pixels ({e})") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
-        raise BadImageError(name, f"corrupt or truncated image ({e})") from None
+    with decoding_errors(name), Image.open(io.BytesIO(data)) as im:
+        im.load()  # raises on truncated data
+        im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode in ("1", "L"):
+            arr = np.asarray(im.convert("L"))
+        elif mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            raw = np.asarray(im).astype(np.float64)
+            scale = 65535.0 if mode != "I" or (raw.size and raw.max() > 255) else 255.0
+            arr = np.clip(np.round(raw / scale * 255.0), 0, 255).astype(np.uint8)
+        else:
+            if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(black, rgba)
+            arr = np.asarray(im.convert("RGB")).max(axis=2)
     if arr.ndim != 2 or min(arr.shape) == 0:
         raise BadImageError(name, f"unsupported image shape {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.uint8)

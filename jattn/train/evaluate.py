@@ -201,7 +201,7 @@ def saved_images(outputs: dict, batch: dict) -> dict[str, jax.Array]:
     target = outputs.get("target", batch["image"])
     if output is None or output.ndim != 4 or output.shape[-1] not in (1, 3) or output.shape[:3] != target.shape[:3]:
         shape = None if output is None else tuple(output.shape)
-        raise SaveOutputsError(f"--save-outputs writes images, and this task's output (shape {shape}) is not an "
+        raise SaveOutputsError(f"--save-outputs writes images, and this model's output (shape {shape}) is not an "
                                "image of the target's size")
     out = {"output": _to_uint8(output), "target": _to_uint8(target)}
     if "mask" in batch:
@@ -270,7 +270,7 @@ def _output_and_target(outputs: dict, batch: dict) -> tuple[jax.Array, jax.Array
     target = outputs.get("target", batch["image"])
     if output is None or output.ndim != 4 or output.shape != target.shape or output.shape[-1] != 3:
         shape = None if output is None else tuple(output.shape)
-        raise EvalMetricError(f"FID, KID and LPIPS compare RGB outputs with their targets, and this task's output "
+        raise EvalMetricError(f"FID, KID and LPIPS compare RGB outputs with their targets, and this model's output "
                               f"(shape {shape}) is not one")
     return output.astype(jnp.float32), target.astype(jnp.float32)
 
@@ -343,7 +343,7 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path, save_outputs
     set's images there (module docstring); process 0 writes them."""
     config = with_defaults(config)
     if save_outputs is not None and getattr(task, "evaluate", None) is not None:
-        raise SaveOutputsError("--save-outputs writes images per example, and this task evaluates the whole set at "
+        raise SaveOutputsError("--save-outputs writes images per example, and this model's evaluation takes the whole set at "
                                "once (e.g. FID); it has no per-example outputs to save")
     if getattr(task, "evaluate", None) is not None:
         def whole_set(state):
