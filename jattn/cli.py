@@ -6,6 +6,7 @@
     jattn export    write a trained generator in a portable format
     jattn inpaint   fill the holes of images with a trained checkpoint
     jattn upscale   super-resolve images with a trained super-resolution checkpoint
+    jattn detect    detect objects in images with a trained detection checkpoint (COCO results JSON)
     jattn demo      the main job on bundled data: a short training run, then an inpainted photo
     jattn devices   the JAX devices this process sees
     jattn compile   compile a run's training step for a TPU topology (or this machine): cost, memory, fit
@@ -295,19 +296,30 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _upscale_pairs(image: str, output: str) -> list[tuple]:
+def _input_images(image: str) -> list:
+    """The image files `--image` names: the file itself, or a folder's images (sorted)."""
     import pathlib
 
     from jattn.data.sources import IMAGE_EXTENSIONS
 
-    img, out = pathlib.Path(image), pathlib.Path(output)
+    img = pathlib.Path(image)
     if not img.exists():
         raise UserError(f"{img}: image not found")
     if img.is_file():
-        return [(img, out)]
+        return [img]
     images = sorted(p for p in img.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise UserError(f"{img}: no images in this folder")
+    return images
+
+
+def _upscale_pairs(image: str, output: str) -> list[tuple]:
+    import pathlib
+
+    out = pathlib.Path(output)
+    images = _input_images(image)
+    if images == [pathlib.Path(image)]:
+        return [(images[0], out)]
     return [(p, out / (p.stem + ".png")) for p in images]
 
 
@@ -325,6 +337,24 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         lambda m, p, progress: upscale_files(m, p, tile=args.tile, overlap=args.overlap, progress=progress),
         "upscale")
     print(json.dumps({"written": [str(o) for o in written], "scale": upscaler.scale}))
+    return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from jattn.export.detect import DetectError, Detector, check_detect_files, detect_files
+
+    images = _input_images(args.image)
+    options = {"score_threshold": args.score_threshold, "draw_threshold": args.draw_threshold,
+               "batch_size": args.batch_size}
+    try:
+        check_detect_files(images, args.output, args.draw, **options)  # before the model loads
+    except DetectError as err:
+        raise UserError(str(err)) from None
+    _, result = _run_inference(
+        args, images, Detector.from_checkpoint,
+        lambda m, paths, progress: detect_files(m, paths, args.output, args.draw, progress=progress, **options),
+        "detect")
+    print(json.dumps(result))
     return 0
 
 
@@ -615,6 +645,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", default=None,
                     help="a config file or bundled config name to use instead of the one saved with the checkpoint")
     up.set_defaults(func=_cmd_upscale)
+
+    det = sub.add_parser("detect", help="detect objects in images with a trained detection checkpoint")
+    det.add_argument("--checkpoint", required=True, help="a training workdir (latest checkpoint) or WORKDIR/checkpoints/STEP")
+    det.add_argument("--image", required=True, help="an image file, or a folder of images")
+    det.add_argument("--output", required=True, help="the COCO results file to write (.json)")
+    det.add_argument("--draw", default=None, metavar="DIR",
+                     help="also write each image with its detections drawn, as DIR/<name>.png")
+    det.add_argument("--score-threshold", type=float, default=0.05,
+                     help="keep the detections scoring at least this (default 0.05, COCO evaluation's)")
+    det.add_argument("--draw-threshold", type=float, default=0.5,
+                     help="--draw: draw the detections scoring at least this too (default 0.5)")
+    det.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
+    det.add_argument("--config", default=None,
+                     help="a config file or bundled config name to use instead of the one saved with the checkpoint")
+    det.set_defaults(func=_cmd_detect)
 
     imp = sub.add_parser("import-deepfill", help="an official DeepFill TF checkpoint as a jattn workdir")
     imp.add_argument("--checkpoint", required=True, help="TF checkpoint prefix (.../snap-0) or its folder")

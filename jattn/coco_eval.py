@@ -119,14 +119,16 @@ def coco_ground_truth(examples: Any, *, indices: Iterable[int] | None = None,
 
 
 def coco_results(image_ids: Any, boxes: Any, scores: Any, classes: Any, valid: Any, scale: Any,
-                 category_ids: Sequence[int]) -> list[dict]:
+                 category_ids: Sequence[int], sizes: Any = None) -> list[dict]:
     """COCO result entries ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` of a
     batch of detections.
 
     ``image_ids`` ``[B]`` and ``scale`` ``[B]`` as in the batch; ``boxes`` ``[B, D, 4]``
     ``(x1, y1, x2, y2)`` in input-image pixels, mapped back by ``/ scale``; ``scores``,
     ``classes`` (class indices) and ``valid`` (None: all) ``[B, D]``; ``category_ids[k]``
-    is class ``k``'s COCO id.
+    is class ``k``'s COCO id; ``sizes`` ``[B, 2]``: each original image's ``(height, width)``,
+    to clip the boxes to (a box reaching into the input's padding ends at the image's
+    border; None: no clipping).
     """
     image_ids = np.asarray(image_ids).reshape(-1)
     b = len(image_ids)
@@ -142,9 +144,13 @@ def coco_results(image_ids: Any, boxes: Any, scores: Any, classes: Any, valid: A
         raise ValueError(f"detection classes must be in [0, {len(ids)}), got {chosen.min()}..{chosen.max()}")
     if np.any(scale <= 0) or not np.all(np.isfinite(scale)):
         raise ValueError(f"scale must be positive, got {scale}")
+    limits = None if sizes is None else np.asarray(sizes, np.float64).reshape(b, 2)[:, ::-1]  # (width, height)
     out = []
     for i, j in zip(*np.nonzero(valid)):
-        x1, y1, x2, y2 = boxes[i, j] / scale[i]
+        box = boxes[i, j] / scale[i]
+        if limits is not None:
+            box = np.clip(box, 0.0, np.tile(limits[i], 2))
+        x1, y1, x2, y2 = box
         out.append({"image_id": int(image_ids[i]), "category_id": int(ids[classes[i, j]]),
                     "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
                     "score": float(scores[i, j])})

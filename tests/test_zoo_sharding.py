@@ -1,6 +1,7 @@
 """8 devices equal 1 for the model zoo: a GAN with spectral norm, conditional batch norm and
-an EMA generator (SAGAN) and a supervised model with batch norm (SE-ResNet), through the
-same task / update engine as training, on the same global batches."""
+an EMA generator (SAGAN), a supervised model with batch norm (SE-ResNet) and the detector
+(Attention R-CNN: anchor and RoI sampling, NMS, losses normalised over the global batch),
+through the same task / update engine as training, on the same global batches."""
 
 import pathlib
 
@@ -20,6 +21,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CASES = {
     "sagan": ("demo_sagan.py", ["model.ch=4", "batch_size=8"]),
     "se_resnet": ("demo_se_resnet.py", ["batch_size=16", "data.source.num_examples=64"]),
+    "attention_rcnn": ("demo_attention_rcnn.py", ["batch_size=8", "data.image_size=64", "data.source.size=64",
+                                                  "data.source.num_examples=16"]),
 }
 
 

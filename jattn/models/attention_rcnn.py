@@ -83,6 +83,7 @@ from jattn.ops.roi_align import roi_align
 __all__ = [
     "AttentionRCNN",
     "FPN",
+    "PRESETS",
     "RPNHead",
     "TwoMLPHead",
     "attention_rcnn_tiny",
@@ -575,16 +576,24 @@ class AttentionRCNN(nn.Module):
         )
 
 
-def attention_rcnn_tiny(num_classes: int, **kw) -> AttentionRCNN:
-    """A small Attention R-CNN for tests and demos on ~64-128 px images: ResNet-10-like
-    (one basic block per stage, width 8), F = 16, fc 64 / 32, A' = 16, anchors 8..128 px,
-    100 / 32 proposals per image, 64 anchors and 32 RoIs sampled per image."""
-    cfg = {
+#: Backbone and size presets (`jattn.train.tasks.detection`'s ``model.preset``): the
+#: attributes each sets; the rest keep AttentionRCNN's (torchvision's) defaults.
+PRESETS = {
+    "resnet50_fpn": {},  # torchvision's fasterrcnn_resnet50_fpn layout, SE blocks
+    "resnet18_fpn": {"stage_sizes": (2, 2, 2, 2), "bottleneck": False},
+    "resnet101_fpn": {"stage_sizes": (3, 4, 23, 3)},
+    # ResNet-10-like (one basic block per stage, width 8), F = 16, fc 64 / 32, A' = 16,
+    # anchors 8..128 px, 100 / 32 proposals per image, 64 anchors and 32 RoIs sampled per image
+    "tiny": {
         "stage_sizes": (1, 1, 1, 1), "width": 8, "bottleneck": False, "reduction": 4, "fpn_channels": 16,
         "anchor_sizes": (8, 16, 32, 64, 128), "hidden_size": 64, "representation_size": 32, "attention_dim": 16,
         "rpn_pre_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_train": 32,
         "rpn_post_nms_top_n_test": 32, "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32,
         "detections_per_img": 10,
-    }
-    cfg.update(kw)
-    return AttentionRCNN(num_classes, **cfg)
+    },
+}
+
+
+def attention_rcnn_tiny(num_classes: int, **kw) -> AttentionRCNN:
+    """A small Attention R-CNN for tests and demos on ~64-128 px images (``PRESETS["tiny"]``)."""
+    return AttentionRCNN(num_classes, **{**PRESETS["tiny"], **kw})

@@ -135,6 +135,7 @@ def eval_batches(config, fields=("mask",)):
     made at once, the batches read as they are iterated; an `EvalDataError` naming the
     source where there is none to read."""
     from jattn.data import make_dataset
+    from jattn.data.detection import DETECTION_KEYS
     from jattn.data.sharding import per_process_batch_size
 
     config = with_defaults(config)
@@ -170,7 +171,7 @@ def eval_batches(config, fields=("mask",)):
             if seen + len(b["image"]) > per_process:  # keep global batches whole
                 break
             # mask index = source index, so these are the eval set's masks (checked by the data tests)
-            yield {k: b[k] for k in ("image", *fields)}
+            yield {k: b[k] for k in ("image", *fields, *(DETECTION_KEYS if "boxes" in fields else ()))}
             seen += len(b["image"])
         if not seen:
             raise EvalDataError(f"eval data {_where(config)}: no eval batch of {batch} readable images")
@@ -246,6 +247,14 @@ class _ImageWriter:
                     Image.fromarray(picture).save(buffer, format="PNG")
                     (self.tmp / f"{self.count:04d}_{name}.png").write_bytes(buffer.getvalue())
                 self.count += 1
+        except OSError as err:
+            self.abort()
+            raise SaveOutputsError(f"cannot save outputs to {self.directory}: {err.strerror or err}") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            (self.tmp / name).write_bytes(data)
         except OSError as err:
             self.abort()
             raise SaveOutputsError(f"cannot save outputs to {self.directory}: {err.strerror or err}") from None
@@ -342,12 +351,11 @@ def make_evaluator(task, config, mesh, workdir: str | pathlib.Path, save_outputs
     mask set built and hashed once. With `save_outputs`, each call also writes the eval
     set's images there (module docstring); process 0 writes them."""
     config = with_defaults(config)
-    if save_outputs is not None and getattr(task, "evaluate", None) is not None:
-        raise SaveOutputsError("--save-outputs writes images per example, and this model's evaluation takes the whole set at "
-                               "once (e.g. FID); it has no per-example outputs to save")
     if getattr(task, "evaluate", None) is not None:
+        folder = None if save_outputs is None else check_save_outputs(save_outputs)
+
         def whole_set(state):
-            result = task.evaluate(state, config, mesh, eval_batches(config, task.fields))
+            result = task.evaluate(state, config, mesh, eval_batches(config, task.fields), save_outputs=folder)
             return {k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()}
 
         return whole_set

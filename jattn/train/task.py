@@ -40,8 +40,10 @@ class Task:
     eval_metrics(outputs, batch) -> dict of per-batch mean scalars (jittable); None: the
       inpainting metrics (PSNR, SSIM, L1, L2, TV, hole L1 of "output" against "image").
     export_network: the network `jattn export` writes (None: "generator", else the only one).
-    evaluate(state, config, mesh, host_batches) -> dict: a whole-eval-set evaluation (e.g.
-      IS / FID, which are not means of per-batch values) replacing the per-batch metrics."""
+    evaluate(state, config, mesh, host_batches, save_outputs=None) -> dict: a whole-eval-set
+      evaluation (e.g. IS / FID, COCO mAP: not means of per-batch values) replacing the
+      per-batch metrics; `save_outputs`, a checked empty folder (or None), gets the
+      evaluation's outputs (e.g. COCO results), or a `SaveOutputsError` if it has none."""
 
     name: str
     init: Callable[[jax.Array, dict], tuple[dict, dict]]

@@ -76,6 +76,7 @@ def supervised_task(
     train_arg: str | None = "train",
     init_variables: Callable[..., dict] | None = None,
     net: str = "model",
+    train_call: Callable[[dict, jax.Array], tuple[tuple, dict]] | None = None,
 ) -> Task:
     """A task with one network ``net`` trained by one update per step.
 
@@ -90,6 +91,9 @@ def supervised_task(
       fields, eval_metrics: as in :class:`jattn.train.task.Task`.
       init_variables: ``(key, *inputs) -> variables`` replacing ``model.init`` (e.g. an
         initialisation with other variances).
+      train_call: ``(batch, key) -> (args, kwargs)`` of the train-mode call, replacing
+        ``inputs(batch)`` there (e.g. a model whose training losses are another method
+        that takes the batch and the step's PRNG key: ``((batch, key), {"method": ...})``).
 
     The optimizer comes from the ``config.optimizer`` block (``config.learning_rate`` the
     default lr); the update is named ``net`` (metrics ``<net>_loss``, ``<net>_grad_norm``, ...) and
@@ -104,9 +108,9 @@ def supervised_task(
         return {net: params}, {net: variables}
 
     def loss_fn(params, variables, batch, key):
-        del key
+        args, kwargs = (inputs(batch), {}) if train_call is None else train_call(batch, key)
         own = variables.get(net, {})
-        outputs, new_vars = apply_net(model, params[net], own, *inputs(batch), train=True, train_arg=train_arg)
+        outputs, new_vars = apply_net(model, params[net], own, *args, train=True, train_arg=train_arg, **kwargs)
         value, metrics = loss(outputs, batch)
         return value, (metrics, {net: new_vars} if new_vars else {})
 

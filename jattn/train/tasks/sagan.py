@@ -167,10 +167,15 @@ def sagan_task(config) -> Task:
 
     predict_jit = jax.jit(predict)  # compiled at the first evaluation, reused by every later one
 
-    def evaluate(state, config, mesh, real_batches):
+    def evaluate(state, config, mesh, real_batches, save_outputs=None):
         """FID and Inception Score with the user's Inception weights (model.inception_weights;
         none: no metrics, at no cost); see `jattn.gan_metrics.evaluate_gan`."""
         from jattn.gan_metrics import evaluate_gan
+        from jattn.train.evaluate import SaveOutputsError
+
+        if save_outputs is not None:
+            raise SaveOutputsError("--save-outputs writes images per example, and SAGAN's evaluation takes the whole set "
+                                   "at once (FID, IS); it has no per-example outputs to save")
 
         return evaluate_gan(task, state, config, real_batches, mesh=mesh, predict=predict_jit)
 
