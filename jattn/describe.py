@@ -317,8 +317,13 @@ def describe_data(config, task) -> dict:
              + (f"{per_device}" if per_device is not None else "not divisible") + " per device")
     fields = ", ".join(out["fields"])
     augment = d.get("augment")
-    crops = ("training crops as data.augment says" if augment is not None
-             else "random crops and left-right flips in training") + ", centre crops in evaluation"
+    if "boxes" in task.fields:  # detection: no crops (jattn.data.detection.preprocess)
+        augment = {k: augment[k] for k in ("flip_lr", "flip_ud")} if augment is not None else None
+        crops = ("each image resized to fit, aspect preserved, and padded bottom / right; flips in training; "
+                 f"up to {d.max_boxes} boxes per image")
+    else:
+        crops = ("training crops as data.augment says" if augment is not None
+                 else "random crops and left-right flips in training") + ", centre crops in evaluation"
     lines = [
         f"source: {out['source']}",
         f"image size: {h}x{w} (H x W): {crops}",

@@ -504,3 +504,16 @@ def test_config_errors():
         jax.eval_shape(attention_rcnn_tiny(2, anchor_sizes=(8, 16)).init, jax.random.key(0), x)
     v = flax.core.unfreeze(jax.eval_shape(attention_rcnn_tiny(2, attention=False).init, jax.random.key(0), x))
     assert "proposal_attention" not in v["params"]
+
+
+def test_resnet50_fpn_parameter_count_is_torchvisions():
+    """Without SE blocks and attention the layout is torchvision's fasterrcnn_resnet50_fpn
+    (41,755,286 parameters with 91 classes). Two known differences: torchvision's
+    predictor also regresses the background's box (4 x 1025 more), and its frozen batch
+    norm keeps the backbone's scales and offsets as buffers (53,120, parameters here)."""
+    import math
+
+    model = AttentionRCNN(90, se=False, attention=False)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes["params"]))
+    assert count == 41_755_286 - 4 * 1025 + 53_120

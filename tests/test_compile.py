@@ -413,3 +413,18 @@ def test_deepfill_v1_step_lowered_for_tpu_takes_no_cpu_kernel():
     for op in ("convolution", "dot_general"):
         assert tpu_on[op] == tpu_off[op], op
     assert tpu_on["convolution"] > 100 and cpu_on["convolution"] != tpu_on["convolution"]
+
+
+@needs_libtpu
+@pytest.mark.slow  # about a minute of TPU compilation on 2 cores
+def test_attention_rcnn_step_compiles_for_a_tpu_topology(tmp_path):
+    """The detector's whole training step (anchor and RoI sampling, NMS while loops, RoIAlign
+    on four levels, the attention) compiles for v5e:2x2 data-parallel, and fits."""
+    code, out, err = _run(["compile", "--config", "demo_attention_rcnn", "--topology", TOPOLOGY,
+                           "--json", str(tmp_path / "r.json")])
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    step = report["step"]
+    assert report["global_batch"] == 16 and step["fits"] is True
+    (program,) = [p for p in report["programs"] if p["runs_per_step"]]
+    assert program["collectives"]["all-reduce"] >= 1 and step["flops_per_chip"] > 0

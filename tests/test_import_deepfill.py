@@ -14,13 +14,18 @@ def test_import_then_inpaint_reproduces_the_official_output(golden_dir, tmp_path
     workdir = tmp_path / "imported"
     assert main(["import-deepfill", "--checkpoint", str(root / "ckpt" / "snap-0"), "--version", version,
                  "--output", str(workdir)]) == 0
-    mask = (golden["mask"][0, ..., 0] * 255).astype(np.uint8)
-    Image.fromarray(mask).save(tmp_path / "mask.png")
-    for i in range(golden["images_raw_bgr"].shape[0]):
-        Image.fromarray(golden["images_raw_bgr"][i][..., ::-1]).save(tmp_path / f"in{i}.png")  # RGB file
-        assert main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / f"in{i}.png"),
-                     "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / f"out{i}.png")]) == 0
-        out = np.asarray(Image.open(tmp_path / f"out{i}.png")).astype(int)
+    mask = Image.fromarray((golden["mask"][0, ..., 0] * 255).astype(np.uint8))
+    n = golden["images_raw_bgr"].shape[0]
+    for folder in ("in", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(n):
+        Image.fromarray(golden["images_raw_bgr"][i][..., ::-1]).save(tmp_path / "in" / f"in{i}.png")  # RGB file
+        mask.save(tmp_path / "masks" / f"in{i}.png")
+    # folder mode: the images go through one model call (one compile)
+    assert main(["inpaint", "--checkpoint", str(workdir), "--image", str(tmp_path / "in"),
+                 "--mask", str(tmp_path / "masks"), "--output", str(tmp_path / "out")]) == 0
+    for i in range(n):
+        out = np.asarray(Image.open(tmp_path / "out" / f"in{i}.png")).astype(int)
         diff = np.abs(out - golden["output_uint8"][i].astype(int))
         assert diff.max() <= 2, f"image {i}: max difference {diff.max()} levels"
 

@@ -46,7 +46,11 @@ def _largest_lr(config) -> float:
     return float(max(lrs))
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+#: Cases whose two compiles take over a minute on 2 cores: run with -m slow.
+SLOW = {"attention_rcnn"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
 def test_eight_devices_equal_one(name):
     path, overrides = CASES[name]
     config = load_config(CONFIGS / path, overrides)
