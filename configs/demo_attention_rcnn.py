@@ -5,7 +5,9 @@ triangle, cross, ring) on textured backgrounds.
 backbone of width 8 with SE blocks, FPN of 16 channels, the class-embedding attention over
 32 proposals per image), Adam at a constant 2e-3, batch 16. Same model, losses and engine
 as attention_rcnn_coco.py; only the sizes shrink and the optimizer is Adam for a short run.
-Evaluation: COCO box AP (pycocotools) on the 256 'val' images.
+Evaluation: COCO box AP (pycocotools) on the 256 'val' images. Measured on this 2-core CPU
+(2026-12-07): 4 min 59 s for the 1000 steps and four evaluations, reaching AP50 0.949, AP
+0.741 and AP75 0.883 (AP50 0.60, 0.87, 0.92 at steps 250, 500, 750).
 """
 
 import attention_rcnn_coco

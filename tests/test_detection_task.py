@@ -188,3 +188,18 @@ def test_an_inpainting_checkpoint_is_not_a_detector(tmp_path, capsys):
                  "--output", str(tmp_path / "o.json")])
     assert code == 2 and "not a detection model" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_export_safetensors_reproduces_the_detector(workdir, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "det.safetensors"
+    assert main(["export", "--workdir", str(workdir), "--format", "safetensors", "--output", str(out)]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["network"] == "model" and float(meta["verified_max_abs_diff"]) == 0.0
+    tensors = load_file(out)
+    assert "params/proposal_attention/class_embeddings" in tensors and any(k.startswith("batch_stats/") for k in tensors)
+    # the graph formats take the inpainting function only: a one-line refusal
+    code = main(["export", "--workdir", str(workdir), "--format", "jax-export", "--output", str(tmp_path / "m.jax")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not an inpainting model" in err and len(err.strip().splitlines()) == 1
