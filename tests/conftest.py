@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -23,7 +24,24 @@ from jattn._xla import apply_cpu_defaults
 
 apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags, before JAX starts its backends below
 
+# One persistent compilation cache per test session, shared by the pytest-xdist workers
+# (they inherit the variable from the controller) and new each session: many tests train or
+# load the same small programs, and compiling dominates their time on CPU. A test that
+# counts compilations turns it off around its count (task_helpers.count_loads_and_compiles).
+_OWN_CACHE = "JATTN_TEST_COMPILATION_CACHE" not in os.environ  # made here: removed at the end
+os.environ.setdefault("JATTN_TEST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="jattn-test-xla-cache-"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JATTN_TEST_COMPILATION_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller, after every worker
+        import shutil
+
+        shutil.rmtree(os.environ["JATTN_TEST_COMPILATION_CACHE"], ignore_errors=True)
 
 
 def pytest_configure(config):
