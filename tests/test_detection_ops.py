@@ -512,3 +512,15 @@ def test_detections_pre_nms_topk_and_valid():
     assert m == len(ref)
     np.testing.assert_array_equal(out_s[:m], s[ref])
     np.testing.assert_array_equal(out_c[:m], np.asarray(ref) % k)
+
+
+def test_draw_boxes_outlines_exactly_the_border_pixels():
+    image = jnp.zeros((2, 12, 16, 3))
+    boxes = jnp.asarray([[[2.0, 3.0, 7.0, 9.0], [0.0, 0.0, 16.0, 12.0]], [[1.0, 1.0, 4.0, 4.0], [0, 0, 0, 0]]])
+    valid = jnp.asarray([[True, False], [True, False]])
+    out = np.asarray(jax.jit(B.draw_boxes, static_argnames=("colour", "thickness"))(image, boxes, valid, (1.0, 0.5, -1.0)))
+    want = np.zeros((2, 12, 16), bool)
+    want[0, 3:9, 2] = want[0, 3:9, 6] = want[0, 3, 2:7] = want[0, 8, 2:7] = True  # pixel centres on the border
+    want[1, 1:4, 1] = want[1, 1:4, 3] = want[1, 1, 1:4] = want[1, 3, 1:4] = True
+    np.testing.assert_array_equal(np.any(out != 0, axis=-1), want)
+    np.testing.assert_array_equal(out[want], np.tile([1.0, 0.5, -1.0], (want.sum(), 1)))

@@ -276,18 +276,17 @@ def anchors(
 def draw_boxes(image: jax.Array, boxes: jax.Array, valid: jax.Array, colour: Sequence[float],
                thickness: int = 1) -> jax.Array:
     """``image [B, H, W, C]`` with the outlines of ``boxes [B, N, 4]`` (pixels; the rows where
-    ``valid [B, N]``) painted in ``colour`` (C values): a pixel is on a box's outline when
-    its centre lies inside the box grown by ``thickness / 2`` and outside the box shrunk by
-    as much. For pictures (summaries), not for gradients."""
+    ``valid [B, N]``) painted in ``colour`` (C values): the box's own border pixels, those
+    whose centre lies inside the box but not inside the box shrunk by ``thickness`` on every
+    side. For pictures (summaries), not for gradients."""
     h, w = image.shape[1:3]
     ys = jnp.arange(h, dtype=jnp.float32)[:, None] + 0.5  # [H, 1]
     xs = jnp.arange(w, dtype=jnp.float32)[None, :] + 0.5  # [1, W]
-    t = thickness / 2.0
     b = jnp.asarray(boxes, jnp.float32)[:, :, None, None, :]  # [B, N, 1, 1, 4]
 
     def inside(d):
         return (xs >= b[..., 0] - d) & (xs <= b[..., 2] + d) & (ys >= b[..., 1] - d) & (ys <= b[..., 3] + d)
 
-    on = inside(t) & ~inside(-t) & jnp.asarray(valid, bool)[:, :, None, None]  # [B, N, H, W]
+    on = inside(0.0) & ~inside(-float(thickness)) & jnp.asarray(valid, bool)[:, :, None, None]  # [B, N, H, W]
     on = jnp.any(on, axis=1)[..., None]
     return jnp.where(on, jnp.asarray(colour, image.dtype), image)
