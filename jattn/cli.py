@@ -131,6 +131,23 @@ def _run_errors() -> tuple[type[Exception], ...]:
     return TrainError, CheckpointError, EvalMaskError, EvalDataError, EvalMetricError, LogWriteError, WriteError
 
 
+def _strict_json(obj, **kwargs) -> str:
+    """JSON of `obj` with NaN and infinities as null (the undefined metrics, e.g. COCO's AP of
+    an object size the eval set has none of): strict parsers (jq, JavaScript) read it."""
+    import math
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
 def _one_line(err: BaseException) -> UserError:
     return UserError((str(err).strip().splitlines() or [type(err).__name__])[0])
 
@@ -153,7 +170,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"jattn train: stopped: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({"workdir": str(args.workdir), **result}))
+    print(_strict_json({"workdir": str(args.workdir), **result}))
     return 0
 
 
@@ -224,10 +241,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             check_save_outputs(args.save_outputs)
         task, state, mesh, step = restore_for_eval(config, workdir, args.step)
         result = {"step": step, **evaluate(task, state, config, mesh, workdir, save_outputs=args.save_outputs)}
-        write_atomic(workdir / f"eval_{step}.json", json.dumps(result, indent=2))
+        write_atomic(workdir / f"eval_{step}.json", _strict_json(result, indent=2))
     except (FileNotFoundError, SaveOutputsError, *_run_errors()) as err:
         raise _one_line(err) from None
-    print(json.dumps(result))
+    print(_strict_json(result))
     return 0
 
 

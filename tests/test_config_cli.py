@@ -90,6 +90,13 @@ CONFIGS = sorted((REPO / "configs").glob("*.py"))
 #: A few effective values of every shipped config: what they loaded to before the schema
 #: held the defaults (the files restated them), so the schema must give the same.
 EXPECTED = {
+    "attention_rcnn_coco.py": {"model.preset": "resnet50_fpn", "model.num_classes": 80, "model.fpn_channels": None,
+                               "loss.box_loss": "smooth_l1", "optimizer.name": "sgd", "optimizer.momentum": 0.9,
+                               "optimizer.weight_decay": 1e-4, "optimizer.boundaries": [60_000, 80_000],
+                               "learning_rate": 0.02, "batch_size": 16, "total_steps": 90_000, "data.max_boxes": 100},
+    "demo_attention_rcnn.py": {"model.preset": "tiny", "model.num_classes": 5, "loss.box_loss": "smooth_l1",
+                               "optimizer.name": "adam", "learning_rate": 2e-3, "total_steps": 1000,
+                               "data.image_size": 96, "eval_images": 256},
     "attention_unet_base.py": {"model.features": None, "model.attention": True, "loss.dice_weight": 1.0,
                                "optimizer.b1": 0.9, "optimizer.b2": 0.999, "data.mask": None, "eval_batch_size": 8},
     "deepfill_v1_base.py": {"model.cnum": 32, "model.local_size": 128, "model.ca_block_size": None, "n_critic": 5,

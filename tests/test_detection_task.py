@@ -93,8 +93,12 @@ def test_eval_writes_coco_files_that_rescore_to_the_same_numbers(workdir, tmp_pa
 
     out = tmp_path / "outputs"
     assert main(["eval", "--workdir", str(workdir), "--save-outputs", str(out)]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["eval_images"] == 16
+    def strict(text):  # NaN / Infinity are not JSON
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    result = strict(capsys.readouterr().out)
+    assert result == strict((workdir / f"eval_{STEPS}.json").read_text())
+    assert result["eval_images"] == 16 and result["eval_map_large"] is None  # no object over 96² px in 64 px images
     for k in ("eval_map", "eval_map50", "eval_map75", "eval_map_small", "eval_map_medium", "eval_map_large"):
         assert k in result
     truth = json.loads((out / "annotations.json").read_text())
