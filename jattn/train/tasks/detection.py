@@ -136,15 +136,6 @@ def detection_task(config) -> Task:
     return dataclasses.replace(task, evaluate=evaluate)
 
 
-def _gathered(tree):
-    """Every process's rows of a tree of global arrays, as numpy, on every process."""
-    if jax.process_count() == 1:
-        return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-    from jax.experimental import multihost_utils
-
-    return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
 def _subset(ground_truth: dict, image_ids) -> dict:
     """The ground truth of the images ``image_ids`` only."""
     ids = {int(i) for i in image_ids}
@@ -159,7 +150,7 @@ def evaluate_detections(detect, state, config, mesh, host_batches, save_outputs=
     ``detections.json``, written by process 0, whole or not at all. ``cache``: a dict that
     keeps the ground truth between calls."""
     from jattn.coco_eval import coco_ground_truth, coco_metrics, coco_results
-    from jattn.train.evaluate import EvalDataError, _ImageWriter, check_eval_data
+    from jattn.train.evaluate import EvalDataError, _host_images, _ImageWriter, check_eval_data
     from jattn.train.sharding import to_global_array
 
     source = check_eval_data(config)
@@ -175,8 +166,8 @@ def evaluate_detections(detect, state, config, mesh, host_batches, save_outputs=
     results, image_ids = [], []
     for host in host_batches:
         batch = to_global_array(host, mesh)
-        dets = _gathered(detect(state.params, state.variables, batch))
-        meta = _gathered({"image_id": batch["image_id"], "scale": batch["scale"]})
+        dets = _host_images(detect(state.params, state.variables, batch))  # every process's rows, on each
+        meta = _host_images({"image_id": batch["image_id"], "scale": batch["scale"]})
         ids = [int(i) for i in meta["image_id"]]
         unknown = [i for i in ids if i not in sizes]
         if unknown:
