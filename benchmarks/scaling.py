@@ -35,7 +35,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ("deepfill_v1_places2", "deepfill_v2_places2", "sa_inpaint_places2", "sagan_imagenet128", "rcan_div2k_x4",
-           "se_resnet50_imagenet", "attention_unet_base")
+           "se_resnet50_imagenet", "attention_unet_base", "attention_rcnn_coco")
 TOPOLOGIES = ("v5e:4x4", "v5p:4x4x8")
 V5E_AVAILABLE_GIB = 15.75  # what XLA's TPU compiler offers a program on a 16 GiB v5e chip
 SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "collective-permute": "CP", "all-to-all": "A2A"}
