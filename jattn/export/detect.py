@@ -18,8 +18,9 @@ of one shape: one compiled program.
 pixels, ``category_id`` / ``category_name`` the class's COCO id and name
 (`jattn.train.tasks.detection.label_map`). With ``draw``, each image is also written
 there as PNG with its detections scoring at least ``max(score_threshold, draw_threshold)``
-outlined and labelled. Every input is read and every output checked before the model runs;
-files are written atomically.
+outlined and labelled. Every output is checked before the model loads, and every image is
+read and detected before the first file is written (a batch at a time: memory stays bounded
+by the batch for any folder); files are written atomically.
 """
 
 from __future__ import annotations
@@ -136,11 +137,11 @@ class Detector:
         return out
 
     def detect_images(self, images, *, score_threshold: float = 0.05, batch_size: int = 8,
-                      progress=None) -> list[list[dict]]:
+                      progress=None, pad_to: int | None = None) -> list[list[dict]]:
         """The detections of each uint8 ``[h, w, 3]`` image (``__call__``'s lists), in batches
-        of ``min(batch_size, len(images))`` (the last one padded: one compiled shape);
-        ``progress(n)`` is called after each batch."""
-        n = min(batch_size, len(images))
+        of ``n = pad_to or min(batch_size, len(images))`` (the last one padded to n: one
+        compiled shape); ``progress(k)`` is called after each batch of k images."""
+        n = pad_to or min(batch_size, len(images))
         results = []
         for start in range(0, len(images), n):
             chunk = images[start:start + n]
@@ -216,18 +217,23 @@ def check_detect_files(images, output, draw=None, *, score_threshold: float = 0.
 def detect_files(detector: Detector, images, output, draw=None, *, score_threshold: float = 0.05,
                  draw_threshold: float = 0.5, batch_size: int = 8, progress=None) -> dict:
     """Detect objects in image files (module docstring): every output is checked and every
-    image read first (nothing is written when one is bad), then the results are written
-    (the JSON last). Returns ``{"output", "drawn", "images", "detections"}``."""
+    image read and detected first (nothing is written when one is bad), then the drawings
+    and the JSON (last) are written. Returns ``{"output", "drawn", "images", "detections"}``."""
     from jattn._paths import WriteError, write_atomic
 
     images = [pathlib.Path(p) for p in images]
     drawn = check_detect_files(images, output, draw, score_threshold=score_threshold, draw_threshold=draw_threshold,
                                batch_size=batch_size)
-    pixels = [read_image(p) for p in images]
-    found = detector.detect_images(pixels, score_threshold=score_threshold, batch_size=batch_size, progress=progress)
-    for path, image, dets in zip(drawn, pixels, found):
+    # every image is read and detected before anything is written, a batch at a time (memory
+    # bounded by the batch, not the folder); drawing reads the images again
+    n = min(batch_size, len(images))
+    found = []
+    for start in range(0, len(images), n):
+        pixels = [read_image(p) for p in images[start:start + n]]
+        found += detector.detect_images(pixels, score_threshold=score_threshold, pad_to=n, progress=progress)
+    for source, path, dets in zip(images, drawn, found):
         shown = [d for d in dets if d["score"] >= max(score_threshold, draw_threshold)]
-        write_image(path, draw_detections(image, shown), DetectError)
+        write_image(path, draw_detections(read_image(source), shown), DetectError)
     results = []
     for i, (path, dets) in enumerate(zip(images, found)):
         for d in dets:
