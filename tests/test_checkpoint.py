@@ -282,3 +282,67 @@ def test_grain_iterator_position_is_restored(tmp_path):
     got = [np.asarray(next(fresh)) for _ in range(2)]
     for a, b in zip(expected, got):
         np.testing.assert_array_equal(a, b)
+
+
+def _replicated_state(mesh, shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"a{i}": jax.device_put(jnp.asarray(rng.standard_normal(s), jnp.float32), NamedSharding(mesh, P()))
+            for i, s in enumerate(shapes)}
+
+
+def test_first_save_of_small_replicated_arrays_compiles_one_program(tmp_path):
+    """A first save compiles one program: the finiteness check of the whole tree. Orbax's
+    replica-parallel save would slice each replicated array per device, with one eager
+    compile per shape and device; small arrays are written whole by one replica. An array
+    above REPLICA_SLICE_MIN_BYTES per replica is still sliced, and everything restores."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    from jattn.train.checkpoint import REPLICA_SLICE_MIN_BYTES
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    small = [(3, 3, c, k) for c in (3, 5, 7) for k in (11, 13)] + [(n,) for n in range(17, 29)]
+    state = _replicated_state(mesh, small)
+    big_rows = REPLICA_SLICE_MIN_BYTES * 8 // (4 * 64) + 8  # 8 slices of a bit more than the minimum each
+    state["big"] = jax.device_put(jnp.arange(big_rows * 64, dtype=jnp.float32).reshape(big_rows, 64),
+                                  NamedSharding(mesh, P()))
+    jax.block_until_ready(state)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a cache hit is no compile event
+    try:
+        ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+        ckpt.save(1, {k: v for k, v in state.items() if k != "big"})
+        assert len(compiles) == 1  # the finiteness check; was 8 x 18 slice compiles, 36 checks
+        ckpt.save(2, state)
+        assert 2 < len(compiles) <= 1 + 1 + 8  # the check of the new tree; the big array sliced per device
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+        jax.monitoring.unregister_event_duration_listener(listener)
+    target = abstract_state(jax.eval_shape(lambda: state), NamedSharding(mesh, P()))
+    _assert_equal(ckpt.restore(target).state, state)
+
+
+def test_checkpoints_of_orbax_standard_save_still_restore(tmp_path):
+    """Checkpoints written with `ocp.args.StandardSave` (jattn's format before the state got
+    its own handler) restore, onto the same or another sharding."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    state = {**_replicated_state(mesh, [(3, 3, 4, 8), (8,)], seed=2), "step": jnp.asarray(5, jnp.int32)}
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             config=ocp.args.JsonSave({"lr": 0.5})))
+    manager.wait_until_finished()
+    manager.close()
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    restored = ckpt.restore(jax.tree_util.tree_map(jnp.zeros_like, state))
+    assert restored.step == 5 and restored.config == {"lr": 0.5}
+    _assert_equal(restored.state, state)
+    mesh2 = Mesh(np.array(jax.devices()[:2]), ("data",), axis_types=(AxisType.Auto,))
+    restored = ckpt.restore(abstract_state(jax.eval_shape(lambda: state), NamedSharding(mesh2, P())))
+    _assert_equal(restored.state, state)
+    assert restored.state["a0"].sharding.mesh.devices.size == 2

@@ -65,6 +65,25 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # Top-level files orbax writes or rewrites after the manifest (while committing the step):
 # not covered by it. Orbax reads _CHECKPOINT_METADATA leniently (a damaged one is logged).
 _UNSEALED = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", MANIFEST})
+#: The smallest part of a replicated array that one replica writes. Orbax's replica-parallel
+#: save cuts every replicated array into one slice per replica with an eager `lax.slice`, which
+#: compiles once per array shape and device: a few hundred small compiles (tens of seconds) at a
+#: run's first save, to split writes of kilobytes. Arrays whose slices would be smaller than
+#: this are written whole by one replica; larger ones are still shared out across the hosts.
+REPLICA_SLICE_MIN_BYTES = 4 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The handler of the state item: orbax's standard type handlers, with jax.Array's
+    `min_slice_bytes_for_replica_parallel` set (in its own registry: the global one is the
+    process's). The files are those of `StandardSave`, so either restores the other's."""
+    array = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=REPLICA_SLICE_MIN_BYTES,
+        array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array), "_array_metadata_store", None))
+    others = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()
+              if ty is not jax.Array]
+    registry = ocp.type_handlers.create_type_handler_registry(*others, (jax.Array, array))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class NonFiniteStateError(ValueError):
@@ -94,13 +113,20 @@ class Restored(NamedTuple):
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
-    """Paths of the floating-point leaves of `tree` that hold a NaN or an Inf."""
-    bad = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
-            if not bool(jnp.all(jnp.isfinite(leaf))):
-                bad.append(jax.tree_util.keystr(path))
-    return bad
+    """Paths of the floating-point leaves of `tree` that hold a NaN or an Inf (one program
+    for the whole tree, compiled once per tree structure, and one transfer)."""
+    floats = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+              if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if not floats:
+        return []
+    finite = np.asarray(_all_finite([leaf for _, leaf in floats]))
+    return [jax.tree_util.keystr(path) for (path, _), ok in zip(floats, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    """[len(leaves)] bool: whether each array holds only finite values."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def abstract_state(state_shapes: Any, shardings: Any) -> Any:
@@ -289,7 +315,11 @@ class Checkpointer:
             cleanup_tmp_directories=cleanup_tmp,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(str(self.directory), options=options)
+        handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        state_handler = _state_handler()
+        handlers.add("state", ocp.args.PyTreeSave, state_handler)
+        handlers.add("state", ocp.args.PyTreeRestore, state_handler)
+        self._manager = ocp.CheckpointManager(str(self.directory), options=options, handler_registry=handlers)
         logging.getLogger("absl").addFilter(_QUIET_ORBAX)  # orbax logs through absl's logger; added once
 
     # ----------------------------------------------------------------------- queries
@@ -332,7 +362,7 @@ class Checkpointer:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise NonFiniteStateError(f"refusing to checkpoint step {step}: non-finite values in {shown}")
         self._finish()  # a failed previous save is reported as itself, not as this one
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.PyTreeSave(state)}
         if config is not None:
             items["config"] = ocp.args.JsonSave(dict(config))
         if data_iter is not None:
@@ -475,7 +505,7 @@ class Checkpointer:
 
     def _restore_step(self, step: int, target: Any, data_iter: Any, with_config: bool) -> Restored:
         folder = self._folder(step)
-        items = {"state": ocp.args.StandardRestore(target)}
+        items = {"state": ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
         if with_config and (folder / "config").exists():
             items["config"] = ocp.args.JsonRestore()
         if data_iter is not None and (folder / "data_iter").exists():
