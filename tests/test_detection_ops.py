@@ -8,7 +8,7 @@ import pytest
 
 from jattn.ops import boxes as B
 from jattn.ops.nms import batched_nms, detections, nms
-from jattn.ops.roi_align import roi_align
+from jattn.ops.roi_align import roi_align, roi_align_levels
 
 # one compilation per call shape rather than one per primitive (eager dispatch)
 _roi_align = jax.jit(roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
@@ -365,6 +365,36 @@ def test_roi_align_gradient_is_the_adjoint_and_jits():
     assert out16.dtype == jnp.bfloat16
     ref = _roi_align(feats, boxes, output_size=(3, 3), spatial_scale=0.5)
     np.testing.assert_allclose(np.float32(out16), ref, atol=0.05)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_levels_equals_roi_align_on_each_boxs_level(aligned):
+    """One gather over the flattened levels gives, box by box, exactly roi_align on the box's
+    level, and the features' gradient lands only on each box's level, as the per-level one."""
+    rng = np.random.default_rng(5)
+    levels = [rng.normal(size=(2, 32 // s, 40 // s, 3)).astype(np.float32) for s in (4, 8, 16)]
+    scales = [1 / 4, 1 / 8, 1 / 16]
+    boxes = _roi_boxes(rng, 2, 10, 32, 40, 1.0)
+    level = rng.integers(-1, 4, size=(2, 10)).astype(np.int32)  # out of range is clamped
+    cot = rng.normal(size=(2, 10, 2, 3, 3)).astype(np.float32)
+    kept = np.clip(level, 0, 2)
+
+    def pooled(lv, bx):
+        return roi_align_levels(lv, bx, level, scales, (2, 3), 2, aligned)
+
+    def per_level(lv, bx):
+        outs = [roi_align(f, bx, (2, 3), s, 2, aligned) for f, s in zip(lv, scales)]
+        return jnp.select([(kept == k)[:, :, None, None, None] for k in range(3)], outs)
+
+    out, ref = jax.jit(pooled)(levels, boxes), jax.jit(per_level)(levels, boxes)
+    assert out.shape == (2, 10, 2, 3, 3)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    grads = jax.jit(jax.grad(lambda lv: jnp.sum(pooled(lv, boxes) * cot)))(levels)
+    refs = jax.jit(jax.grad(lambda lv: jnp.sum(per_level(lv, boxes) * cot)))(levels)
+    for g, r in zip(grads, refs):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6)
+    with pytest.raises(ValueError, match="spatial scales"):
+        roi_align_levels(levels, boxes, level, scales[:2])
 
 
 # --------------------------------------------------------------------------- #

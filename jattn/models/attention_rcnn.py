@@ -29,7 +29,7 @@ Layout (torchvision's ``fasterrcnn_resnet50_fpn`` unless stated)::
               background's 4, never used: left out)
 
 **FPN, not C4.** The FPN variant is torchvision's default and scales to small objects; the
-cost here is one RoIAlign per level (see `multiscale_roi_align`), not a per-box gather.
+cost here is one gather of every box's samples from its own level (`multiscale_roi_align`).
 
 **Static shapes.** Every stage has a fixed size: ``P`` proposals and ``S`` sampled RoIs per
 image (padded, with ``valid`` masks), detections padded to ``detections_per_img``. Padded
@@ -78,7 +78,7 @@ from jattn.nn._util import Dtype, check_nhwc
 from jattn.nn.proposal_attention import ProposalAttention
 from jattn.ops import boxes as B
 from jattn.ops.nms import batched_nms, detections
-from jattn.ops.roi_align import roi_align
+from jattn.ops.roi_align import roi_align_levels
 
 __all__ = [
     "AttentionRCNN",
@@ -282,10 +282,10 @@ def multiscale_roi_align(
 ) -> jax.Array:
     """RoIAlign of each box from its FPN level (torchvision ``MultiScaleRoIAlign``).
 
-    Every level is pooled for every box (`jattn.ops.roi_align.roi_align` with
-    ``spatial_scale = 1 / stride``) and each box keeps the pooling of its `roi_levels`
-    level (``log2(stride)``, clamped to the given levels): static shapes at ``L`` times the
-    cost of one RoIAlign; gradients reach only the selected level.
+    Each box is pooled from its `roi_levels` level (``log2(stride)``, clamped to the given
+    levels) with ``spatial_scale = 1 / stride``, all boxes in one gather over the flattened
+    levels (`jattn.ops.roi_align.roi_align_levels`): the cost of one RoIAlign, whatever the
+    number of levels; gradients reach only each box's level.
 
     Args:
       levels: ``[B, H_l, W_l, C]`` per level; strides: their strides, powers of 2, increasing.
@@ -299,11 +299,8 @@ def multiscale_roi_align(
         raise ValueError(f"strides must be consecutive powers of 2, got {list(strides)}")
     boxes = jax.lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
     target = roi_levels(boxes, ks[0], ks[-1], canonical_scale, canonical_level)
-    out = None
-    for k, s, f in zip(ks, strides, levels):
-        pooled = roi_align(f, boxes, output_size, 1.0 / s, sampling_ratio, aligned)
-        out = pooled if out is None else jnp.where((target == k)[:, :, None, None, None], pooled, out)
-    return out
+    return roi_align_levels(levels, boxes, target - ks[0], [1.0 / s for s in strides], output_size,
+                            sampling_ratio, aligned)
 
 
 def postprocess_detections(

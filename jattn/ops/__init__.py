@@ -34,7 +34,7 @@ from jattn.ops.boxes import (
     giou,
 )
 from jattn.ops.nms import batched_nms, detections, nms
-from jattn.ops.roi_align import roi_align
+from jattn.ops.roi_align import roi_align, roi_align_levels
 
 __all__ += [
     "anchors",
@@ -50,4 +50,5 @@ __all__ += [
     "giou",
     "nms",
     "roi_align",
+    "roi_align_levels",
 ]

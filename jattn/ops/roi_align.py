@@ -19,6 +19,8 @@ torchvision's ``roi_align`` CPU / CUDA kernel for a fixed ``sampling_ratio > 0``
 adaptive ``sampling_ratio <= 0`` of torchvision, a data-dependent grid, is not supported:
 shapes here are static).
 
+`roi_align_levels` pools each box from its own level of several maps (an FPN) in one gather.
+
 The implementation gathers the four neighbours of every sample point
 (``jnp.take_along_axis`` on ``[B, H * W, C]``) and reduces them with the bilinear weights, so it
 is differentiable with respect to the features (the gradient is a scatter-add, as the
@@ -27,19 +29,25 @@ weights; torchvision gives boxes no gradient: `jax.lax.stop_gradient` them for t
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["roi_align"]
+__all__ = ["roi_align", "roi_align_levels"]
 
 
-def _axis_samples(start, size, bins: int, grid: int, limit: int):
+def _axis_samples(start, size, bins: int, grid: int, limit):
     """Per-axis sample indices and weights.
 
-    ``start``, ``size``: ``[B, R]`` (feature coordinates). Returns ``low``, ``high`` int32 and
-    ``w_low``, ``w_high`` float32, each ``[B, R, bins * grid]`` (bin major), the weights zero
-    for points outside ``[-1, limit]``.
+    ``start``, ``size``: ``[B, R]`` (feature coordinates); ``limit``: the feature map's size
+    along the axis, a number or ``[B, R]`` (each box's level). Returns ``low``, ``high`` int32
+    and ``w_low``, ``w_high`` float32, each ``[B, R, bins * grid]`` (bin major), the weights
+    zero for points outside ``[-1, limit]``.
     """
+    limit = jnp.asarray(limit, jnp.float32)
+    limit = limit[..., None] if limit.ndim else limit
     bin_size = size / bins
     p = jnp.arange(bins, dtype=jnp.float32)[:, None]
     i = jnp.arange(grid, dtype=jnp.float32)[None, :]
@@ -57,6 +65,60 @@ def _axis_samples(start, size, bins: int, grid: int, limit: int):
     high = jnp.where(top, low, low + 1)
     zero = jnp.zeros_like(frac)
     return low, high, jnp.where(inside, 1.0 - frac, zero), jnp.where(inside, frac, zero)
+
+
+def _check(features, boxes, output_size, sampling_ratio) -> tuple[int, int]:
+    if features.ndim != 4:
+        raise ValueError(f"features must be [B, H, W, C], got shape {tuple(features.shape)}")
+    if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"boxes must be [B, R, 4] with B = {features.shape[0]}, got shape {tuple(boxes.shape)}"
+        )
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if not isinstance(sampling_ratio, int) or sampling_ratio < 1:
+        raise ValueError(
+            f"sampling_ratio must be a positive int (the adaptive grid of sampling_ratio <= 0 is not "
+            f"supported), got {sampling_ratio}"
+        )
+    return oh, ow
+
+
+def _pool(flat, boxes, scale, height, width, base, oh: int, ow: int, g: int, aligned: bool):
+    """RoIAlign out of flattened feature maps.
+
+    ``flat``: ``[B, N, C]``, one or more maps, each row-major; ``boxes``: ``[B, R, 4]`` image
+    pixels; ``scale``, ``height``, ``width``, ``base``: each box's spatial scale, map size and
+    the map's first row in ``flat`` (numbers, or ``[B, R]``). Returns ``[B, R, oh, ow, C]``.
+    """
+    b, _, c = flat.shape
+    r = boxes.shape[1]
+    scale = jnp.asarray(scale, jnp.float32)
+    scaled = boxes.astype(jnp.float32) * (scale[..., None] if scale.ndim else scale)
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (scaled[..., k] - offset for k in range(4))
+    box_w, box_h = x2 - x1, y2 - y1
+    if not aligned:
+        box_w, box_h = jnp.maximum(box_w, 1.0), jnp.maximum(box_h, 1.0)
+
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, box_h, oh, g, height)  # [B, R, oh * g]
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, box_w, ow, g, width)  # [B, R, ow * g]
+
+    # four neighbours of every (y, x) sample: flat indices and weights [B, R, oh*g, ow*g, 4]
+    ys = jnp.stack([y_lo, y_lo, y_hi, y_hi], axis=-1)[:, :, :, None, :]
+    xs = jnp.stack([x_lo, x_hi, x_lo, x_hi], axis=-1)[:, :, None, :, :]
+    wys = jnp.stack([wy_lo, wy_lo, wy_hi, wy_hi], axis=-1)[:, :, :, None, :]
+    wxs = jnp.stack([wx_lo, wx_hi, wx_lo, wx_hi], axis=-1)[:, :, None, :, :]
+    per_box = lambda v: jnp.asarray(v, jnp.int32)[..., None, None, None] if jnp.ndim(v) else v  # noqa: E731
+    index = (per_box(base) + ys * per_box(width) + xs).reshape(b, -1, 1)
+    weight = (wys * wxs) / float(g * g)  # the bin's mean folded into the weights
+
+    values = jnp.take_along_axis(flat, index, axis=1, mode="clip")  # [B, R*oh*g*ow*g*4, C]
+    values = values.reshape(b, r, oh, g, ow, g, 4, c)
+    weight = weight.reshape(b, r, oh, g, ow, g, 4, 1)
+    out = jnp.sum(values.astype(jnp.float32) * weight, axis=(3, 5, 6))
+    return out.astype(flat.dtype)
 
 
 def roi_align(
@@ -86,45 +148,50 @@ def roi_align(
     """
     features = jnp.asarray(features)
     boxes = jnp.asarray(boxes)
-    if features.ndim != 4:
-        raise ValueError(f"features must be [B, H, W, C], got shape {tuple(features.shape)}")
-    if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"boxes must be [B, R, 4] with B = {features.shape[0]}, got shape {tuple(boxes.shape)}"
-        )
-    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"output_size must be positive, got {output_size}")
-    if not isinstance(sampling_ratio, int) or sampling_ratio < 1:
-        raise ValueError(
-            f"sampling_ratio must be a positive int (the adaptive grid of sampling_ratio <= 0 is not "
-            f"supported), got {sampling_ratio}"
-        )
+    oh, ow = _check(features, boxes, output_size, sampling_ratio)
     b, h, w, c = features.shape
-    r = boxes.shape[1]
-    g = sampling_ratio
+    return _pool(features.reshape(b, h * w, c), boxes, spatial_scale, h, w, 0, oh, ow, sampling_ratio, aligned)
 
-    scaled = boxes.astype(jnp.float32) * jnp.asarray(spatial_scale, jnp.float32)
-    offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (scaled[..., k] - offset for k in range(4))
-    width, height = x2 - x1, y2 - y1
-    if not aligned:
-        width, height = jnp.maximum(width, 1.0), jnp.maximum(height, 1.0)
 
-    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, height, oh, g, h)  # [B, R, oh * g]
-    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, width, ow, g, w)  # [B, R, ow * g]
+def roi_align_levels(
+    levels: Sequence[jax.Array],
+    boxes: jax.Array,
+    level: jax.Array,
+    spatial_scales: Sequence[float],
+    output_size: int | tuple[int, int] = (7, 7),
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+) -> jax.Array:
+    """RoIAlign of each box out of one of several feature maps (an FPN's levels): equal to
+    ``roi_align(levels[level[b, r]], boxes, ..., spatial_scales[level[b, r]])`` box by box.
 
-    # four neighbours of every (y, x) sample: flat indices and weights [B, R, oh*g, ow*g, 4]
-    ys = jnp.stack([y_lo, y_lo, y_hi, y_hi], axis=-1)[:, :, :, None, :]
-    xs = jnp.stack([x_lo, x_hi, x_lo, x_hi], axis=-1)[:, :, None, :, :]
-    wys = jnp.stack([wy_lo, wy_lo, wy_hi, wy_hi], axis=-1)[:, :, :, None, :]
-    wxs = jnp.stack([wx_lo, wx_hi, wx_lo, wx_hi], axis=-1)[:, :, None, :, :]
-    index = (ys * w + xs).reshape(b, -1, 1)
-    weight = (wys * wxs) / float(g * g)  # the bin's mean folded into the weights
+    The maps are flattened into one ``[B, sum H_l W_l, C]`` array and every box's samples are
+    gathered from its own map, so the work and the bytes are those of one `roi_align`, not
+    one per level; the gradient reaches only each box's map.
 
-    flat = features.reshape(b, h * w, c)
-    values = jnp.take_along_axis(flat, index, axis=1, mode="clip")  # [B, R*oh*g*ow*g*4, C]
-    values = values.reshape(b, r, oh, g, ow, g, 4, c)
-    weight = weight.reshape(b, r, oh, g, ow, g, 4, 1)
-    out = jnp.sum(values.astype(jnp.float32) * weight, axis=(3, 5, 6))
-    return out.astype(features.dtype)
+    Args:
+      levels: ``[B, H_l, W_l, C]`` per level (one C and dtype).
+      boxes: ``[B, R, 4]`` image pixels, as in `roi_align`.
+      level: ``[B, R]`` int, the index in ``levels`` of each box's map (clamped to the range).
+      spatial_scales: per level, static.
+
+    Returns:
+      ``[B, R, oh, ow, C]`` in the features' dtype.
+    """
+    levels = [jnp.asarray(f) for f in levels]
+    boxes = jnp.asarray(boxes)
+    if len(spatial_scales) != len(levels) or not levels:
+        raise ValueError(f"{len(levels)} levels but {len(spatial_scales)} spatial scales")
+    for f in levels:
+        oh, ow = _check(f, boxes, output_size, sampling_ratio)
+        if f.shape[-1] != levels[0].shape[-1] or f.dtype != levels[0].dtype:
+            raise ValueError(f"levels must share channels and dtype, got {[(f.shape, f.dtype) for f in levels]}")
+    b, c = levels[0].shape[0], levels[0].shape[-1]
+    heights = [f.shape[1] for f in levels]
+    widths = [f.shape[2] for f in levels]
+    bases = np.cumsum([0] + [h * w for h, w in zip(heights, widths)])[:-1]
+    flat = jnp.concatenate([f.reshape(b, -1, c) for f in levels], axis=1)
+    level = jnp.clip(jnp.asarray(level, jnp.int32), 0, len(levels) - 1)
+    pick = lambda table, dtype: jnp.asarray(np.asarray(table), dtype)[level]  # noqa: E731
+    return _pool(flat, boxes, pick(spatial_scales, jnp.float32), pick(heights, jnp.float32),
+                 pick(widths, jnp.int32), pick(bases, jnp.int32), oh, ow, sampling_ratio, aligned)
