@@ -326,7 +326,7 @@ def import_official_checkpoint(prefix: str, workdir, config, *, version: str = "
     import pathlib
 
     from jattn.train.checkpoint import Checkpointer
-    from jattn.train.setup import provenance, state_init_fn
+    from jattn.train.setup import initial_state, provenance
     from jattn.train.task import build_task
 
     if version not in _VERSIONS:
@@ -353,7 +353,7 @@ def import_official_checkpoint(prefix: str, workdir, config, *, version: str = "
         critics = None  # a generator-only file (as the golden and some released ones)
     config.model.cnum = int(generator["conv1"]["kernel"].shape[-1])
     task = build_task(config)
-    state = jax.jit(state_init_fn(task, config))(jax.random.key(config.seed))
+    state = initial_state(task, config)
 
     def cast_like(new, old):
         return jax.tree_util.tree_map(lambda n, o: jnp.asarray(n, o.dtype), new, old)

@@ -44,8 +44,8 @@ from jattn.train.checkpoint import Checkpointer, NonFiniteStateError
 from jattn.train.evaluate import check_eval_data, check_eval_metrics, make_evaluator
 from jattn.train.input import StepBatches
 from jattn.train.logging import MetricWriter, truncate_events, truncate_metrics
-from jattn.train.setup import abstract_train_state, provenance, state_init_fn
-from jattn.train.sharding import make_mesh, replicated, to_global_array
+from jattn.train.setup import abstract_train_state, initial_state, provenance
+from jattn.train.sharding import make_mesh, to_global_array
 from jattn.train.state import TrainState
 from jattn.train.steps import make_train_step
 from jattn.train.task import build_task
@@ -404,7 +404,7 @@ def _train_locked(config, workdir: pathlib.Path, total: int, run: _Run, progress
             state = restored.state
             log.info("resumed from step %d", restored.step)
         else:
-            state = jax.jit(state_init_fn(task, config), out_shardings=replicated(mesh))(jax.random.key(config.seed))
+            state = initial_state(task, config, mesh)
         start = int(state.step)
         if start == total:
             log.info("%s is already at step %d: nothing to train", workdir, total)
