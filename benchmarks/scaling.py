@@ -8,15 +8,18 @@ Rows, for each config (DeepFill v1 also with compute_dtype=bfloat16) and topolog
           by the chip count is reported as an error row;
   max     the largest per-chip batch whose step fits a v5e chip (16 GiB), found on the first v5e
           topology given with few compiles: the step's memory per chip is fitted as a line in
-          the per-chip batch through two compiles, the batch it predicts for the compiler's
-          15.75 GiB is compiled to verify, and stepped down by 10% while it does not fit; that
-          per-chip batch is then compiled on the other topologies too.
+          the per-chip batch (through 1 and 2 images per chip, or the paper batch), the batch
+          it predicts for the compiler's 15.75 GiB is compiled, and the line is refitted through
+          the largest batch that fits and the smallest that does not (or the two largest) until
+          a batch fits within 90% of it, the two are neighbours, or 4 tries are spent; the
+          largest batch that fit is then compiled on the other topologies too.
 Columns: GFLOP per image per step (step FLOPs per chip / per-chip batch: every update of the
 step, e.g. DeepFill v1's 5 critic + 1 generator updates), GiB per chip, the collectives in the
 step program (a loop body's once), the roofline estimate and its bound, compile seconds.
 
 Each compile is `jattn compile ... --json` in its own subprocess, so one failure or timeout
-costs one row. Writes the markdown to --output and the reports as JSON beside it (.json).
+costs one row. Writes the markdown to --output and the reports as JSON beside it (.json);
+`--reuse` an earlier JSON to go on from its compiled rows.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ CONFIGS = ("deepfill_v1_places2", "deepfill_v2_places2", "sa_inpaint_places2", "
            "se_resnet50_imagenet", "attention_unet_base", "attention_rcnn_coco")
 TOPOLOGIES = ("v5e:4x4", "v5p:4x4x8")
 V5E_AVAILABLE_GIB = 15.75  # what XLA's TPU compiler offers a program on a 16 GiB v5e chip
+CLOSE_ENOUGH = 0.9  # the search stops at a batch that fits within this share of it
 SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "collective-permute": "CP", "all-to-all": "A2A"}
 
 
@@ -98,7 +102,7 @@ def compile_one(case: Case, topology: str, batch: int | None, timeout: float, ki
 
 
 def max_batch(case: Case, topology: str, chips: int, known: list[dict], timeout: float,
-              tries: int = 3) -> tuple[int | None, list[dict]]:
+              tries: int = 4) -> tuple[int | None, list[dict]]:
     """The largest per-chip batch whose step fits (see the module docstring) and the rows
     compiled to find it, then (when found) its row as kind "max"; `known`: rows of `case`
     on `topology` already compiled."""
@@ -115,19 +119,48 @@ def max_batch(case: Case, topology: str, chips: int, known: list[dict], timeout:
     def gib(b: int) -> float:
         return points[b]["report"]["step"]["hbm_gib_per_chip"]
 
+    def fits(b: int) -> bool:
+        return bool(points[b]["report"]["step"]["fits"])
+
     while len(points) < 2:
         if not measure(2 * max(points) if points else 1):
             return None, rows
-    b1, b2 = sorted(points)[:2]
-    slope = (gib(b2) - gib(b1)) / (b2 - b1)
-    guess = int(b1 + (V5E_AVAILABLE_GIB - gib(b1)) / slope) if slope > 0 else max(points)
     for _ in range(tries):
-        if guess < 1 or (guess not in points and not measure(guess)):
+        lo = max((b for b in points if fits(b)), default=None)
+        hi = min((b for b in points if not fits(b) and (lo is None or b > lo)), default=None)
+        if lo is not None and (gib(lo) >= CLOSE_ENOUGH * V5E_AVAILABLE_GIB or hi == lo + 1):
             break
-        if points[guess]["report"]["step"]["fits"]:
-            return guess, [*rows, {**points[guess], "kind": "max"}]
-        guess = min(guess - 1, int(guess * 0.9))
-    return None, rows
+        # the line through the bracket (largest that fits, smallest above it that does not),
+        # else through the two largest points
+        a, b = (lo, hi) if lo is not None and hi is not None else sorted(points)[-2:]
+        slope = (gib(b) - gib(a)) / (b - a)
+        guess = int(a + (V5E_AVAILABLE_GIB - gib(a)) / slope) if slope > 0 else 2 * max(points)
+        if hi is not None:  # within the bracket; geometric bisection where the line says little
+            guess = min(max(guess, int((lo * hi) ** 0.5)) if lo is not None and hi > 2 * lo else guess, hi - 1)
+        guess = max(guess, lo + 1) if lo is not None else min(guess, int(min(points) * 0.9))
+        if guess < 1 or guess in points or not measure(guess):
+            break
+    best = max((b for b in points if fits(b)), default=None)
+    return (None, rows) if best is None else (best, [*rows, {**points[best], "kind": "max"}])
+
+
+def reused_rows(path: str | None) -> list[dict]:
+    """The compiled rows (table and search) of an earlier run's JSON, to skip compiling them again."""
+    if not path:
+        return []
+    data = json.loads(pathlib.Path(path).read_text())
+    return [r for r in (*data["rows"], *data["search"]) if "report" in r]
+
+
+def compile_or_reuse(reuse: list[dict], case: Case, topology: str, batch: int | None, timeout: float,
+                     kind: str) -> dict:
+    """A row of `reuse` for the same case, topology and global batch (the config's: None), else
+    `compile_one`."""
+    for r in reuse:
+        if (r["case"], r["topology"], r["batch"]) == (case.label, topology, batch):
+            print(f"  {case.label} {topology} batch {batch or 'paper'}: reused", flush=True)
+            return {**r, "kind": kind}
+    return compile_one(case, topology, batch, timeout, kind)
 
 
 # --------------------------------------------------------------------------- table
@@ -180,26 +213,30 @@ def main() -> int:
     parser.add_argument("--no-max-batch", action="store_true", help="only the paper batch")
     parser.add_argument("--no-bf16", action="store_true", help="leave out DeepFill v1 with compute_dtype=bfloat16")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per compile (default 4 h)")
+    parser.add_argument("--reuse", default=None, help="an earlier run's JSON: its compiled rows are not compiled again")
     args = parser.parse_args()
 
     chips = {t: chip_count(t) for t in args.topologies}
     search = next((t for t in args.topologies if t.startswith("v5e:")), None)
     rows, compiled = [], []
+    reuse = reused_rows(args.reuse)
     for case in cases(args.configs):
         if args.no_bf16 and case.overrides:
             continue
-        paper = {t: compile_one(case, t, None, args.timeout, "paper") for t in args.topologies}
+        paper = {t: compile_or_reuse(reuse, case, t, None, args.timeout, "paper") for t in args.topologies}
         rows += paper.values()
         if args.no_max_batch or search is None:
             continue
-        per_chip, tried = max_batch(case, search, chips[search], [paper[search]], args.timeout)
+        known = [paper[search], *(r for r in reuse if (r["case"], r["topology"]) == (case.label, search))]
+        per_chip, tried = max_batch(case, search, chips[search], known, args.timeout)
         compiled += tried
         if per_chip is None:
             rows.append({"case": case.label, "topology": search, "batch": None, "kind": "max", "seconds": 0,
                          "error": "no per-chip batch that fits found"})
             continue
         rows.append(tried[-1])
-        rows += [compile_one(case, t, per_chip * chips[t], args.timeout, "max") for t in args.topologies if t != search]
+        rows += [compile_or_reuse(reuse, case, t, per_chip * chips[t], args.timeout, "max")
+                 for t in args.topologies if t != search]
 
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
