@@ -226,6 +226,7 @@ def main() -> int:
         paper = {t: compile_or_reuse(reuse, case, t, None, args.timeout, "paper") for t in args.topologies}
         rows += paper.values()
         if args.no_max_batch or search is None:
+            write(args.output, rows, compiled)
             continue
         known = [paper[search], *(r for r in reuse if (r["case"], r["topology"]) == (case.label, search))]
         per_chip, tried = max_batch(case, search, chips[search], known, args.timeout)
@@ -233,20 +234,27 @@ def main() -> int:
         if per_chip is None:
             rows.append({"case": case.label, "topology": search, "batch": None, "kind": "max", "seconds": 0,
                          "error": "no per-chip batch that fits found"})
+            write(args.output, rows, compiled)
             continue
         rows.append(tried[-1])
         rows += [compile_or_reuse(reuse, case, t, per_chip * chips[t], args.timeout, "max")
                  for t in args.topologies if t != search]
+        write(args.output, rows, compiled)  # after each config: an interrupted run keeps what it measured
 
-    out = pathlib.Path(args.output)
+    print(write(args.output, rows, compiled))
+    return 0
+
+
+def write(output: str, rows: list[dict], compiled: list[dict]) -> str:
+    """Write the table (markdown) and the rows (JSON beside it); returns the markdown."""
+    out = pathlib.Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
     text = (f"Measured {datetime.date.today().isoformat()} on a {machine()} with `{command}`.\n\n"
             f"{table(rows)}\n")
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "search": compiled}, indent=2))
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
