@@ -95,8 +95,10 @@ def compile_one(case: Case, topology: str, batch: int | None, timeout: float, ki
         row = {"case": case.label, "topology": topology, "batch": batch, "kind": kind,
                "seconds": round(time.perf_counter() - start, 1)}
         row.update({"error": error} if error else {"report": json.loads(out.read_text())})
-    shown = row.get("error") or "{:.2f} GiB per chip, fits {}".format(row["report"]["step"]["hbm_gib_per_chip"],
-                                                                        row["report"]["step"]["fits"])
+    step = row.get("report", {}).get("step", {})
+    shown = row.get("error") or ("memory unknown (the compiler could not lay it out)"
+                                 if step["hbm_gib_per_chip"] is None else
+                                 f"{step['hbm_gib_per_chip']:.2f} GiB per chip, fits {step['fits']}")
     print(f"  {case.label} {topology} batch {batch or 'paper'}: {shown} ({row['seconds']} s)", flush=True)
     return row
 
@@ -116,8 +118,9 @@ def max_batch(case: Case, topology: str, chips: int, known: list[dict], timeout:
             points[b] = row
         return "report" in row
 
-    def gib(b: int) -> float:
-        return points[b]["report"]["step"]["hbm_gib_per_chip"]
+    def gib(b: int) -> float:  # a program the compiler could not lay out at all: far too big
+        gib = points[b]["report"]["step"]["hbm_gib_per_chip"]
+        return float("inf") if gib is None else gib
 
     def fits(b: int) -> bool:
         return bool(points[b]["report"]["step"]["fits"])
@@ -133,7 +136,7 @@ def max_batch(case: Case, topology: str, chips: int, known: list[dict], timeout:
         # the line through the bracket (largest that fits, smallest above it that does not),
         # else through the two largest points
         a, b = (lo, hi) if lo is not None and hi is not None else sorted(points)[-2:]
-        slope = (gib(b) - gib(a)) / (b - a)
+        slope = (gib(b) - gib(a)) / (b - a) if gib(b) < float("inf") else 0.0
         guess = int(a + (V5E_AVAILABLE_GIB - gib(a)) / slope) if slope > 0 else 2 * max(points)
         if hi is not None:  # within the bracket; geometric bisection where the line says little
             guess = min(max(guess, int((lo * hi) ** 0.5)) if lo is not None and hi > 2 * lo else guess, hi - 1)
@@ -174,6 +177,10 @@ def _collectives(report: dict) -> str:
     return " ".join(f"{n} {SHORT[k]}" for k, n in total.items() if n) or "none"
 
 
+def _gib(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.2f}"
+
+
 def table(rows: list[dict]) -> str:
     head = ["config", "topology", "batch", "global (per chip)", "GFLOP / image / step", "GiB / chip", "fits",
             "collectives / step", "estimate (bound)", "compile s"]
@@ -190,7 +197,7 @@ def table(rows: list[dict]) -> str:
         fits = {True: "yes", False: "no", None: "-"}[step["fits"]]
         lines.append(
             f"| {row['case']} | {row['topology']} | {row['kind']} | {r['global_batch']} ({r['per_chip_batch']}) | "
-            f"{step['flops_per_chip'] / r['per_chip_batch'] / 1e9:.1f} | {step['hbm_gib_per_chip']:.2f} | {fits} | "
+            f"{step['flops_per_chip'] / r['per_chip_batch'] / 1e9:.1f} | {_gib(step['hbm_gib_per_chip'])} | {fits} | "
             f"{_collectives(r)} | {est} | {compile_s:.0f} |")
     return "\n".join(lines)
 
