@@ -33,7 +33,7 @@ apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags, before JAX starts i
 # One persistent compilation cache per test session, shared by the pytest-xdist workers
 # (they inherit the variable from the controller) and new each session: many tests train or
 # load the same small programs, and compiling dominates their time on CPU. A test that
-# counts compilations turns it off around its count (task_helpers.count_loads_and_compiles).
+# counts compilations turns it off around its count (task_helpers.count_compiles).
 _OWN_CACHE = "JATTN_TEST_COMPILATION_CACHE" not in os.environ  # made here: removed at the end
 os.environ.setdefault("JATTN_TEST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="jattn-test-xla-cache-"))
 jax.config.update("jax_compilation_cache_dir", os.environ["JATTN_TEST_COMPILATION_CACHE"])

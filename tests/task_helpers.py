@@ -83,16 +83,12 @@ def fit(task, batch: dict, steps: int, seed: int = 0, state=None):
 
 
 @contextlib.contextmanager
-def count_loads_and_compiles(module, monkeypatch):
-    """Yields (restores, compiles): the checkpoint restores of `module` (jattn.export.inference
-    or .upscale, given an empty cache of 2 models) and the XLA compiles made inside."""
-    import jax
+def count_compiles():
+    """Yields a list that gets the duration of every XLA compile made inside (the persistent
+    compilation cache is off meanwhile: a cache hit is no compile event)."""
     from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
-    monkeypatch.setattr(module, "LOADED", module.LoadedModels(size=2))
-    restores, compiles = [], []
-    real_restore = module.restore_trained
-    monkeypatch.setattr(module, "restore_trained", lambda *a, **k: restores.append(a[0]) or real_restore(*a, **k))
+    compiles = []
 
     def listener(event, duration, **kwargs):
         if event == BACKEND_COMPILE_EVENT:
@@ -100,9 +96,21 @@ def count_loads_and_compiles(module, monkeypatch):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a cache hit is no compile event
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
-        yield restores, compiles
+        yield compiles
     finally:
         jax.config.update("jax_enable_compilation_cache", cached)
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
+def count_loads_and_compiles(module, monkeypatch):
+    """Yields (restores, compiles): the checkpoint restores of `module` (jattn.export.inference
+    or .upscale, given an empty cache of 2 models) and the XLA compiles made inside."""
+    monkeypatch.setattr(module, "LOADED", module.LoadedModels(size=2))
+    restores = []
+    real_restore = module.restore_trained
+    monkeypatch.setattr(module, "restore_trained", lambda *a, **k: restores.append(a[0]) or real_restore(*a, **k))
+    with count_compiles() as compiles:
+        yield restores, compiles

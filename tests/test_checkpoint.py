@@ -295,7 +295,7 @@ def test_first_save_of_small_replicated_arrays_compiles_one_program(tmp_path):
     replica-parallel save would slice each replicated array per device, with one eager
     compile per shape and device; small arrays are written whole by one replica. An array
     above REPLICA_SLICE_MIN_BYTES per replica is still sliced, and everything restores."""
-    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+    from task_helpers import count_compiles
 
     from jattn.train.checkpoint import REPLICA_SLICE_MIN_BYTES
 
@@ -306,24 +306,12 @@ def test_first_save_of_small_replicated_arrays_compiles_one_program(tmp_path):
     state["big"] = jax.device_put(jnp.arange(big_rows * 64, dtype=jnp.float32).reshape(big_rows, 64),
                                   NamedSharding(mesh, P()))
     jax.block_until_ready(state)
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # a cache hit is no compile event
-    try:
+    with count_compiles() as compiles:
         ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
         ckpt.save(1, {k: v for k, v in state.items() if k != "big"})
         assert len(compiles) == 1  # the finiteness check; was 8 x 18 slice compiles, 36 checks
         ckpt.save(2, state)
         assert 2 < len(compiles) <= 1 + 1 + 8  # the check of the new tree; the big array sliced per device
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
-        jax.monitoring.unregister_event_duration_listener(listener)
     target = abstract_state(jax.eval_shape(lambda: state), NamedSharding(mesh, P()))
     _assert_equal(ckpt.restore(target).state, state)
 
