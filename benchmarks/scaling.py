@@ -139,7 +139,11 @@ def max_batch(case: Case, topology: str, chips: int, known: list[dict], timeout:
         slope = (gib(b) - gib(a)) / (b - a) if gib(b) < float("inf") else 0.0
         guess = int(a + (V5E_AVAILABLE_GIB - gib(a)) / slope) if slope > 0 else 2 * max(points)
         if hi is not None:  # within the bracket; geometric bisection where the line says little
-            guess = min(max(guess, int((lo * hi) ** 0.5)) if lo is not None and hi > 2 * lo else guess, hi - 1)
+            if lo is not None and gib(hi) == float("inf"):
+                guess = int((lo * hi) ** 0.5)
+            elif lo is not None and hi > 2 * lo:
+                guess = max(guess, int((lo * hi) ** 0.5))
+            guess = min(guess, hi - 1)
         guess = max(guess, lo + 1) if lo is not None else min(guess, int(min(points) * 0.9))
         if guess < 1 or guess in points or not measure(guess):
             break
