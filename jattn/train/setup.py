@@ -64,9 +64,8 @@ def state_init_fn(task: Task, config):
 
 
 #: XLA options for the initialiser's program. It runs once per run and is mostly the random
-#: number generator unrolled for every parameter, which the backend's optimiser (LLVM on the
-#: CPU) takes minutes over: DeepFill v1's compiles in 11 s instead of 85 on 2 CPU cores, with
-#: the same values.
+#: number generator unrolled for every parameter, over which the backend's optimiser (LLVM on
+#: the CPU) spends most of the compile for no gain that matters; the values are the same.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
