@@ -216,6 +216,26 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU, libtpu {libtpu}"
 
 
+def measure_case(case: Case, args, chips: dict, search: str | None, reuse: list[dict], rows: list[dict],
+                 compiled: list[dict]) -> None:
+    """The paper rows of `case` on every topology, then (unless --no-max-batch) its max rows:
+    appended to `rows`, the search's compiles to `compiled`."""
+    paper = {t: compile_or_reuse(reuse, case, t, None, args.timeout, "paper") for t in args.topologies}
+    rows += paper.values()
+    if args.no_max_batch or search is None:
+        return
+    known = [paper[search], *(r for r in reuse if (r["case"], r["topology"]) == (case.label, search))]
+    per_chip, tried = max_batch(case, search, chips[search], known, args.timeout)
+    compiled += tried
+    if per_chip is None:
+        rows.append({"case": case.label, "topology": search, "batch": None, "kind": "max", "seconds": 0,
+                     "error": "no per-chip batch that fits found"})
+        return
+    rows.append(tried[-1])
+    rows += [compile_or_reuse(reuse, case, t, per_chip * chips[t], args.timeout, "max")
+             for t in args.topologies if t != search]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="markdown file to write (the JSON goes beside it)")
@@ -234,23 +254,10 @@ def main() -> int:
     for case in cases(args.configs):
         if args.no_bf16 and case.overrides:
             continue
-        paper = {t: compile_or_reuse(reuse, case, t, None, args.timeout, "paper") for t in args.topologies}
-        rows += paper.values()
-        if args.no_max_batch or search is None:
+        try:
+            measure_case(case, args, chips, search, reuse, rows, compiled)
+        finally:  # after each config, even a failed one: an interrupted run keeps what it measured
             write(args.output, rows, compiled)
-            continue
-        known = [paper[search], *(r for r in reuse if (r["case"], r["topology"]) == (case.label, search))]
-        per_chip, tried = max_batch(case, search, chips[search], known, args.timeout)
-        compiled += tried
-        if per_chip is None:
-            rows.append({"case": case.label, "topology": search, "batch": None, "kind": "max", "seconds": 0,
-                         "error": "no per-chip batch that fits found"})
-            write(args.output, rows, compiled)
-            continue
-        rows.append(tried[-1])
-        rows += [compile_or_reuse(reuse, case, t, per_chip * chips[t], args.timeout, "max")
-                 for t in args.topologies if t != search]
-        write(args.output, rows, compiled)  # after each config: an interrupted run keeps what it measured
 
     print(write(args.output, rows, compiled))
     return 0
