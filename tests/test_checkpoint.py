@@ -174,6 +174,25 @@ def test_an_intact_checkpoint_that_does_not_restore_is_not_skipped(tmp_path):
     assert ckpt.all_steps() == [1, 2]
 
 
+@pytest.mark.parametrize("change, named", [
+    (lambda s: {**s, "params": {**s["params"], "w": jnp.zeros((8, 5))}},
+     r"params/w is \[8, 4\] in the checkpoint and \[8, 5\] in this model"),
+    (lambda s: {**s, "params": {**s["params"], "v": jnp.zeros(3)}}, "this model has params/v, the checkpoint does not"),
+    (lambda s: {k: v for k, v in s.items() if k != "key"}, "the checkpoint has key, this model does not"),
+    (lambda s: {**s, "params": {"w": jnp.zeros((2, 2)), "b": jnp.zeros(5)}}, r"params/\w is .*; 1 more differ\)"),
+])
+def test_a_state_that_does_not_fit_is_named_before_any_array_is_read(tmp_path, monkeypatch, change, named):
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, _state(1))
+    read = []
+    monkeypatch.setattr(ckpt._manager, "restore", lambda *a, **k: read.append(1))
+    with pytest.raises(CheckpointRestoreError, match=f"checkpoint 1 .*could not be restored \\({named}.*not corrupt"):
+        ckpt.restore(change(_state(0)))
+    assert read == []  # orbax never started reading arrays
+    monkeypatch.undo()
+    assert ckpt.restore(_state(0)).state["step"] == 1  # the checkpoint itself is fine
+
+
 def test_a_checkpoint_without_manifest_restores_unverified(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
     ckpt.save(1, _state(1))

@@ -18,6 +18,8 @@
   take for a step, so later runs never see it again); the previous one is used. Any other
   failure (an I/O error, a checkpoint that verifies but does not fit the target) is not
   taken for corruption: it raises `CheckpointRestoreError` instead of rolling the run back.
+  A state that does not fit the target is found from the checkpoint's metadata before any
+  array is read, and the error names the first array that differs.
   With several processes, process 0 chooses the step and broadcasts it, so all agree;
 - restore onto any mesh: pass an abstract state whose leaves are `jax.ShapeDtypeStruct`s
   carrying the new shardings (see `abstract_state`).
@@ -247,6 +249,10 @@ class _ReportedByCaller(logging.Filter):
 
 
 _QUIET_ORBAX = _ReportedByCaller()
+
+
+class _ModelMismatch(Exception):
+    """The saved state's arrays are not the target's (names or shapes)."""
 
 
 # Codes broadcast by `Checkpointer.choose_step` besides a step number.
@@ -503,8 +509,39 @@ class Checkpointer:
                 f"({', '.join(corrupt + earlier)}); delete the .corrupt folders to start the run over")
         return _NONE, False
 
+    def _mismatch(self, step: int, target: Any) -> str | None:
+        """The first difference between the saved state's arrays and `target`'s (names and
+        shapes, from the checkpoint's metadata), or None. Read before any array, so a model
+        that does not fit is named without starting the restore."""
+        try:
+            saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step)["state"].tree)
+        except Exception:  # noqa: BLE001 - no readable metadata: the restore itself reports
+            return None
+        wanted = ocp.tree.to_flat_dict(target)
+        missing = [k for k in wanted if k not in saved]
+        extra = [k for k in saved if k not in wanted]
+        shapes = [k for k in wanted if k in saved and getattr(saved[k], "shape", None) is not None
+                  and tuple(saved[k].shape) != tuple(np.shape(wanted[k]))]
+        differ = len(missing) + len(extra) + len(shapes)
+        if not differ:
+            return None
+        more = f"; {differ - 1} more differ" if differ > 1 else ""
+        name = lambda key: "/".join(key)  # noqa: E731
+        if shapes:
+            k = shapes[0]
+            first = (f"{name(k)} is {list(saved[k].shape)} in the checkpoint and "
+                     f"{list(np.shape(wanted[k]))} in this model")
+        elif missing:
+            first = f"this model has {name(missing[0])}, the checkpoint does not"
+        else:
+            first = f"the checkpoint has {name(extra[0])}, this model does not"
+        return first + more
+
     def _restore_step(self, step: int, target: Any, data_iter: Any, with_config: bool) -> Restored:
         folder = self._folder(step)
+        mismatch = self._mismatch(step, target)
+        if mismatch:
+            raise _ModelMismatch(mismatch)
         items = {"state": ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
         if with_config and (folder / "config").exists():
             items["config"] = ocp.args.JsonRestore()
@@ -550,6 +587,10 @@ class Checkpointer:
         verified = self._checked(step)
         try:
             return self._restore_step(step, target, data_iter, with_config=True)
+        except _ModelMismatch as err:
+            raise CheckpointRestoreError(
+                f"checkpoint {step} in {self.directory} could not be restored ({err}): its state does not "
+                "fit this config's model, so it is not corrupt") from None
         except Exception as err:  # noqa: BLE001 - reported as one line naming the checkpoint
             if verified:
                 why = ("its files match their checksums, so it is not corrupt: a read error or a state that "
