@@ -94,8 +94,11 @@ def apply_update(update: Update, state: TrainState, batch: dict, update_index: j
     new_params = optax.apply_updates(state.params[update.net], updates)
     grad_norm = optax.tree.norm(grads)
     # A finite loss and gradient can still give infinite weights (an infinite or huge
-    # learning rate): the update's results are checked too, one reduction per array.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params, new_opt, new_vars)
+    # learning rate): the update's results are checked too, one reduction per array. The
+    # loss and the norm join the same flag: a cheap `isfinite(loss) & ...` beside it would be
+    # copied, with the loss's own scalar arithmetic, into every fusion that selects a state
+    # array, and in a step of several updates into the next updates' fusions as well.
+    ok = _all_finite(loss, grad_norm, new_params, new_opt, new_vars)
 
     variables = dict(state.variables)
     for net, v in new_vars.items():
