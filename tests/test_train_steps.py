@@ -226,3 +226,23 @@ def test_stacked_batches_are_split_along_the_batch_axis():
     assert chunk["image"].shape == (3, 8, 16, 16, 3)
     shard = chunk["image"].addressable_shards[0]
     assert shard.data.shape == (3, 1, 16, 16, 3)
+
+
+def test_each_value_is_checked_for_finiteness_once_in_a_step_program():
+    """The finite flag of an update is computed once: its loss, gradient norm and every new
+    float array each pass one is-finite in the compiled step. A cheap flag would be copied,
+    with the loss's arithmetic, into every fusion that selects a state array (3x as many
+    is-finite ops here) and so into the next updates' programs."""
+    from jattn.train.steps import make_train_step
+
+    state, updates = _setup()
+    mesh = make_mesh()
+    batches = {"image": jnp.zeros((len(updates), 8, 16, 16, 3)), "mask": jnp.zeros((len(updates), 8, 16, 16, 1))}
+    with jax.set_mesh(mesh):
+        hlo = make_train_step(updates, mesh).lower(state, batches).compile().as_text()
+
+    def floats(tree):
+        return sum(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree_util.tree_leaves(tree))
+
+    checked = sum(floats(state.params[u.net]) + floats(state.opt_state[u.net]) + 2 for u in updates)
+    assert hlo.count(" is-finite(") <= checked
