@@ -251,10 +251,6 @@ class _ReportedByCaller(logging.Filter):
 _QUIET_ORBAX = _ReportedByCaller()
 
 
-class _ModelMismatch(Exception):
-    """The saved state's arrays are not the target's (names or shapes)."""
-
-
 # Codes broadcast by `Checkpointer.choose_step` besides a step number.
 _NONE, _FAILED = -1, -2
 
@@ -539,9 +535,6 @@ class Checkpointer:
 
     def _restore_step(self, step: int, target: Any, data_iter: Any, with_config: bool) -> Restored:
         folder = self._folder(step)
-        mismatch = self._mismatch(step, target)
-        if mismatch:
-            raise _ModelMismatch(mismatch)
         items = {"state": ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
         if with_config and (folder / "config").exists():
             items["config"] = ocp.args.JsonRestore()
@@ -585,12 +578,12 @@ class Checkpointer:
         elif step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
         verified = self._checked(step)
+        mismatch = self._mismatch(step, target)
+        if mismatch:
+            raise CheckpointRestoreError(f"checkpoint {step} in {self.directory} could not be restored ({mismatch}): "
+                                         "its state does not fit this config's model, so it is not corrupt")
         try:
             return self._restore_step(step, target, data_iter, with_config=True)
-        except _ModelMismatch as err:
-            raise CheckpointRestoreError(
-                f"checkpoint {step} in {self.directory} could not be restored ({err}): its state does not "
-                "fit this config's model, so it is not corrupt") from None
         except Exception as err:  # noqa: BLE001 - reported as one line naming the checkpoint
             if verified:
                 why = ("its files match their checksums, so it is not corrupt: a read error or a state that "
