@@ -18,8 +18,9 @@ step, e.g. DeepFill v1's 5 critic + 1 generator updates), GiB per chip, the coll
 step program (a loop body's once), the roofline estimate and its bound, compile seconds.
 
 Each compile is `jattn compile ... --json` in its own subprocess, so one failure or timeout
-costs one row. Writes the markdown to --output and the reports as JSON beside it (.json);
-`--reuse` an earlier JSON to go on from its compiled rows.
+costs one row. Writes the markdown to --output and the reports as JSON beside it (.json),
+after every compile, so an interrupted run keeps every compile it finished; `--reuse` that
+JSON to go on from its compiled rows (a max-batch search resumes from its compiled points).
 """
 
 from __future__ import annotations
@@ -104,16 +105,17 @@ def compile_one(case: Case, topology: str, batch: int | None, timeout: float, ki
 
 
 def max_batch(case: Case, topology: str, chips: int, known: list[dict], timeout: float,
-              tries: int = 4) -> tuple[int | None, list[dict]]:
+              tries: int = 4, on_row=lambda row: None) -> tuple[int | None, list[dict]]:
     """The largest per-chip batch whose step fits (see the module docstring) and the rows
     compiled to find it, then (when found) its row as kind "max"; `known`: rows of `case`
-    on `topology` already compiled."""
+    on `topology` already compiled; `on_row(row)` is called after each compile."""
     points = {r["report"]["per_chip_batch"]: r for r in known if "report" in r}
     rows: list[dict] = []
 
     def measure(b: int) -> bool:
         row = compile_one(case, topology, b * chips, timeout, "search")
         rows.append(row)
+        on_row(row)
         if "report" in row:
             points[b] = row
         return "report" in row
@@ -217,23 +219,32 @@ def machine() -> str:
 
 
 def measure_case(case: Case, args, chips: dict, search: str | None, reuse: list[dict], rows: list[dict],
-                 compiled: list[dict]) -> None:
+                 compiled: list[dict], save) -> None:
     """The paper rows of `case` on every topology, then (unless --no-max-batch) its max rows:
-    appended to `rows`, the search's compiles to `compiled`."""
-    paper = {t: compile_or_reuse(reuse, case, t, None, args.timeout, "paper") for t in args.topologies}
-    rows += paper.values()
+    appended to `rows`, the search's compiles to `compiled`; `save()` after each compile."""
+    paper = {}
+    for t in args.topologies:
+        paper[t] = compile_or_reuse(reuse, case, t, None, args.timeout, "paper")
+        rows.append(paper[t])
+        save()
     if args.no_max_batch or search is None:
         return
     known = [paper[search], *(r for r in reuse if (r["case"], r["topology"]) == (case.label, search))]
-    per_chip, tried = max_batch(case, search, chips[search], known, args.timeout)
-    compiled += tried
+    compiled += [r for r in known if r["kind"] == "search"]  # a resumed search's points stay in the JSON
+    per_chip, tried = max_batch(case, search, chips[search], known, args.timeout,
+                                on_row=lambda row: (compiled.append(row), save()))
+    if tried and tried[-1]["kind"] == "max":  # the found batch's row, already compiled as a search point
+        compiled.append(tried[-1])
     if per_chip is None:
         rows.append({"case": case.label, "topology": search, "batch": None, "kind": "max", "seconds": 0,
                      "error": "no per-chip batch that fits found"})
         return
     rows.append(tried[-1])
-    rows += [compile_or_reuse(reuse, case, t, per_chip * chips[t], args.timeout, "max")
-             for t in args.topologies if t != search]
+    save()
+    for t in args.topologies:
+        if t != search:
+            rows.append(compile_or_reuse(reuse, case, t, per_chip * chips[t], args.timeout, "max"))
+            save()
 
 
 def main() -> int:
@@ -254,10 +265,7 @@ def main() -> int:
     for case in cases(args.configs):
         if args.no_bf16 and case.overrides:
             continue
-        try:
-            measure_case(case, args, chips, search, reuse, rows, compiled)
-        finally:  # after each config, even a failed one: an interrupted run keeps what it measured
-            write(args.output, rows, compiled)
+        measure_case(case, args, chips, search, reuse, rows, compiled, save=lambda: write(args.output, rows, compiled))
 
     print(write(args.output, rows, compiled))
     return 0
