@@ -233,12 +233,11 @@ def measure_case(case: Case, args, chips: dict, search: str | None, reuse: list[
     compiled += [r for r in known if r["kind"] == "search"]  # a resumed search's points stay in the JSON
     per_chip, tried = max_batch(case, search, chips[search], known, args.timeout,
                                 on_row=lambda row: (compiled.append(row), save()))
-    if tried and tried[-1]["kind"] == "max":  # the found batch's row, already compiled as a search point
-        compiled.append(tried[-1])
     if per_chip is None:
         rows.append({"case": case.label, "topology": search, "batch": None, "kind": "max", "seconds": 0,
                      "error": "no per-chip batch that fits found"})
         return
+    compiled.append(tried[-1])  # the found batch's row as kind "max" (compiled as a search point)
     rows.append(tried[-1])
     save()
     for t in args.topologies:
