@@ -18,8 +18,8 @@ machine's rate of memory traffic for data inside and outside the core's cache.
 
     python benchmarks/profile_update.py [--batch 4] [--repeats 4] [--top 20] [--json FILE]
 
-Like the `jattn` command, it runs under tcmalloc when the machine has it
-(`jattn/_alloc.py`; `JATTN_TCMALLOC=0` to compare). The trace format read here is
+Like the `jattn` command, it runs under tcmalloc where the machine has it, else under tuned
+glibc malloc (`jattn/_alloc.py`; `JATTN_MALLOC=0` to compare). The trace format read here is
 XLA:CPU's (jaxlib 0.10): events with an `hlo_op` argument inside `ThunkExecutor::Execute`.
 """
 
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn._xla import apply_cpu_defaults
-from jattn._alloc import reexec_with_tcmalloc
+from jattn._alloc import reexec_with_allocator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (the same batch and config)
@@ -184,7 +184,7 @@ def main() -> None:
     task, mesh, state, data = train_step.setup(args.batch)
     out = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "batch": args.batch,
            "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-           "allocator": os.environ.get("JATTN_TCMALLOC_ACTIVE") or "the C library's malloc",
+           "allocator": os.environ.get("JATTN_MALLOC_ACTIVE") or "the C library's malloc",
            "streaming_gb_per_second": {f"{mb} MB": round(streaming_rate(mb), 1) for mb in (4, 32)}}
     print(json.dumps(out), flush=True)
     for name, update in zip(("critic", "generator"), task.updates):
@@ -196,5 +196,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_tcmalloc()
+    reexec_with_allocator()
     main()

@@ -9,26 +9,31 @@
   runs by default;
 * `scan`: the same program with the critic's repeats as a `lax.scan` (`step_unroll=False`).
 
-For each: compile seconds (all programs of a step) and steps/s (median of `--repeats`
+For each: compile seconds (all programs of a step), steps/s (median of `--repeats`
 timings of `--steps` steps each, input batches prepared on the host beforehand, so the
-difference is dispatch, host round-trips and what XLA makes of the program). Runs on
-`configs/demo.py` (DeepFill v1 at 64x64) and a micro config (the same with 32x32 images and
-4-channel layers, where per-step host overhead dominates).
+difference is dispatch, host round-trips and what XLA makes of the program) and the
+process's minor page faults per timed step. Runs on `configs/demo.py` (DeepFill v1 at
+64x64) and a micro config (the same with 32x32 images and 4-channel layers, where per-step
+host overhead dominates). Like the `jattn` command, it runs under the allocator
+`jattn/_alloc.py` picks (`JATTN_MALLOC=0`: the C library's malloc as it is).
 
-    python benchmarks/step_dispatch.py [--steps 10] [--repeats 3] [--json out.json]
+    python benchmarks/step_dispatch.py [--steps 10] [--repeats 3] [--dispatch unrolled ...] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import resource
 import statistics
 import time
 
 import jax
 import numpy as np
 
+from jattn._alloc import reexec_with_allocator
 from jattn._xla import apply_cpu_defaults
 
 apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
@@ -45,21 +50,27 @@ def _inputs(config, task, steps: int) -> list[list[dict]]:
     return [[next(data) for _ in task.updates] for _ in range(steps)]
 
 
-def _timed(run, repeats: int) -> float:
+DISPATCH = ("per-update", "unrolled", "scan")
+
+
+def _timed(run, steps: int, repeats: int) -> dict:
+    """steps/s (median over `repeats` calls of `run`, each `steps` steps) and minor page
+    faults per step."""
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"steps_per_s": steps / statistics.median(times), "minor_faults_per_step": faults / (steps * repeats)}
 
 
-def measure(config_path: str, overrides: list[str], steps: int, repeats: int) -> dict:
+def measure(config_path: str, overrides: list[str], steps: int, repeats: int,
+            dispatch: tuple[str, ...] = DISPATCH) -> dict:
     from jattn.config import load_config
-    from jattn.train.input import stack_batches
     from jattn.train.setup import state_init_fn
-    from jattn.train.sharding import make_mesh, replicated, to_global_array
-    from jattn.train.steps import jit_update, make_train_step, run_updates
+    from jattn.train.sharding import make_mesh, replicated
     from jattn.train.task import build_task
 
     config = load_config(config_path, overrides)
@@ -68,9 +79,21 @@ def measure(config_path: str, overrides: list[str], steps: int, repeats: int) ->
     host = _inputs(config, task, steps)
     init = jax.jit(state_init_fn(task, config), out_shardings=replicated(mesh))
     out = {"config": config_path, "overrides": overrides, "devices": jax.device_count(),
-           "batch_size": int(config.batch_size), "updates_per_step": len(task.updates)}
+           "batch_size": int(config.batch_size), "updates_per_step": len(task.updates),
+           "allocator": os.environ.get("JATTN_MALLOC_ACTIVE") or "the C library's malloc"}
+    if "per-update" in dispatch:
+        out["per-update"] = _per_update(task, mesh, init, host, steps, repeats)
+    for name, unroll in (("unrolled", True), ("scan", False)):
+        if name in dispatch:
+            out[name] = _one_program(task, mesh, init, host, steps, repeats, unroll)
+    return out
 
-    # per update: one program per distinct update, batches copied and metrics fetched each step
+
+def _per_update(task, mesh, init, host, steps: int, repeats: int) -> dict:
+    """One program per distinct update, batches copied and metrics fetched each step."""
+    from jattn.train.sharding import to_global_array
+    from jattn.train.steps import jit_update, run_updates
+
     jitted: dict[int, object] = {}
     fns = [jitted.setdefault(id(u), jit_update(u, mesh)) for u in task.updates]
     state = init(jax.random.key(0))
@@ -85,40 +108,50 @@ def measure(config_path: str, overrides: list[str], steps: int, repeats: int) ->
             state, metrics = run_updates(fns, state, [to_global_array(b, mesh) for b in batches])
             jax.device_get(metrics)
 
-    out["per-update"] = {"compile_s": compile_s, "steps_per_s": steps / _timed(per_update, repeats)}
+    return {"compile_s": compile_s, **_timed(per_update, steps, repeats)}
 
-    for name, unroll in (("unrolled", True), ("scan", False)):
-        step = make_train_step(task.updates, mesh, unroll=unroll)
-        state = init(jax.random.key(0))
-        with jax.set_mesh(mesh):
-            t0 = time.perf_counter()
-            first = to_global_array(stack_batches(host[0]), mesh, stacked=True)
-            state, m = step(state, first)
-            jax.block_until_ready(m)
-            compile_s = time.perf_counter() - t0
 
-            def one_program(step=step):
-                nonlocal state
-                for batches in host:
-                    state, metrics = step(state, to_global_array(stack_batches(batches), mesh, stacked=True))
-                jax.block_until_ready(metrics)
+def _one_program(task, mesh, init, host, steps: int, repeats: int, unroll: bool) -> dict:
+    """The whole step as one program, fed a stacked batch, metrics left on the devices."""
+    from jattn.train.input import stack_batches
+    from jattn.train.sharding import to_global_array
+    from jattn.train.steps import make_train_step
 
-            out[name] = {"compile_s": compile_s, "steps_per_s": steps / _timed(one_program, repeats)}
-    return out
+    step = make_train_step(task.updates, mesh, unroll=unroll)
+    state = init(jax.random.key(0))
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        state, m = step(state, to_global_array(stack_batches(host[0]), mesh, stacked=True))
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+
+        def one_program():
+            nonlocal state
+            for batches in host:
+                state, metrics = step(state, to_global_array(stack_batches(batches), mesh, stacked=True))
+            jax.block_until_ready(metrics)
+
+        return {"compile_s": compile_s, **_timed(one_program, steps, repeats)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dispatch", nargs="+", choices=DISPATCH, default=list(DISPATCH))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    reexec_with_allocator()  # as the `jattn` command does (jattn/_alloc.py)
     demo = str(REPO / "configs" / "demo.py")
-    results = [measure(demo, [], args.steps, args.repeats), measure(demo, MICRO, args.steps, args.repeats)]
-    print(f"{'config':<8} {'dispatch':<11} {'compile s':>9} {'steps/s':>8}")
+    dispatch = tuple(args.dispatch)
+    results = [measure(demo, [], args.steps, args.repeats, dispatch),
+               measure(demo, MICRO, args.steps, args.repeats, dispatch)]
+    print(f"allocator: {results[0]['allocator']}")
+    print(f"{'config':<8} {'dispatch':<11} {'compile s':>9} {'steps/s':>8} {'faults/step':>11}")
     for name, r in zip(("demo", "micro"), results):
-        for kind in ("per-update", "unrolled", "scan"):
-            print(f"{name:<8} {kind:<11} {r[kind]['compile_s']:9.1f} {r[kind]['steps_per_s']:8.2f}")
+        for kind in dispatch:
+            print(f"{name:<8} {kind:<11} {r[kind]['compile_s']:9.1f} {r[kind]['steps_per_s']:8.2f} "
+                  f"{r[kind]['minor_faults_per_step']:11.0f}")
     print(json.dumps(results))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))

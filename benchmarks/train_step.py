@@ -12,7 +12,8 @@ iteration; each iteration's rate is divided by the block that follows it, and th
 those ratios is reported, so a drift of the machine's speed during the run moves both the
 numerator and the denominator); and XLA's
 memory analysis of each update plus the process's peak RSS. Like the `jattn` command, it
-runs under tcmalloc when the machine has it (`jattn/_alloc.py`; `JATTN_TCMALLOC=0` not to).
+runs under tcmalloc where the machine has it, else under tuned glibc malloc
+(`jattn/_alloc.py`; `JATTN_MALLOC=0` not to).
 
     python benchmarks/train_step.py [--batch 4 16] [--repeats 3]
     taskset -c 0 python benchmarks/train_step.py --batch 4   # pinned to one core
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn._xla import apply_cpu_defaults
-from jattn._alloc import reexec_with_tcmalloc
+from jattn._alloc import reexec_with_allocator
 
 apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
@@ -173,7 +174,7 @@ def main():
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.local_devices()],
         "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "allocator": os.environ.get("JATTN_TCMALLOC_ACTIVE") or "the C library's malloc",
+        "allocator": os.environ.get("JATTN_MALLOC_ACTIVE") or "the C library's malloc",
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
@@ -203,5 +204,5 @@ def main():
 
 
 if __name__ == "__main__":
-    reexec_with_tcmalloc()  # as the `jattn` command does (jattn/_alloc.py); JATTN_TCMALLOC=0 to compare
+    reexec_with_allocator()  # as the `jattn` command does (jattn/_alloc.py); JATTN_MALLOC=0 to compare
     main()

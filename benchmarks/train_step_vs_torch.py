@@ -6,9 +6,10 @@ Runs `benchmarks/train_step.py` (jattn, this interpreter), `benchmarks/torch_ref
 with its own trainer, from a checkout the user provides) one after the other in one
 invocation, the PyTorch ones with `--torch-python` (a separate virtualenv: PyTorch is not a
 jattn dependency), on one core (`taskset -c 0`, PyTorch with 1 thread) and on every allowed
-core, and prints one JSON line per run and a table of seconds per iteration with the ratios. Nothing else should run on the machine meanwhile. Where the
-machine has tcmalloc, both libraries run under it (`jattn/_alloc.py`); `JATTN_TCMALLOC=0`
-runs both under the C library's malloc.
+core, and prints one JSON line per run and a table of seconds per iteration with the ratios.
+Nothing else should run on the machine meanwhile. Both libraries run under the allocator
+the `jattn` command picks (tcmalloc where the machine has it, else tuned glibc malloc:
+`jattn/_alloc.py`); `JATTN_MALLOC=0` runs both under the C library's malloc as it is.
 
     python benchmarks/train_step_vs_torch.py --torch-python /tmp/torchvenv/bin/python \
         [--port-dir /tmp/gip] [--batch 4] [--repeats 3]
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from jattn._alloc import preload_environment
+from jattn._alloc import allocator_environment
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -52,11 +53,11 @@ def main() -> None:
                  "--repeats", str(args.repeats), "--no-flop-count"]
     port_cmd = ([args.torch_python, str(HERE / "torch_port.py"), "--port-dir", args.port_dir, "--batch", str(args.batch),
                  "--repeats", str(args.repeats)] if args.port_dir else None)
-    # train_step.py runs under tcmalloc when the machine has it, as `jattn` does; PyTorch gets
+    # train_step.py runs under the allocator `jattn` picks, as `jattn` does; PyTorch gets
     # the same allocator so that the comparison is between the libraries, not the mallocs.
-    torch_env = preload_environment(os.environ)
+    torch_env = allocator_environment(os.environ)
     if torch_env is not None:
-        print(f"both libraries under {torch_env['LD_PRELOAD']}", flush=True)
+        print(f"both libraries under {torch_env['JATTN_MALLOC_ACTIVE']}", flush=True)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)

@@ -15,7 +15,7 @@
 
 JAX and the models are imported inside each command, so `jattn --help` is instant. This
 module is the only place that changes process settings, and only when it runs as the
-program: tcmalloc and XLA:CPU flags (`process_settings`).
+program: the memory allocator and XLA:CPU flags (`process_settings`).
 """
 
 from __future__ import annotations
@@ -781,19 +781,24 @@ def _config_flags(extra: list[str]) -> tuple[list[str], list[str]]:
 
 #: Commands that run no JAX computation: no process settings for them.
 _PLAIN_COMMANDS = ("configs",)
+#: Commands that compile but execute no XLA program: XLA flags, but the allocator as it is
+#: (keeping freed memory for reuse would only raise a large compile's peak memory).
+_COMPILE_ONLY = ("compile",)
 
 
-def process_settings() -> None:
+def process_settings(allocator: bool = True) -> None:
     """The `jattn` command's process settings, made before anything is computed and only
     when it runs as a program (importing jattn changes nothing):
-    - re-execute under tcmalloc when the machine has it (`jattn/_alloc.py`;
-      `JATTN_TCMALLOC=0` off); raises FileNotFoundError for a bad `JATTN_TCMALLOC` path;
+    - with `allocator`, re-execute under tcmalloc where the machine has it, else under tuned
+      glibc malloc (`jattn/_alloc.py`; `JATTN_MALLOC=0` off); raises FileNotFoundError for
+      a bad `JATTN_MALLOC` path;
     - add jattn's XLA:CPU flags to `XLA_FLAGS` (`jattn/_xla.py`; `JATTN_XLA_DEFAULTS=0` off).
     Each says so in one line on stderr when it applies."""
-    from jattn._alloc import reexec_with_tcmalloc
+    from jattn._alloc import reexec_with_allocator
     from jattn._xla import apply_cpu_defaults
 
-    reexec_with_tcmalloc(announce=True)
+    if allocator:
+        reexec_with_allocator(announce=True)
     added = apply_cpu_defaults()
     if added:
         print(f"jattn: XLA_FLAGS += {' '.join(added)} (jattn/_xla.py); JATTN_XLA_DEFAULTS=0 turns this off",
@@ -813,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         args.set = list(args.set or []) + overrides
     if argv is None and args.command not in _PLAIN_COMMANDS:
         try:
-            process_settings()
+            process_settings(allocator=args.command not in _COMPILE_ONLY)
         except FileNotFoundError as err:
             print(f"jattn: error: {err}", file=sys.stderr)
             return 2

@@ -102,7 +102,7 @@ def test_the_unpacked_wheel_runs_from_an_empty_folder(wheel, tmp_path):
         zf.extractall(site)
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = _user_env(PYTHONPATH=str(site), JATTN_TCMALLOC="0", JATTN_XLA_DEFAULTS="0")
+    env = _user_env(PYTHONPATH=str(site), JATTN_MALLOC="0", JATTN_XLA_DEFAULTS="0")
 
     def jattn_command(*args):
         return subprocess.run([sys.executable, "-m", "jattn", *args], capture_output=True, text=True, timeout=300,

@@ -92,7 +92,7 @@ def _run_command(tmp_path, **env_changes):
     code = ("import json, os, sys; from jattn.cli import main; sys.argv = ['jattn', 'devices']; "
             "code = main(); print(json.dumps(os.environ.get('XLA_FLAGS'))); sys.exit(code)")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JATTN_XLA_DEFAULTS")}
-    env.update(JATTN_TCMALLOC="0", XDG_CACHE_HOME=str(tmp_path / "cache"), **env_changes)
+    env.update(JATTN_MALLOC="0", XDG_CACHE_HOME=str(tmp_path / "cache"), **env_changes)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
