@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn._xla import apply_cpu_defaults
-from jattn._alloc import reexec_with_allocator
+from jattn._alloc import active_allocator, reexec_with_allocator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (the same batch and config)
@@ -184,7 +184,7 @@ def main() -> None:
     task, mesh, state, data = train_step.setup(args.batch)
     out = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "batch": args.batch,
            "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-           "allocator": os.environ.get("JATTN_MALLOC_ACTIVE") or "the C library's malloc",
+           "allocator": active_allocator(),
            "streaming_gb_per_second": {f"{mb} MB": round(streaming_rate(mb), 1) for mb in (4, 32)}}
     print(json.dumps(out), flush=True)
     for name, update in zip(("critic", "generator"), task.updates):

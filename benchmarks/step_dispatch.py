@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
 import statistics
@@ -33,7 +32,7 @@ import time
 import jax
 import numpy as np
 
-from jattn._alloc import reexec_with_allocator
+from jattn._alloc import active_allocator, reexec_with_allocator
 from jattn._xla import apply_cpu_defaults
 
 apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
@@ -80,7 +79,7 @@ def measure(config_path: str, overrides: list[str], steps: int, repeats: int,
     init = jax.jit(state_init_fn(task, config), out_shardings=replicated(mesh))
     out = {"config": config_path, "overrides": overrides, "devices": jax.device_count(),
            "batch_size": int(config.batch_size), "updates_per_step": len(task.updates),
-           "allocator": os.environ.get("JATTN_MALLOC_ACTIVE") or "the C library's malloc"}
+           "allocator": active_allocator()}
     if "per-update" in dispatch:
         out["per-update"] = _per_update(task, mesh, init, host, steps, repeats)
     for name, unroll in (("unrolled", True), ("scan", False)):

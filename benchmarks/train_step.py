@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn._xla import apply_cpu_defaults
-from jattn._alloc import reexec_with_allocator
+from jattn._alloc import active_allocator, reexec_with_allocator
 
 apply_cpu_defaults()  # the `jattn` command's XLA:CPU flags (jattn/_xla.py), before JAX starts a backend
 
@@ -174,7 +174,7 @@ def main():
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.local_devices()],
         "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "allocator": os.environ.get("JATTN_MALLOC_ACTIVE") or "the C library's malloc",
+        "allocator": active_allocator(),
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }

@@ -43,8 +43,8 @@ import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 
-__all__ = ["GLIBC_SETTINGS", "LIBRARY_NAMES", "SEARCH_DIRS", "allocator_environment", "find_tcmalloc",
-           "reexec_with_allocator"]
+__all__ = ["GLIBC_SETTINGS", "LIBRARY_NAMES", "SEARCH_DIRS", "active_allocator", "allocator_environment",
+           "find_tcmalloc", "reexec_with_allocator"]
 
 LIBRARY_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 SEARCH_DIRS = (
@@ -72,6 +72,11 @@ def find_tcmalloc(dirs: Sequence[str] = SEARCH_DIRS) -> str | None:
             if path.is_file():
                 return str(path)
     return None
+
+
+def active_allocator(environ: Mapping[str, str] = os.environ) -> str:
+    """What this process was re-executed under (for reports), or the C library's malloc."""
+    return environ.get(ACTIVE) or "the C library's malloc"
 
 
 def _glibc() -> bool:

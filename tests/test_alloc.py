@@ -73,6 +73,11 @@ def test_nothing_to_do(tmp_path, environ, platform, glibc, tcmalloc):
     assert _alloc.allocator_environment(environ, platform=platform, dirs=[str(tmp_path)], glibc=glibc) is None
 
 
+def test_active_allocator_names_what_the_process_runs_under():
+    assert _alloc.active_allocator({}) == "the C library's malloc"
+    assert _alloc.active_allocator({"JATTN_MALLOC_ACTIVE": "tcmalloc (/x.so)"}) == "tcmalloc (/x.so)"
+
+
 def test_this_process_c_library_is_detected():
     if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
         assert _alloc._glibc()
